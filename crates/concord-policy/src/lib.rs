@@ -1,0 +1,76 @@
+//! The pure core of Concord: the policy model and its validation, per-event routing decisions
+//! (ownership and visibility), field clocks, merge rules and the replica logic every adapter
+//! shares.
+//!
+//! This crate must never perform I/O, read a clock, spawn tasks or depend on tokio or lapin:
+//! every function is a pure function of its inputs (time is passed in as milliseconds). That is
+//! what lets the property tests and the deterministic convergence simulation exercise the exact
+//! code the router and the adapters run.
+
+pub mod clock;
+pub mod decide;
+pub mod model;
+pub mod replica;
+pub mod route;
+pub mod sets;
+
+pub use clock::{Hlc, Stamp};
+pub use decide::{Rejection, RejectReason, Verdict};
+pub use model::{EntityPolicy, FieldRule, MergeRule, Policy, PolicyError, Problem};
+pub use route::{DeadLetter, DeadLetterReason, Outcome, Routed, RouterSettings};
+pub use sets::{FieldSet, SystemId, SystemSet};
+
+/// The operation of a change, as the pure core sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Upsert,
+    Create,
+    Delete,
+    Snapshot,
+}
+
+impl Op {
+    /// The lowercase name used in JSON and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Upsert => "upsert",
+            Op::Create => "create",
+            Op::Delete => "delete",
+            Op::Snapshot => "snapshot",
+        }
+    }
+
+    /// Parses the lowercase name.
+    pub fn parse(s: &str) -> Option<Op> {
+        match s {
+            "upsert" => Some(Op::Upsert),
+            "create" => Some(Op::Create),
+            "delete" => Some(Op::Delete),
+            "snapshot" => Some(Op::Snapshot),
+            _ => None,
+        }
+    }
+
+    /// Converts from the wire enum; `None` for `OP_UNSPECIFIED` or an unknown value.
+    pub fn from_wire(op: i32) -> Option<Op> {
+        use concord_proto::v1::Op as W;
+        match W::try_from(op).ok()? {
+            W::Upsert => Some(Op::Upsert),
+            W::Create => Some(Op::Create),
+            W::Delete => Some(Op::Delete),
+            W::Snapshot => Some(Op::Snapshot),
+            W::Unspecified => None,
+        }
+    }
+
+    /// Converts to the wire enum.
+    pub fn to_wire(self) -> concord_proto::v1::Op {
+        use concord_proto::v1::Op as W;
+        match self {
+            Op::Upsert => W::Upsert,
+            Op::Create => W::Create,
+            Op::Delete => W::Delete,
+            Op::Snapshot => W::Snapshot,
+        }
+    }
+}

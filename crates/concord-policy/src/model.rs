@@ -1,0 +1,573 @@
+//! The policy: systems, entities and, per field, who owns it and who sees it.
+//!
+//! A policy is read from TOML once, validated against the protobuf descriptors of the canonical
+//! messages and compiled into bit sets for the decision hot path. Everything not declared is
+//! invisible and unowned (fail closed).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use prost_reflect::{DescriptorPool, FieldDescriptor, MessageDescriptor};
+use serde::Deserialize;
+
+use crate::sets::{FieldSet, SystemId, SystemSet};
+
+/// The policy as written in TOML.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    systems: BTreeMap<String, RawSystem>,
+    #[serde(default)]
+    entities: BTreeMap<String, RawEntity>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSystem {
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntity {
+    message: String,
+    #[serde(default)]
+    create: Vec<String>,
+    #[serde(default)]
+    delete: Vec<String>,
+    #[serde(default)]
+    fields: BTreeMap<String, RawField>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawField {
+    owner: Option<String>,
+    owners: Option<Vec<String>>,
+    merge: Option<MergeRule>,
+    #[serde(default)]
+    visible: Vec<String>,
+}
+
+/// How a field written by several owners is merged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeRule {
+    /// The write with the greatest field clock wins.
+    Lww,
+    /// The write of the highest-priority owner wins (owners are listed highest first); among
+    /// writes of one owner the latest wins.
+    Priority,
+}
+
+impl MergeRule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MergeRule::Lww => "lww",
+            MergeRule::Priority => "priority",
+        }
+    }
+}
+
+/// One problem found in a policy, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    pub entity: Option<String>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(e) = &self.entity {
+            write!(f, ": entity `{e}`")?;
+        }
+        if let Some(x) = &self.field {
+            write!(f, ", field `{x}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// A policy that could not be loaded; lists every problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PolicyError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<String> = self.problems.iter().map(ToString::to_string).collect();
+        write!(f, "{}", lines.join("\n"))
+    }
+}
+
+/// The rule for one field of an entity.
+#[derive(Debug, Clone)]
+pub struct FieldRule {
+    pub name: String,
+    pub descriptor: FieldDescriptor,
+    /// Owners, highest priority first for [`MergeRule::Priority`].
+    pub owners: Vec<SystemId>,
+    pub merge: MergeRule,
+    /// Systems that receive the field (always includes the owners).
+    pub visible: SystemSet,
+}
+
+impl FieldRule {
+    /// The merge rank of `system` for this field: for a priority field, `owners.len() - position`
+    /// (highest owner gets the greatest rank); 0 otherwise or when `system` does not own it.
+    pub fn rank_of(&self, system: SystemId) -> u32 {
+        if self.merge != MergeRule::Priority {
+            return 0;
+        }
+        match self.owners.iter().position(|o| *o == system) {
+            Some(p) => (self.owners.len() - p) as u32,
+            None => 0,
+        }
+    }
+}
+
+/// The compiled policy of one entity.
+#[derive(Debug, Clone)]
+pub struct EntityPolicy {
+    pub name: String,
+    pub message: MessageDescriptor,
+    pub fields: Vec<FieldRule>,
+    field_index: HashMap<String, usize>,
+    /// Per system (by index), the fields it may see.
+    pub(crate) visible_to: Vec<FieldSet>,
+    /// Per system (by index), the fields it owns.
+    pub(crate) owned_by: Vec<FieldSet>,
+    pub create: SystemSet,
+    pub delete: SystemSet,
+    /// Systems that see at least one field of the entity.
+    pub readers: SystemSet,
+}
+
+impl EntityPolicy {
+    /// Position of a field in [`EntityPolicy::fields`].
+    pub fn field_index(&self, name: &str) -> Option<usize> {
+        self.field_index.get(name).copied()
+    }
+    /// Fields `system` may see.
+    pub fn visible_to(&self, system: SystemId) -> FieldSet {
+        self.visible_to
+            .get(system.index())
+            .copied()
+            .unwrap_or_default()
+    }
+    /// Fields `system` owns.
+    pub fn owned_by(&self, system: SystemId) -> FieldSet {
+        self.owned_by.get(system.index()).copied().unwrap_or_default()
+    }
+    /// Field names of a set, in field order.
+    pub fn names(&self, set: FieldSet) -> impl Iterator<Item = &str> {
+        set.iter()
+            .filter_map(|i| self.fields.get(i).map(|f| f.name.as_str()))
+    }
+}
+
+/// A validated, compiled policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    systems: Vec<String>,
+    descriptions: Vec<String>,
+    system_index: HashMap<String, SystemId>,
+    entities: Vec<EntityPolicy>,
+    entity_index: HashMap<String, usize>,
+}
+
+impl Policy {
+    /// Parses and validates a policy; `file` names the source in error messages.
+    pub fn from_toml(text: &str, file: &str, pool: &DescriptorPool) -> Result<Policy, PolicyError> {
+        let raw: RawPolicy = toml::from_str(text).map_err(|e| PolicyError {
+            problems: vec![Problem {
+                file: file.to_owned(),
+                entity: None,
+                field: None,
+                message: e.to_string().trim_end().replace('\n', " "),
+            }],
+        })?;
+        Builder::new(file).build(raw, pool)
+    }
+
+    /// Parses and validates against Concord's canonical messages.
+    pub fn from_toml_canonical(text: &str, file: &str) -> Result<Policy, PolicyError> {
+        Policy::from_toml(text, file, concord_proto::descriptor_pool())
+    }
+
+    pub fn system_id(&self, name: &str) -> Option<SystemId> {
+        self.system_index.get(name).copied()
+    }
+    /// The name of a system of this policy.
+    pub fn system_name(&self, id: SystemId) -> &str {
+        self.systems.get(id.index()).map_or("", String::as_str)
+    }
+    pub fn system_description(&self, id: SystemId) -> &str {
+        self.descriptions.get(id.index()).map_or("", String::as_str)
+    }
+    /// All system names, in policy order (sorted by name).
+    pub fn systems(&self) -> &[String] {
+        &self.systems
+    }
+    pub fn system_ids(&self) -> impl Iterator<Item = SystemId> + '_ {
+        (0..self.systems.len()).map(|i| SystemId(i as u8))
+    }
+    pub fn entity(&self, name: &str) -> Option<&EntityPolicy> {
+        self.entity_index.get(name).and_then(|i| self.entities.get(*i))
+    }
+    pub fn entities(&self) -> &[EntityPolicy] {
+        &self.entities
+    }
+}
+
+struct Builder {
+    file: String,
+    problems: Vec<Problem>,
+}
+
+impl Builder {
+    fn new(file: &str) -> Builder {
+        Builder {
+            file: file.to_owned(),
+            problems: Vec::new(),
+        }
+    }
+
+    fn problem(&mut self, entity: Option<&str>, field: Option<&str>, message: String) {
+        self.problems.push(Problem {
+            file: self.file.clone(),
+            entity: entity.map(str::to_owned),
+            field: field.map(str::to_owned),
+            message,
+        });
+    }
+
+    fn build(mut self, raw: RawPolicy, pool: &DescriptorPool) -> Result<Policy, PolicyError> {
+        if raw.systems.is_empty() {
+            self.problem(None, None, "no systems declared under [systems]".into());
+        }
+        if raw.systems.len() > SystemSet::CAPACITY {
+            self.problem(
+                None,
+                None,
+                format!(
+                    "{} systems declared; at most {} are supported",
+                    raw.systems.len(),
+                    SystemSet::CAPACITY
+                ),
+            );
+        }
+        let mut systems = Vec::new();
+        let mut descriptions = Vec::new();
+        let mut system_index = HashMap::new();
+        for (name, sys) in raw.systems.iter().take(SystemSet::CAPACITY) {
+            if !valid_name(name) {
+                self.problem(
+                    None,
+                    None,
+                    format!("system name `{name}` must match [a-z0-9_-]+ (it names queues and routing keys)"),
+                );
+            }
+            system_index.insert(name.clone(), SystemId(systems.len() as u8));
+            systems.push(name.clone());
+            descriptions.push(sys.description.clone());
+        }
+        let n_systems = systems.len();
+        let mut entities = Vec::new();
+        let mut entity_index = HashMap::new();
+        for (ename, ent) in &raw.entities {
+            if !valid_name(ename) {
+                self.problem(
+                    Some(ename),
+                    None,
+                    "entity name must match [a-z0-9_-]+ (it is part of routing keys)".into(),
+                );
+            }
+            let Some(message) = pool.get_message_by_name(&ent.message) else {
+                self.problem(
+                    Some(ename),
+                    None,
+                    format!("unknown protobuf message `{}`", ent.message),
+                );
+                continue;
+            };
+            if ent.fields.len() > FieldSet::CAPACITY {
+                self.problem(
+                    Some(ename),
+                    None,
+                    format!("at most {} fields per entity are supported", FieldSet::CAPACITY),
+                );
+                continue;
+            }
+            let create = self.system_list(&system_index, ename, None, "create", &ent.create);
+            let delete = self.system_list(&system_index, ename, None, "delete", &ent.delete);
+            let mut fields = Vec::new();
+            let mut field_index = HashMap::new();
+            let mut visible_to = vec![FieldSet::default(); n_systems];
+            let mut owned_by = vec![FieldSet::default(); n_systems];
+            let mut readers = SystemSet::default();
+            for (fname, rf) in &ent.fields {
+                let Some(descriptor) = message.get_field_by_name(fname) else {
+                    self.problem(
+                        Some(ename),
+                        Some(fname),
+                        format!("message `{}` has no field `{fname}`", ent.message),
+                    );
+                    continue;
+                };
+                let owner_names: Vec<String> = match (&rf.owner, &rf.owners) {
+                    (Some(o), None) => vec![o.clone()],
+                    (None, Some(os)) if !os.is_empty() => os.clone(),
+                    (None, Some(_)) | (None, None) => {
+                        self.problem(
+                            Some(ename),
+                            Some(fname),
+                            "no owner: set `owner = \"<system>\"` or `owners = [...]` with `merge`".into(),
+                        );
+                        continue;
+                    }
+                    (Some(_), Some(_)) => {
+                        self.problem(
+                            Some(ename),
+                            Some(fname),
+                            "set either `owner` or `owners`, not both".into(),
+                        );
+                        continue;
+                    }
+                };
+                let merge = match (owner_names.len(), rf.merge) {
+                    (1, m) => m.unwrap_or(MergeRule::Lww),
+                    (_, Some(m)) => m,
+                    (_, None) => {
+                        self.problem(
+                            Some(ename),
+                            Some(fname),
+                            "several owners need a merge rule: `merge = \"lww\"` or `merge = \"priority\"`".into(),
+                        );
+                        continue;
+                    }
+                };
+                let owner_set =
+                    self.system_list(&system_index, ename, Some(fname), "owners", &owner_names);
+                let owners: Vec<SystemId> = owner_names
+                    .iter()
+                    .filter_map(|n| system_index.get(n).copied())
+                    .collect();
+                let mut visible = if rf.visible.iter().any(|v| v == "*") {
+                    if rf.visible.len() > 1 {
+                        self.problem(
+                            Some(ename),
+                            Some(fname),
+                            "`visible = [\"*\"]` means every system; list nothing else with it".into(),
+                        );
+                    }
+                    let mut all = SystemSet::default();
+                    for i in 0..n_systems {
+                        all.insert(SystemId(i as u8));
+                    }
+                    all
+                } else {
+                    self.system_list(&system_index, ename, Some(fname), "visible", &rf.visible)
+                };
+                for o in owner_set.iter() {
+                    if rf.visible.iter().any(|v| system_index.get(v) == Some(&o)) {
+                        self.problem(
+                            Some(ename),
+                            Some(fname),
+                            format!(
+                                "`visible` names owner `{}`: owners always see their fields, list only other readers",
+                                systems.get(o.index()).map_or("", String::as_str)
+                            ),
+                        );
+                    }
+                }
+                visible = SystemSet(visible.0 | owner_set.0);
+                let idx = fields.len();
+                for s in visible.iter() {
+                    if let Some(v) = visible_to.get_mut(s.index()) {
+                        v.insert(idx);
+                    }
+                }
+                for s in owner_set.iter() {
+                    if let Some(v) = owned_by.get_mut(s.index()) {
+                        v.insert(idx);
+                    }
+                }
+                readers = SystemSet(readers.0 | visible.0);
+                field_index.insert(fname.clone(), idx);
+                fields.push(FieldRule {
+                    name: fname.clone(),
+                    descriptor,
+                    owners,
+                    merge,
+                    visible,
+                });
+            }
+            entity_index.insert(ename.clone(), entities.len());
+            entities.push(EntityPolicy {
+                name: ename.clone(),
+                message,
+                fields,
+                field_index,
+                visible_to,
+                owned_by,
+                create,
+                delete,
+                readers,
+            });
+        }
+        if self.problems.is_empty() {
+            Ok(Policy {
+                systems,
+                descriptions,
+                system_index,
+                entities,
+                entity_index,
+            })
+        } else {
+            Err(PolicyError {
+                problems: self.problems,
+            })
+        }
+    }
+
+    /// Resolves a list of system names, reporting unknown and repeated names.
+    fn system_list(
+        &mut self,
+        index: &HashMap<String, SystemId>,
+        entity: &str,
+        field: Option<&str>,
+        key: &str,
+        names: &[String],
+    ) -> SystemSet {
+        let mut set = SystemSet::default();
+        for n in names {
+            match index.get(n) {
+                None => self.problem(
+                    Some(entity),
+                    field,
+                    format!("`{key}` names unknown system `{n}`"),
+                ),
+                Some(id) if set.contains(*id) => self.problem(
+                    Some(entity),
+                    field,
+                    format!("`{key}` names system `{n}` twice"),
+                ),
+                Some(id) => set.insert(*id),
+            }
+        }
+        set
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+        [systems.orders]
+        [systems.support]
+        [systems.delivery]
+
+        [entities.customer]
+        message = "concord.v1.Customer"
+        create = ["orders"]
+        delete = ["orders"]
+
+        [entities.customer.fields]
+        name = { owner = "orders", visible = ["support", "delivery"] }
+        warehouse = { owner = "delivery" }
+        phone = { owners = ["orders", "support"], merge = "lww", visible = ["delivery"] }
+        tier = { owners = ["orders", "support"], merge = "priority" }
+    "#;
+
+    fn load(text: &str) -> Result<Policy, PolicyError> {
+        Policy::from_toml_canonical(text, "policy.toml")
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        load(text)
+            .unwrap_err()
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn compiles_ownership_and_visibility() {
+        let p = load(OK).unwrap();
+        let c = p.entity("customer").unwrap();
+        let orders = p.system_id("orders").unwrap();
+        let delivery = p.system_id("delivery").unwrap();
+        let names = |s| c.names(s).map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(names(c.visible_to(delivery)), ["name", "phone", "warehouse"]);
+        assert_eq!(names(c.owned_by(orders)), ["name", "phone", "tier"]);
+        let tier = &c.fields[c.field_index("tier").unwrap()];
+        assert_eq!(tier.rank_of(orders), 2);
+        assert_eq!(tier.rank_of(p.system_id("support").unwrap()), 1);
+        assert_eq!(tier.rank_of(delivery), 0);
+    }
+
+    #[test]
+    fn reports_each_problem_with_file_entity_and_field() {
+        let text = r#"
+            [systems.orders]
+            [systems.support]
+            [entities.customer]
+            message = "concord.v1.Customer"
+            create = ["ordres"]
+            [entities.customer.fields]
+            nmae = { owner = "orders" }
+            email = { visible = ["support"] }
+            phone = { owner = "orders", visible = ["support", "support"] }
+            tier = { owners = ["orders", "support"] }
+            warehouse = { owner = "depot" }
+        "#;
+        let p = problems(text);
+        let expect = [
+            "policy.toml: entity `customer`: `create` names unknown system `ordres`",
+            "policy.toml: entity `customer`, field `email`: no owner",
+            "policy.toml: entity `customer`, field `nmae`: message `concord.v1.Customer` has no field `nmae`",
+            "policy.toml: entity `customer`, field `phone`: `visible` names system `support` twice",
+            "policy.toml: entity `customer`, field `tier`: several owners need a merge rule",
+            "policy.toml: entity `customer`, field `warehouse`: `owners` names unknown system `depot`",
+        ];
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+        for e in expect {
+            assert!(p.iter().any(|x| x.starts_with(e)), "missing {e:?} in {p:#?}");
+        }
+    }
+
+    #[test]
+    fn unknown_entity_message_and_keys_are_refused() {
+        let p = problems(
+            "[systems.a]\n[entities.x]\nmessage = \"concord.v1.Nope\"\n",
+        );
+        assert_eq!(p, ["policy.toml: entity `x`: unknown protobuf message `concord.v1.Nope`"]);
+        let p = problems("[systems.a]\ncolour = 1\n");
+        assert!(p[0].starts_with("policy.toml: ") && p[0].contains("colour"), "{p:?}");
+        let p = problems("[systems]\n");
+        assert_eq!(p, ["policy.toml: no systems declared under [systems]"]);
+    }
+
+    #[test]
+    fn owners_listed_as_readers_are_refused() {
+        let p = problems(
+            "[systems.a]\n[entities.c]\nmessage = \"concord.v1.Customer\"\n[entities.c.fields]\nname = { owner = \"a\", visible = [\"a\"] }\n",
+        );
+        assert!(p[0].contains("owners always see their fields"), "{p:?}");
+    }
+}
