@@ -1,0 +1,282 @@
+//! The router's configuration: read from TOML, validated once at start.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use concord_policy::RouterSettings;
+use serde::Deserialize;
+
+/// Default AMQP URI (the local broker's default vhost).
+pub const DEFAULT_AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Largest message body RabbitMQ accepts by default (128 MiB); a larger limit is a mistake.
+const MAX_MESSAGE_BYTES_CEILING: usize = 128 * 1024 * 1024;
+
+/// The kind of queue the router declares for its input and for the inboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueType {
+    /// Classic durable queues (the default; fine for a single broker).
+    #[default]
+    Classic,
+    /// Quorum (replicated) queues; required for `delivery_limit`.
+    Quorum,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+/// The configuration of one router process.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    /// Broker to connect to (`amqp://` or `amqps://`).
+    pub amqp_uri: String,
+    /// Prefix of every exchange and queue name, so that several deployments share a broker.
+    pub namespace: String,
+    /// Unacknowledged input messages the broker may push to the router at once.
+    pub prefetch: u16,
+    /// Routed messages that may await their publisher confirm at once.
+    pub confirm_window: usize,
+    /// Input acknowledgements sent at once (as one `multiple` ack).
+    pub ack_batch: usize,
+    /// Address of the HTTP endpoints (`/healthz`, `/readyz`, `/metrics`); port 0 picks a free port.
+    pub http_listen: String,
+    /// How far a field clock may be ahead of the router's clock, in milliseconds.
+    pub clock_skew_ms: u64,
+    /// Largest accepted input message, in bytes.
+    pub max_message_bytes: usize,
+    /// Refuse input messages without a broker-validated `user_id` property.
+    pub require_user_id: bool,
+    /// Kind of the queues the router declares.
+    pub queue_type: QueueType,
+    /// With quorum queues: redeliveries after which the broker dead-letters an input message.
+    pub delivery_limit: Option<u32>,
+    /// Reload the policy when its file changes (it is always reloaded on SIGHUP).
+    pub watch_policy: bool,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            amqp_uri: DEFAULT_AMQP_URI.to_owned(),
+            namespace: "concord".to_owned(),
+            prefetch: 256,
+            confirm_window: 512,
+            ack_batch: 32,
+            http_listen: "127.0.0.1:9464".to_owned(),
+            clock_skew_ms: 60_000,
+            max_message_bytes: 1024 * 1024,
+            require_user_id: false,
+            queue_type: QueueType::Classic,
+            delivery_limit: None,
+            watch_policy: true,
+        }
+    }
+}
+
+/// A configuration that could not be read or is not valid; lists every problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file (or other source) the configuration came from.
+    pub file: String,
+    /// One message per problem, naming the setting.
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {p}", self.file)?;
+        }
+        Ok(())
+    }
+}
+
+impl RouterConfig {
+    /// Parses and validates a configuration; `file` names the source in error messages.
+    pub fn from_toml(text: &str, file: &str) -> Result<RouterConfig, ConfigError> {
+        let config: RouterConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            problems: vec![e.to_string().trim_end().replace('\n', " ")],
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Checks every setting; `file` names the source in error messages.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if !(self.amqp_uri.starts_with("amqp://") || self.amqp_uri.starts_with("amqps://")) {
+            problems.push("`amqp_uri` must start with `amqp://` or `amqps://`".to_owned());
+        }
+        if self.namespace.is_empty()
+            || !self
+                .namespace
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            problems.push(format!(
+                "`namespace` {:?} must match [a-z0-9_.-]+ (it prefixes exchange and queue names)",
+                self.namespace
+            ));
+        } else if self.namespace.len() > 100 {
+            problems.push("`namespace` must be at most 100 bytes (queue names are limited to 255)".to_owned());
+        }
+        if self.prefetch == 0 {
+            problems.push("`prefetch` must be at least 1".to_owned());
+        }
+        if self.confirm_window == 0 {
+            problems.push("`confirm_window` must be at least 1".to_owned());
+        }
+        if self.ack_batch == 0 {
+            problems.push("`ack_batch` must be at least 1".to_owned());
+        } else if self.prefetch > 0 && self.ack_batch > usize::from(self.prefetch) {
+            problems.push(format!(
+                "`ack_batch` ({}) must not exceed `prefetch` ({}): a batch could never fill",
+                self.ack_batch, self.prefetch
+            ));
+        }
+        if let Err(e) = self.http_listen.parse::<SocketAddr>() {
+            problems.push(format!(
+                "`http_listen` {:?} is not an address like `127.0.0.1:9464`: {e}",
+                self.http_listen
+            ));
+        }
+        if self.max_message_bytes == 0 || self.max_message_bytes > MAX_MESSAGE_BYTES_CEILING {
+            problems.push(format!(
+                "`max_message_bytes` must be between 1 and {MAX_MESSAGE_BYTES_CEILING}, is {}",
+                self.max_message_bytes
+            ));
+        }
+        match (self.queue_type, self.delivery_limit) {
+            (QueueType::Classic, Some(_)) => problems.push(
+                "`delivery_limit` needs `queue_type = \"quorum\"` (classic queues do not count redeliveries)"
+                    .to_owned(),
+            ),
+            (QueueType::Quorum, Some(0)) => {
+                problems.push("`delivery_limit` must be at least 1".to_owned());
+            }
+            _ => {}
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError {
+                file: file.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// The limits the pure routing core enforces.
+    pub fn settings(&self) -> RouterSettings {
+        RouterSettings {
+            max_message_bytes: self.max_message_bytes,
+            clock_skew_ms: self.clock_skew_ms,
+            require_user_id: self.require_user_id,
+        }
+    }
+
+    /// The HTTP listen address (valid after [`RouterConfig::validate`]).
+    pub fn http_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.http_listen.parse().map_err(|e| ConfigError {
+            file: "config".to_owned(),
+            problems: vec![format!("`http_listen` {:?}: {e}", self.http_listen)],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = RouterConfig::from_toml("", "router.toml").unwrap();
+        assert_eq!(c, RouterConfig::default());
+        assert_eq!(c.prefetch, 256);
+        assert_eq!(c.confirm_window, 512);
+        assert_eq!(c.ack_batch, 32);
+        assert_eq!(c.max_message_bytes, 1 << 20);
+        assert!(c.watch_policy);
+    }
+
+    #[test]
+    fn reads_every_setting() {
+        let c = RouterConfig::from_toml(
+            r#"
+            amqp_uri = "amqps://u:p@broker:5671/v"
+            namespace = "prod"
+            prefetch = 64
+            confirm_window = 100
+            ack_batch = 8
+            http_listen = "0.0.0.0:0"
+            clock_skew_ms = 5000
+            max_message_bytes = 4096
+            require_user_id = true
+            queue_type = "quorum"
+            delivery_limit = 5
+            watch_policy = false
+            "#,
+            "router.toml",
+        )
+        .unwrap();
+        assert_eq!(c.namespace, "prod");
+        assert_eq!(c.queue_type, QueueType::Quorum);
+        assert_eq!(c.delivery_limit, Some(5));
+        assert_eq!(c.settings().max_message_bytes, 4096);
+        assert!(c.settings().require_user_id);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_refused_with_the_file_name() {
+        let e = RouterConfig::from_toml("prefetchh = 3\n", "router.toml").unwrap_err();
+        assert!(e.to_string().starts_with("router.toml: "), "{e}");
+        assert!(e.to_string().contains("prefetchh"), "{e}");
+        let e = RouterConfig::from_toml("queue_type = \"stream\"\n", "router.toml").unwrap_err();
+        assert!(e.to_string().contains("stream"), "{e}");
+    }
+
+    #[test]
+    fn lists_every_invalid_setting() {
+        let e = RouterConfig::from_toml(
+            r#"
+            amqp_uri = "http://x"
+            namespace = "Prod!"
+            prefetch = 0
+            confirm_window = 0
+            ack_batch = 0
+            http_listen = "localhost"
+            max_message_bytes = 0
+            delivery_limit = 3
+            "#,
+            "router.toml",
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        for needle in [
+            "`amqp_uri`",
+            "`namespace`",
+            "`prefetch`",
+            "`confirm_window`",
+            "`ack_batch`",
+            "`http_listen`",
+            "`max_message_bytes`",
+            "`delivery_limit` needs",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        assert!(text.lines().all(|l| l.starts_with("router.toml: ")), "{text}");
+        assert_eq!(text.lines().count(), e.problems.len());
+    }
+}
