@@ -1,1 +1,169 @@
-//! placeholder
+//! Harness for Concord's end-to-end tests against a real RabbitMQ broker.
+//!
+//! Every test gets its own namespace (exchange and queue prefix) and deletes it at the end, so
+//! tests share one broker without seeing each other. Waits are event-driven: they wake on the
+//! adapters' metric changes and check a condition, with a deadline only as a safety net.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use concord_adapter::testkit::MemorySystem;
+use concord_adapter::{MetricsSnapshot, RunnerConfig, RunnerHandle};
+use concord_amqp::Topology;
+use concord_router::{Router, RouterConfig, RouterHandle};
+
+/// The broker the tests use (`CONCORD_AMQP_URI`, default the local guest account).
+pub fn amqp_uri() -> String {
+    std::env::var("CONCORD_AMQP_URI")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A namespace no other test (or test run) uses.
+pub fn unique_namespace(test: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "it-{test}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The seed policy file.
+pub fn seed_policy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed/policy.toml")
+}
+
+/// The systems of the seed policy.
+pub const SEED_SYSTEMS: [&str; 3] = ["delivery", "orders", "support"];
+
+/// Router settings for a test namespace (free HTTP port, no file watching).
+pub fn router_config(namespace: &str) -> RouterConfig {
+    RouterConfig {
+        amqp_uri: amqp_uri(),
+        namespace: namespace.to_owned(),
+        http_listen: "127.0.0.1:0".to_owned(),
+        watch_policy: false,
+        ..RouterConfig::default()
+    }
+}
+
+/// Starts an in-process router and waits until it consumes.
+pub async fn start_router(namespace: &str, policy: &Path) -> anyhow::Result<RouterHandle> {
+    let router = Router::start(router_config(namespace), policy.to_path_buf()).await?;
+    tokio::time::timeout(Duration::from_secs(30), router.wait_ready())
+        .await
+        .context("router not ready in 30 s")??;
+    Ok(router)
+}
+
+/// One adapter of a test: an in-memory system behind the SDK runner.
+#[derive(Debug)]
+pub struct Node {
+    pub system: String,
+    pub memory: MemorySystem,
+    pub runner: RunnerHandle,
+    pub config: RunnerConfig,
+}
+
+impl Node {
+    /// Starts the SDK runner for `system` over `memory`, with its state under `dir`.
+    pub async fn start(
+        namespace: &str,
+        system: &str,
+        memory: MemorySystem,
+        dir: &Path,
+    ) -> anyhow::Result<Node> {
+        let mut config = RunnerConfig::new(
+            system,
+            amqp_uri(),
+            dir.join(format!("{system}.sqlite")),
+            [("customer".to_owned(), "concord.v1.Customer".to_owned())],
+        );
+        config.namespace = namespace.to_owned();
+        let mut runner = concord_adapter::start(memory.clone(), config.clone());
+        tokio::time::timeout(Duration::from_secs(30), runner.wait_ready())
+            .await
+            .context("adapter not ready in 30 s")??;
+        Ok(Node {
+            system: system.to_owned(),
+            memory,
+            runner,
+            config,
+        })
+    }
+
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.runner.metrics()
+    }
+
+    /// Waits (event-driven) until `done` holds, or fails after `secs` seconds.
+    pub async fn wait(&self, secs: u64, what: &str, done: impl Fn(&MetricsSnapshot) -> bool) -> anyhow::Result<()> {
+        tokio::time::timeout(Duration::from_secs(secs), self.runner.wait_until(done))
+            .await
+            .with_context(|| format!("{}: timed out waiting for {what}; metrics {:?}", self.system, self.metrics()))
+    }
+
+    /// The text value of a field of the record with local id `id`.
+    pub fn text(&self, id: &str, field: &str) -> Option<String> {
+        match self.memory.field("customer", id, field) {
+            Some(prost_reflect::Value::String(s)) => Some(s),
+            Some(other) => Some(format!("{other:?}")),
+            None => None,
+        }
+    }
+}
+
+/// Starts one node per seed system, each over a fresh `MemorySystem`.
+pub async fn start_seed_nodes(namespace: &str, dir: &Path) -> anyhow::Result<Vec<Node>> {
+    let mut nodes = Vec::new();
+    for system in SEED_SYSTEMS {
+        nodes.push(Node::start(namespace, system, MemorySystem::new(system), dir).await?);
+    }
+    Ok(nodes)
+}
+
+/// Deletes every queue and exchange of a namespace.
+pub async fn delete_namespace(namespace: &str, systems: &[&str]) -> anyhow::Result<()> {
+    let conn = concord_amqp::connect(&amqp_uri(), &format!("it-cleanup-{namespace}")).await?;
+    let channel = conn.open_channel().await?;
+    let systems: Vec<String> = systems.iter().map(|s| (*s).to_owned()).collect();
+    Topology::new(namespace).delete_all(&channel, &systems).await?;
+    Ok(())
+}
+
+/// Deletes the namespace when dropped, so a failing test cleans up too.
+#[derive(Debug)]
+pub struct Cleanup {
+    pub namespace: String,
+    pub systems: Vec<&'static str>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let ns = self.namespace.clone();
+        let systems = self.systems.clone();
+        // Runs on its own thread and runtime: the test's runtime may be shutting down.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let _ = rt.block_on(delete_namespace(&ns, &systems));
+            }
+        })
+        .join();
+    }
+}
+
+/// Waits until `cond` holds, re-checking whenever any of `nodes` changes a counter (every apply,
+/// publish or echo does); fails after `secs` seconds.
+pub async fn converge(nodes: &[&Node], secs: u64, what: &str, cond: impl Fn() -> bool) -> anyhow::Result<()> {
+    let cond = &cond;
+    tokio::time::timeout(Duration::from_secs(secs), async {
+        while !cond() {
+            let waits = nodes.iter().map(|n| Box::pin(n.runner.wait_until(move |_| cond())));
+            futures::future::select_all(waits).await;
+        }
+    })
+    .await
+    .with_context(|| format!("timed out waiting for {what}"))
+}

@@ -1,1 +1,60 @@
-//! placeholder
+//! `concord-amqp` is Concord's one and only door to RabbitMQ: the only crate of the
+//! workspace that depends on `lapin`. It connects (with a named connection and bounded
+//! retries), declares the Concord topology (ingress / router / routed / inboxes /
+//! dead-lettering), publishes with pipelined publisher confirms, consumes with bounded
+//! prefetch and batched acknowledgements, and surfaces connection failures as errors so
+//! that service supervisors can reconnect.
+//!
+//! What this crate must never do:
+//!
+//! * **never decide routing policy** — it moves bytes to the exchange and routing key it
+//!   is told to use; which system a message goes to is decided by `concord-policy` and
+//!   the router, never here;
+//! * **never parse payloads** — message bodies are opaque `&[u8]` / `Vec<u8>` in both
+//!   directions; headers are only carried, never interpreted (apart from the private
+//!   [`publisher::CONFIRM_SEQ_HEADER`] used to correlate returned messages).
+//!
+//! Other crates must not depend on `lapin` directly: every lapin type they need is
+//! re-exported from here ([`FieldTable`], [`AMQPValue`], [`Channel`], ...).
+//!
+//! # Throughput design
+//!
+//! * one connection for consuming and one for publishing per process (each lapin
+//!   connection owns an OS thread for its I/O loop);
+//! * [`Publisher`] pipelines publisher confirms behind a bounded in-flight window: callers
+//!   never await confirms one by one;
+//! * [`consume`] sets a bounded prefetch, and [`AckBatcher`] acknowledges cumulatively
+//!   with `multiple = true`.
+//!
+//! # Supervising
+//!
+//! Nothing here reconnects behind the caller's back (lapin auto-recovery is not used).
+//! A service supervisor loops `connect` → declare → run; any error from the consumer
+//! stream, the publisher or a pending confirm means "tear down and start over", waiting
+//! for the next delay of [`backoff()`] in between.
+
+pub mod ack;
+pub mod connection;
+pub mod consumer;
+pub mod error;
+pub mod publisher;
+pub mod topology;
+
+pub use ack::{AckBatcher, AckHandle};
+pub use connection::{
+    ConnectOptions, Connection, ConnectionEvent, backoff, connect, connect_with, connection_name,
+};
+pub use consumer::{Consumer, Delivery, consume};
+pub use error::{AmqpError, PublishError};
+pub use publisher::{CONTENT_TYPE, MessageProps, PendingConfirm, Publisher, PublisherOptions};
+pub use topology::{QueueType, Topology, queue_message_count};
+
+/// Re-exported so that callers never need a direct `backon` dependency to drive
+/// [`backoff()`] (`backoff().build()` yields the delays).
+pub use backon::{BackoffBuilder, ExponentialBuilder};
+
+/// Re-exported lapin types; other crates must use these rather than depend on lapin.
+pub use lapin::{
+    Acker, BasicProperties, Channel, ExchangeKind,
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};

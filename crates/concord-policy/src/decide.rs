@@ -1,9 +1,9 @@
 //! The decision for one change event: which changed fields are accepted (the source owns them),
 //! which are rejected and why, and which projection each other system receives.
 
+use crate::Op;
 use crate::model::{EntityPolicy, Policy};
 use crate::sets::{FieldSet, SystemId};
-use crate::Op;
 
 /// Why a changed field was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -162,15 +162,30 @@ mod tests {
         Policy::from_toml_canonical(text, "policy.toml").unwrap()
     }
 
-    fn run(p: &Policy, source: &str, op: Op, fields: &[&str]) -> (Vec<String>, Vec<(String, &'static str)>, Vec<(String, Vec<String>)>) {
+    /// Accepted fields, rejections (field, reason) and deliveries (system, fields).
+    type Outcome = (
+        Vec<String>,
+        Vec<(String, &'static str)>,
+        Vec<(String, Vec<String>)>,
+    );
+
+    fn run(p: &Policy, source: &str, op: Op, fields: &[&str]) -> Outcome {
         let e = p.entity("customer").unwrap();
         let src = p.system_id(source).unwrap();
         let (v, rej) = p.decide_names(e, src, op, fields.iter().copied());
         let accepted = e.names(v.accepted).map(str::to_owned).collect();
-        let rejected = rej.iter().map(|r| (r.field.clone(), r.reason.as_str())).collect();
+        let rejected = rej
+            .iter()
+            .map(|r| (r.field.clone(), r.reason.as_str()))
+            .collect();
         let deliveries = v
             .deliveries(e)
-            .map(|(s, f)| (p.system_name(s).to_owned(), e.names(f).map(str::to_owned).collect()))
+            .map(|(s, f)| {
+                (
+                    p.system_name(s).to_owned(),
+                    e.names(f).map(str::to_owned).collect(),
+                )
+            })
             .collect();
         (accepted, rejected, deliveries)
     }
@@ -178,14 +193,30 @@ mod tests {
     #[test]
     fn seed_scenario_ownership_and_visibility() {
         let p = seed();
-        let (acc, rej, del) = run(&p, "orders", Op::Upsert, &["name", "warehouse", "amount_paid", "bogus"]);
+        let (acc, rej, del) = run(
+            &p,
+            "orders",
+            Op::Upsert,
+            &["name", "warehouse", "amount_paid", "bogus"],
+        );
         assert_eq!(acc, ["amount_paid", "name"]);
-        assert_eq!(rej, [("bogus".into(), "unknown_field"), ("warehouse".into(), "not_owner")]);
+        assert_eq!(
+            rej,
+            [
+                ("bogus".into(), "unknown_field"),
+                ("warehouse".into(), "not_owner")
+            ]
+        );
         // delivery sees the name but never what the customer paid.
         assert!(del.iter().any(|(s, f)| s == "delivery" && f == &["name"]));
         assert!(del.iter().all(|(s, _)| s != "orders"));
 
-        let (acc, _, del) = run(&p, "delivery", Op::Upsert, &["delivery_status", "warehouse"]);
+        let (acc, _, del) = run(
+            &p,
+            "delivery",
+            Op::Upsert,
+            &["delivery_status", "warehouse"],
+        );
         assert_eq!(acc, ["delivery_status", "warehouse"]);
         // orders sees the delivery status but never the warehouse.
         let orders = del.iter().find(|(s, _)| s == "orders").unwrap();

@@ -15,7 +15,7 @@ pub mod route;
 pub mod sets;
 
 pub use clock::{Hlc, Stamp};
-pub use decide::{Rejection, RejectReason, Verdict};
+pub use decide::{RejectReason, Rejection, Verdict};
 pub use model::{EntityPolicy, FieldRule, MergeRule, Policy, PolicyError, Problem};
 pub use route::{DeadLetter, DeadLetterReason, Outcome, Routed, RouterSettings};
 pub use sets::{FieldSet, SystemId, SystemSet};

@@ -162,7 +162,10 @@ impl EntityPolicy {
     }
     /// Fields `system` owns.
     pub fn owned_by(&self, system: SystemId) -> FieldSet {
-        self.owned_by.get(system.index()).copied().unwrap_or_default()
+        self.owned_by
+            .get(system.index())
+            .copied()
+            .unwrap_or_default()
     }
     /// Field names of a set, in field order.
     pub fn names(&self, set: FieldSet) -> impl Iterator<Item = &str> {
@@ -218,7 +221,9 @@ impl Policy {
         (0..self.systems.len()).map(|i| SystemId(i as u8))
     }
     pub fn entity(&self, name: &str) -> Option<&EntityPolicy> {
-        self.entity_index.get(name).and_then(|i| self.entities.get(*i))
+        self.entity_index
+            .get(name)
+            .and_then(|i| self.entities.get(*i))
     }
     pub fn entities(&self) -> &[EntityPolicy] {
         &self.entities
@@ -300,7 +305,10 @@ impl Builder {
                 self.problem(
                     Some(ename),
                     None,
-                    format!("at most {} fields per entity are supported", FieldSet::CAPACITY),
+                    format!(
+                        "at most {} fields per entity are supported",
+                        FieldSet::CAPACITY
+                    ),
                 );
                 continue;
             }
@@ -327,7 +335,8 @@ impl Builder {
                         self.problem(
                             Some(ename),
                             Some(fname),
-                            "no owner: set `owner = \"<system>\"` or `owners = [...]` with `merge`".into(),
+                            "no owner: set `owner = \"<system>\"` or `owners = [...]` with `merge`"
+                                .into(),
                         );
                         continue;
                     }
@@ -363,7 +372,8 @@ impl Builder {
                         self.problem(
                             Some(ename),
                             Some(fname),
-                            "`visible = [\"*\"]` means every system; list nothing else with it".into(),
+                            "`visible = [\"*\"]` means every system; list nothing else with it"
+                                .into(),
                         );
                     }
                     let mut all = SystemSet::default();
@@ -467,8 +477,7 @@ impl Builder {
 
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
@@ -513,7 +522,10 @@ mod tests {
         let orders = p.system_id("orders").unwrap();
         let delivery = p.system_id("delivery").unwrap();
         let names = |s| c.names(s).map(str::to_owned).collect::<Vec<_>>();
-        assert_eq!(names(c.visible_to(delivery)), ["name", "phone", "warehouse"]);
+        assert_eq!(
+            names(c.visible_to(delivery)),
+            ["name", "phone", "warehouse"]
+        );
         assert_eq!(names(c.owned_by(orders)), ["name", "phone", "tier"]);
         let tier = &c.fields[c.field_index("tier").unwrap()];
         assert_eq!(tier.rank_of(orders), 2);
@@ -547,18 +559,25 @@ mod tests {
         ];
         assert_eq!(p.len(), expect.len(), "{p:#?}");
         for e in expect {
-            assert!(p.iter().any(|x| x.starts_with(e)), "missing {e:?} in {p:#?}");
+            assert!(
+                p.iter().any(|x| x.starts_with(e)),
+                "missing {e:?} in {p:#?}"
+            );
         }
     }
 
     #[test]
     fn unknown_entity_message_and_keys_are_refused() {
-        let p = problems(
-            "[systems.a]\n[entities.x]\nmessage = \"concord.v1.Nope\"\n",
+        let p = problems("[systems.a]\n[entities.x]\nmessage = \"concord.v1.Nope\"\n");
+        assert_eq!(
+            p,
+            ["policy.toml: entity `x`: unknown protobuf message `concord.v1.Nope`"]
         );
-        assert_eq!(p, ["policy.toml: entity `x`: unknown protobuf message `concord.v1.Nope`"]);
         let p = problems("[systems.a]\ncolour = 1\n");
-        assert!(p[0].starts_with("policy.toml: ") && p[0].contains("colour"), "{p:?}");
+        assert!(
+            p[0].starts_with("policy.toml: ") && p[0].contains("colour"),
+            "{p:?}"
+        );
         let p = problems("[systems]\n");
         assert_eq!(p, ["policy.toml: no systems declared under [systems]"]);
     }

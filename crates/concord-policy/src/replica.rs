@@ -4,6 +4,34 @@
 //! Each replica keeps, per record field, the value it holds and the stamp of the write that
 //! produced it. Because stamps are totally ordered and every replica keeps the greatest, copies
 //! converge whatever the order, duplication or delay of deliveries.
+//!
+//! # How an adapter uses this module
+//!
+//! `tests/convergence.rs` simulates exactly these rules under delays, reordering, duplicates,
+//! crashes and skewed clocks, and checks that the copies converge without echo traffic.
+//!
+//! - **Local change** of a field: [`classify_local`] against the stored state, with the merge
+//!   rank the adapter last learned for the field (0 until it learns one).
+//!   [`LocalWrite::Unchanged`]: publish nothing. [`LocalWrite::Overruled`]: publish nothing and
+//!   write the stored value back to the system. [`LocalWrite::Publish`]: stamp the published
+//!   fields with one [`crate::Hlc::tick`] and publish them; store value and stamp in the replica
+//!   **only if the system owns the field**. The router rejects a non-owner's write, so it never
+//!   reaches another copy; stored, it would compete with the non-owner's clock against every
+//!   later owner write, and a non-owner whose clock runs ahead would keep the rejected value for
+//!   good. Not stored, the system keeps its local value until the next owner write arrives and
+//!   wins over the owner's value the replica still holds. (The adapter learns what it owns from
+//!   the policy: [`crate::EntityPolicy::owned_by`].)
+//! - **Delivery**: for each field of the mask, [`crate::Hlc::observe`] its clock, remember the
+//!   rank from `receiver_ranks` (priority fields), and if [`incoming_wins`] store the value
+//!   ([`crate::route::encode_field`]) with the incoming stamp and `pending: true`; apply the
+//!   winners to the system, clear `pending`, then acknowledge. A crash in between leaves the
+//!   fields pending, so the redelivered message is applied again.
+//! - **Echoes**: the system reports applied values back as local changes; they classify as
+//!   [`LocalWrite::Unchanged`] provided they are reported before a newer value of the same
+//!   field is applied. An echo that arrives after a newer value was applied no longer equals
+//!   the stored value and would be published as a new write, resurrecting the older value:
+//!   adapters whose change feed lags behind their writes must recognise and drop echoes of
+//!   values they applied themselves.
 
 use crate::clock::Stamp;
 
@@ -54,12 +82,19 @@ pub enum LocalWrite {
 
 /// Classifies a local write of `value` to a field for which the replica holds `stored`.
 /// `own_rank` is the replica's merge rank for the field (0 when unknown or last-writer-wins).
-pub fn classify_local(stored: Option<&FieldState>, value: Option<&[u8]>, self_system: &str, own_rank: u32) -> LocalWrite {
+pub fn classify_local(
+    stored: Option<&FieldState>,
+    value: Option<&[u8]>,
+    self_system: &str,
+    own_rank: u32,
+) -> LocalWrite {
     match stored {
         None if value.is_none() => LocalWrite::Unchanged,
         None => LocalWrite::Publish,
         Some(s) if s.value.as_deref() == value => LocalWrite::Unchanged,
-        Some(s) if s.stamp.system != self_system && s.stamp.rank > own_rank => LocalWrite::Overruled,
+        Some(s) if s.stamp.system != self_system && s.stamp.rank > own_rank => {
+            LocalWrite::Overruled
+        }
         Some(_) => LocalWrite::Publish,
     }
 }
@@ -79,10 +114,23 @@ mod tests {
     #[test]
     fn newer_wins_older_and_duplicates_lose() {
         let held = st("a", 0, 10, "orders");
-        assert!(incoming_wins(Some(&held), &Stamp::new(0, 11, "support"), "delivery", 0));
-        assert!(!incoming_wins(Some(&held), &Stamp::new(0, 9, "support"), "delivery", 0));
+        assert!(incoming_wins(
+            Some(&held),
+            &Stamp::new(0, 11, "support"),
+            "delivery",
+            0
+        ));
+        assert!(!incoming_wins(
+            Some(&held),
+            &Stamp::new(0, 9, "support"),
+            "delivery",
+            0
+        ));
         assert!(!incoming_wins(Some(&held), &held.stamp, "delivery", 0));
-        let pending = FieldState { pending: true, ..held.clone() };
+        let pending = FieldState {
+            pending: true,
+            ..held.clone()
+        };
         assert!(incoming_wins(Some(&pending), &held.stamp, "delivery", 0));
         assert!(incoming_wins(None, &held.stamp, "delivery", 0));
     }
@@ -91,21 +139,49 @@ mod tests {
     fn own_writes_are_reranked() {
         // delivery wrote locally before knowing its rank (0); its true rank is 1, support's 2.
         let own = st("mine", 0, 50, "delivery");
-        assert!(incoming_wins(Some(&own), &Stamp::new(2, 10, "support"), "delivery", 1));
+        assert!(incoming_wins(
+            Some(&own),
+            &Stamp::new(2, 10, "support"),
+            "delivery",
+            1
+        ));
         // A lower-ranked writer never wins against a higher-ranked own write.
         let own = st("mine", 0, 5, "support");
-        assert!(!incoming_wins(Some(&own), &Stamp::new(1, 99, "delivery"), "support", 2));
+        assert!(!incoming_wins(
+            Some(&own),
+            &Stamp::new(1, 99, "delivery"),
+            "support",
+            2
+        ));
     }
 
     #[test]
     fn local_writes() {
         let held = st("a", 2, 10, "support");
-        assert_eq!(classify_local(Some(&held), Some(b"a"), "delivery", 1), LocalWrite::Unchanged);
-        assert_eq!(classify_local(Some(&held), Some(b"b"), "delivery", 1), LocalWrite::Overruled);
-        assert_eq!(classify_local(Some(&held), Some(b"b"), "orders", 3), LocalWrite::Publish);
-        assert_eq!(classify_local(None, None, "orders", 0), LocalWrite::Unchanged);
-        assert_eq!(classify_local(None, Some(b"x"), "orders", 0), LocalWrite::Publish);
+        assert_eq!(
+            classify_local(Some(&held), Some(b"a"), "delivery", 1),
+            LocalWrite::Unchanged
+        );
+        assert_eq!(
+            classify_local(Some(&held), Some(b"b"), "delivery", 1),
+            LocalWrite::Overruled
+        );
+        assert_eq!(
+            classify_local(Some(&held), Some(b"b"), "orders", 3),
+            LocalWrite::Publish
+        );
+        assert_eq!(
+            classify_local(None, None, "orders", 0),
+            LocalWrite::Unchanged
+        );
+        assert_eq!(
+            classify_local(None, Some(b"x"), "orders", 0),
+            LocalWrite::Publish
+        );
         let own = st("a", 0, 10, "delivery");
-        assert_eq!(classify_local(Some(&own), None, "delivery", 0), LocalWrite::Publish);
+        assert_eq!(
+            classify_local(Some(&own), None, "delivery", 0),
+            LocalWrite::Publish
+        );
     }
 }

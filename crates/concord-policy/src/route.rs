@@ -5,17 +5,18 @@
 //! the input bytes, so no hidden field and no protobuf unknown field ever reaches a system that
 //! may not see it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+use std::ops::Range;
 
 use concord_proto::v1::{ChangeEvent, FieldClock};
 use prost::Message;
 use prost_reflect::{DynamicMessage, FieldDescriptor, MessageDescriptor, ReflectMessage, Value};
 
+use crate::Op;
 use crate::clock::physical_ms;
 use crate::decide::Rejection;
 use crate::model::{EntityPolicy, Policy};
 use crate::sets::FieldSet;
-use crate::Op;
 
 /// Limits the router enforces on every input.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,7 +149,12 @@ pub enum Outcome {
 }
 
 /// Processes one message at router time `now_ms`.
-pub fn process(policy: &Policy, settings: &RouterSettings, now_ms: u64, input: Input<'_>) -> Outcome {
+pub fn process(
+    policy: &Policy,
+    settings: &RouterSettings,
+    now_ms: u64,
+    input: Input<'_>,
+) -> Outcome {
     match try_process(policy, settings, now_ms, input) {
         Ok(r) => Outcome::Routed(r),
         Err(d) => Outcome::DeadLetter(d),
@@ -165,7 +171,11 @@ fn try_process(
     if input.body.len() > settings.max_message_bytes {
         return Err(dead(
             R::TooLarge,
-            format!("{} bytes, limit {}", input.body.len(), settings.max_message_bytes),
+            format!(
+                "{} bytes, limit {}",
+                input.body.len(),
+                settings.max_message_bytes
+            ),
         ));
     }
     let ev = ChangeEvent::decode(input.body)
@@ -173,11 +183,18 @@ fn try_process(
     if ev.schema_version != concord_proto::SCHEMA_VERSION {
         return Err(dead(
             R::UnsupportedSchemaVersion,
-            format!("schema_version {} (supported: {})", ev.schema_version, concord_proto::SCHEMA_VERSION),
+            format!(
+                "schema_version {} (supported: {})",
+                ev.schema_version,
+                concord_proto::SCHEMA_VERSION
+            ),
         ));
     }
     if uuid::Uuid::parse_str(&ev.event_id).is_err() {
-        return Err(dead(R::InvalidEventId, format!("event_id {:?} is not a UUID", truncate(&ev.event_id))));
+        return Err(dead(
+            R::InvalidEventId,
+            format!("event_id {:?} is not a UUID", truncate(&ev.event_id)),
+        ));
     }
     let expected_key = format!("{}.{}", ev.source, ev.entity);
     if input.routing_key != expected_key {
@@ -191,17 +208,27 @@ fn try_process(
             ),
         ));
     }
-    let source = policy
-        .system_id(&ev.source)
-        .ok_or_else(|| dead(R::UnknownSystem, format!("system {:?} is not in the policy", truncate(&ev.source))))?;
-    let entity = policy
-        .entity(&ev.entity)
-        .ok_or_else(|| dead(R::UnknownEntity, format!("entity {:?} is not in the policy", truncate(&ev.entity))))?;
+    let source = policy.system_id(&ev.source).ok_or_else(|| {
+        dead(
+            R::UnknownSystem,
+            format!("system {:?} is not in the policy", truncate(&ev.source)),
+        )
+    })?;
+    let entity = policy.entity(&ev.entity).ok_or_else(|| {
+        dead(
+            R::UnknownEntity,
+            format!("entity {:?} is not in the policy", truncate(&ev.entity)),
+        )
+    })?;
     match input.user_id {
         Some(u) if u != ev.source => {
             return Err(dead(
                 R::UserIdMismatch,
-                format!("published by user {:?} for source {:?}", truncate(u), ev.source),
+                format!(
+                    "published by user {:?} for source {:?}",
+                    truncate(u),
+                    ev.source
+                ),
             ));
         }
         None if settings.require_user_id => {
@@ -210,26 +237,41 @@ fn try_process(
         _ => {}
     }
     if ev.key.is_empty() || ev.key.len() > MAX_KEY_BYTES {
-        return Err(dead(R::InvalidKey, format!("key must be 1..={MAX_KEY_BYTES} bytes, is {}", ev.key.len())));
+        return Err(dead(
+            R::InvalidKey,
+            format!("key must be 1..={MAX_KEY_BYTES} bytes, is {}", ev.key.len()),
+        ));
     }
     let op = Op::from_wire(ev.op).ok_or_else(|| dead(R::InvalidOp, format!("op {}", ev.op)))?;
     let n_message_fields = entity.message.fields().len();
     if ev.field_mask.len() > n_message_fields {
         return Err(dead(
             R::FieldMaskTooLarge,
-            format!("{} names, message has {} fields", ev.field_mask.len(), n_message_fields),
+            format!(
+                "{} names, message has {} fields",
+                ev.field_mask.len(),
+                n_message_fields
+            ),
         ));
     }
-    let mut seen = HashSet::with_capacity(ev.field_mask.len());
     let mut changed = FieldSet::default();
+    // Unknown names as given (for the duplicate check; at most one per message field) and as
+    // reported (truncated).
+    let mut unknown_names: Vec<&str> = Vec::new();
     let mut unknown = Vec::new();
     let limit = now_ms.saturating_add(settings.clock_skew_ms);
+    let twice = |name: &str| {
+        dead(
+            R::DuplicateField,
+            format!("field {:?} named twice", truncate(name)),
+        )
+    };
     for name in &ev.field_mask {
-        if !seen.insert(name.as_str()) {
-            return Err(dead(R::DuplicateField, format!("field {:?} named twice", truncate(name))));
-        }
         match entity.field_index(name) {
             Some(i) => {
+                if changed.contains(i) {
+                    return Err(twice(name));
+                }
                 let clock = ev
                     .clocks
                     .get(name)
@@ -237,7 +279,13 @@ fn try_process(
                 check_skew(clock, limit, name)?;
                 changed.insert(i);
             }
-            None => unknown.push(truncate(name).to_owned()),
+            None => {
+                if unknown_names.contains(&name.as_str()) {
+                    return Err(twice(name));
+                }
+                unknown_names.push(name);
+                unknown.push(truncate(name).to_owned());
+            }
         }
     }
     if op == Op::Delete {
@@ -252,11 +300,16 @@ fn try_process(
     let record = if verdict.accepted.is_empty() {
         None
     } else {
-        Some(
+        let record =
             DynamicMessage::decode(entity.message.clone(), ev.record.as_slice()).map_err(|e| {
-                dead(R::InvalidRecord, format!("record is not a valid {}: {e}", entity.message.full_name()))
-            })?,
-        )
+                dead(
+                    R::InvalidRecord,
+                    format!("record is not a valid {}: {e}", entity.message.full_name()),
+                )
+            })?;
+        // The accepted fields, re-encoded once; each projection is cut from these bytes.
+        let accepted = AcceptedFields::encode(&record, entity, verdict.accepted);
+        Some((record, accepted))
     };
     let mut deliveries = Vec::new();
     for (target, fields) in verdict.deliveries(entity) {
@@ -273,14 +326,24 @@ fn try_process(
             schema_version: concord_proto::SCHEMA_VERSION,
             origin: ev.source.clone(),
             observed_at_ms: ev.observed_at_ms,
-            record_clock: ev.record_clock.clone(),
+            // Like the field clocks, the record clock is the source's: a publisher cannot
+            // impersonate another writer or choose a rank.
+            record_clock: ev.record_clock.as_ref().map(|c| FieldClock {
+                hlc: c.hlc,
+                system: ev.source.clone(),
+                rank: 0,
+            }),
             receiver_ranks: BTreeMap::new(),
         };
-        if let Some(record) = &record {
-            copy.record = project(record, entity, fields).encode_to_vec();
+        match &record {
+            Some((_, Some(accepted))) => copy.record = accepted.projection(fields),
+            Some((record, None)) => copy.record = project(record, entity, fields).encode_to_vec(),
+            None => {}
         }
         for i in fields.iter() {
-            let Some(rule) = entity.fields.get(i) else { continue };
+            let Some(rule) = entity.fields.get(i) else {
+                continue;
+            };
             copy.field_mask.push(rule.name.clone());
             if let Some(c) = ev.clocks.get(&rule.name) {
                 copy.clocks.insert(
@@ -293,7 +356,8 @@ fn try_process(
                 );
             }
             if rule.merge == crate::MergeRule::Priority {
-                copy.receiver_ranks.insert(rule.name.clone(), rule.rank_of(target));
+                copy.receiver_ranks
+                    .insert(rule.name.clone(), rule.rank_of(target));
             }
         }
         deliveries.push(Delivery {
@@ -305,7 +369,11 @@ fn try_process(
     let dead_letter = (!unknown.is_empty()).then(|| {
         dead(
             R::UnknownField,
-            format!("entity {:?} has no field(s) {}", ev.entity, unknown.join(", ")),
+            format!(
+                "entity {:?} has no field(s) {}",
+                ev.entity,
+                unknown.join(", ")
+            ),
         )
     });
     Ok(Routed {
@@ -322,12 +390,83 @@ fn try_process(
     })
 }
 
+/// The accepted fields of a record encoded once, with unknown fields stripped at every depth,
+/// and the byte range of each encoded field: a projection is the concatenation of its fields'
+/// ranges, in field-number order, which is exactly how the projected message encodes.
+struct AcceptedFields {
+    bytes: Vec<u8>,
+    /// Per encoded field (a repeated field may occur several times): its position in the
+    /// entity's field list and its bytes (key and value).
+    parts: Vec<(usize, Range<usize>)>,
+}
+
+impl AcceptedFields {
+    /// `None` if the re-encoded bytes cannot be split (never expected: they are our own
+    /// encoding); the caller then projects field by field.
+    fn encode(
+        record: &DynamicMessage,
+        entity: &EntityPolicy,
+        accepted: FieldSet,
+    ) -> Option<AcceptedFields> {
+        let bytes = project(record, entity, accepted).encode_to_vec();
+        let mut parts = Vec::with_capacity(accepted.len());
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let start = pos;
+            let key = read_varint(&bytes, &mut pos)?;
+            let number = u32::try_from(key >> 3).ok()?;
+            let len = match key & 7 {
+                0 => read_varint(&bytes, &mut pos).map(|_| 0)?,
+                1 => 8,
+                2 => usize::try_from(read_varint(&bytes, &mut pos)?).ok()?,
+                5 => 4,
+                _ => return None,
+            };
+            pos = pos.checked_add(len).filter(|end| *end <= bytes.len())?;
+            let index = accepted.iter().find(|i| {
+                entity
+                    .fields
+                    .get(*i)
+                    .is_some_and(|f| f.descriptor.number() == number)
+            })?;
+            parts.push((index, start..pos));
+        }
+        Some(AcceptedFields { bytes, parts })
+    }
+
+    /// The encoded record holding only `fields` (a subset of the accepted fields).
+    fn projection(&self, fields: FieldSet) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.bytes.len());
+        for (i, range) in &self.parts {
+            if fields.contains(*i) {
+                out.extend_from_slice(self.bytes.get(range.clone()).unwrap_or_default());
+            }
+        }
+        out
+    }
+}
+
+fn read_varint(bytes: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *bytes.get(*pos)?;
+        *pos += 1;
+        value |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Some(value);
+        }
+    }
+    None
+}
+
 fn check_skew(clock: &FieldClock, limit_ms: u64, what: &str) -> Result<(), DeadLetter> {
     let at = physical_ms(clock.hlc);
     if at > limit_ms {
         return Err(dead(
             DeadLetterReason::ClockSkew,
-            format!("clock of {what:?} is at {at} ms, more than the allowed skew past the router's clock ({limit_ms} ms)"),
+            format!(
+                "clock of {what:?} is at {at} ms, more than the allowed skew past the router's clock ({limit_ms} ms)"
+            ),
         ));
     }
     Ok(())
@@ -345,7 +484,9 @@ fn truncate(s: &str) -> &str {
 pub fn project(record: &DynamicMessage, entity: &EntityPolicy, fields: FieldSet) -> DynamicMessage {
     let mut out = DynamicMessage::new(entity.message.clone());
     for i in fields.iter() {
-        let Some(rule) = entity.fields.get(i) else { continue };
+        let Some(rule) = entity.fields.get(i) else {
+            continue;
+        };
         if record.has_field(&rule.descriptor) {
             let mut value = record.get_field(&rule.descriptor).into_owned();
             strip_unknown_value(&mut value);

@@ -107,7 +107,10 @@ mod tests {
         let mut s = SystemSet::default();
         s.insert(SystemId(63));
         s.insert(SystemId(1));
-        assert_eq!(s.iter().map(SystemId::index).collect::<Vec<_>>(), vec![1, 63]);
+        assert_eq!(
+            s.iter().map(SystemId::index).collect::<Vec<_>>(),
+            vec![1, 63]
+        );
         s.remove(SystemId(1));
         assert_eq!(s.len(), 1);
     }

@@ -120,17 +120,18 @@ impl RouterConfig {
             problems.push("`amqp_uri` must start with `amqp://` or `amqps://`".to_owned());
         }
         if self.namespace.is_empty()
-            || !self
-                .namespace
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.'))
+            || !self.namespace.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.')
+            })
         {
             problems.push(format!(
                 "`namespace` {:?} must match [a-z0-9_.-]+ (it prefixes exchange and queue names)",
                 self.namespace
             ));
         } else if self.namespace.len() > 100 {
-            problems.push("`namespace` must be at most 100 bytes (queue names are limited to 255)".to_owned());
+            problems.push(
+                "`namespace` must be at most 100 bytes (queue names are limited to 255)".to_owned(),
+            );
         }
         if self.prefetch == 0 {
             problems.push("`prefetch` must be at least 1".to_owned());
@@ -276,7 +277,10 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
-        assert!(text.lines().all(|l| l.starts_with("router.toml: ")), "{text}");
+        assert!(
+            text.lines().all(|l| l.starts_with("router.toml: ")),
+            "{text}"
+        );
         assert_eq!(text.lines().count(), e.problems.len());
     }
 }

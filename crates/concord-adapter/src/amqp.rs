@@ -1,0 +1,199 @@
+//! The AMQP transport, over `concord-amqp`: one named connection per session with a consumer
+//! channel (inbox, bounded prefetch, batched cumulative acks) and a confirm-mode publisher
+//! channel (pipelined confirms) for the ingress exchange and the dead-letter exchange.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use concord_amqp::{
+    AckBatcher, AckHandle, Connection, MessageProps, Publisher, PublisherOptions, Topology,
+};
+use futures::StreamExt;
+use tracing::{debug, warn};
+
+use crate::config::RunnerConfig;
+use crate::transport::{Inbox, Incoming, Link, Outgoing, Transport, TransportError};
+
+/// Header naming the record of a published event: `{entity}/{key}`.
+pub const HEADER_KEY: &str = "concord-key";
+/// Header of a dead-lettered message: the reason code.
+pub const HEADER_REASON: &str = "concord-reason";
+/// Header of a dead-lettered message: the human-readable detail.
+pub const HEADER_DETAIL: &str = "concord-detail";
+
+/// Longest `concord-detail` header value sent, in bytes.
+const MAX_DETAIL: usize = 1024;
+
+/// Connects to RabbitMQ for one system.
+#[derive(Debug, Clone)]
+pub struct AmqpTransport {
+    uri: String,
+    system: String,
+    prefetch: u16,
+    topology: Topology,
+}
+
+impl AmqpTransport {
+    pub fn new(config: &RunnerConfig) -> AmqpTransport {
+        AmqpTransport {
+            uri: config.amqp_uri.clone(),
+            system: config.system.clone(),
+            prefetch: config.prefetch,
+            topology: Topology::new(config.namespace.clone()),
+        }
+    }
+}
+
+fn conn_err(e: impl std::fmt::Display) -> TransportError {
+    TransportError::connection(e)
+}
+
+impl Transport for AmqpTransport {
+    type Link = AmqpLink;
+
+    async fn connect(&self) -> Result<(AmqpLink, Inbox), TransportError> {
+        let name = concord_amqp::connection_name(&format!("concord-adapter-{}", self.system));
+        let conn = concord_amqp::connect(&self.uri, &name)
+            .await
+            .map_err(conn_err)?;
+        let consume_channel = conn.open_channel().await.map_err(conn_err)?;
+        self.topology
+            .declare_inbox(&consume_channel, &self.system)
+            .await
+            .map_err(conn_err)?;
+        let publisher = Publisher::open(&conn, PublisherOptions::default())
+            .await
+            .map_err(conn_err)?;
+        let inbox_name = self.topology.inbox(&self.system);
+        let tag = format!("{name}-{}", uuid::Uuid::now_v7());
+        let consumer = concord_amqp::consume(&consume_channel, &inbox_name, &tag, self.prefetch)
+            .await
+            .map_err(conn_err)?;
+        let handles: Arc<Mutex<HashMap<u64, AckHandle>>> = Arc::default();
+        let inbox_handles = handles.clone();
+        let inbox = consumer
+            .map(move |r| match r {
+                Ok(d) => {
+                    let handle = d.ack_handle();
+                    let tag = d.delivery_tag;
+                    lock(&inbox_handles).insert(tag, handle);
+                    Ok(Incoming {
+                        body: d.body,
+                        tag,
+                        redelivered: d.redelivered,
+                    })
+                }
+                Err(e) => Err(conn_err(e)),
+            })
+            .boxed();
+        debug!(system = %self.system, inbox = %inbox_name, "connected");
+        let link = AmqpLink {
+            conn,
+            publisher,
+            ingress: self.topology.ingress_exchange(),
+            dlx: self.topology.dlx(),
+            system: self.system.clone(),
+            acks: tokio::sync::Mutex::new(AckBatcher::for_prefetch(self.prefetch)),
+            handles,
+        };
+        Ok((link, inbox))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The sending side of one AMQP session.
+#[derive(Debug)]
+pub struct AmqpLink {
+    conn: Connection,
+    publisher: Publisher,
+    ingress: String,
+    dlx: String,
+    system: String,
+    acks: tokio::sync::Mutex<AckBatcher>,
+    handles: Arc<Mutex<HashMap<u64, AckHandle>>>,
+}
+
+fn publish_err(e: concord_amqp::PublishError) -> TransportError {
+    match e {
+        concord_amqp::PublishError::Connection(e) => conn_err(e),
+        other => TransportError::refused(other),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+impl Link for AmqpLink {
+    async fn publish(&self, events: &[Outgoing]) -> Result<(), TransportError> {
+        let mut pending = Vec::with_capacity(events.len());
+        for ev in events {
+            let mut props = MessageProps::new()
+                .message_id(&ev.event_id)
+                .header(HEADER_KEY, &ev.concord_key)
+                .timestamp_now();
+            if let Some(u) = &ev.user_id {
+                props = props.user_id(u);
+            }
+            let confirm = self
+                .publisher
+                .publish(&self.ingress, &ev.routing_key, &ev.body, props)
+                .await
+                .map_err(conn_err)?;
+            pending.push(confirm);
+        }
+        // Every confirm must be positive; the first failure fails the batch (the caller
+        // republishes all of it: delivery is at-least-once, and the router deduplicates ids).
+        for r in futures::future::join_all(pending).await {
+            r.map_err(publish_err)?;
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        body: &[u8],
+        reason: &str,
+        detail: &str,
+    ) -> Result<(), TransportError> {
+        let props = MessageProps::new()
+            .header(HEADER_REASON, reason)
+            .header(HEADER_DETAIL, truncate(detail, MAX_DETAIL))
+            .timestamp_now();
+        self.publisher
+            .publish_confirmed(&self.dlx, &self.system, body, props)
+            .await
+            .map_err(publish_err)
+    }
+
+    async fn ack(&self, tag: u64) -> Result<(), TransportError> {
+        let Some(handle) = lock(&self.handles).remove(&tag) else {
+            warn!(tag, "ack of an unknown delivery tag");
+            return Ok(());
+        };
+        self.acks.lock().await.ack(handle).await.map_err(conn_err)
+    }
+
+    async fn flush(&self) -> Result<(), TransportError> {
+        self.acks.lock().await.flush().await.map_err(conn_err)
+    }
+
+    async fn close(&self) {
+        if let Err(e) = self.flush().await {
+            debug!(error = %e, "flushing acks at close");
+        }
+        if let Err(e) = self.publisher.wait_idle().await {
+            debug!(error = %e, "waiting for confirms at close");
+        }
+        if let Err(e) = self.conn.close().await {
+            debug!(error = %e, "closing the connection");
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The runner's configuration.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Configuration of one adapter process (one system).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerConfig {
+    /// This system's name, as in the policy (`[a-z0-9_-]+`).
+    pub system: String,
+    /// The broker, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub amqp_uri: String,
+    /// Prefix of every exchange and queue name.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Path of the local SQLite state store (created when missing).
+    pub state: PathBuf,
+    /// The entities this system exchanges: entity name → full name of its protobuf message, e.g.
+    /// `customer = "concord.v1.Customer"`.
+    pub entities: BTreeMap<String, String>,
+    /// Most unacknowledged incoming messages the broker hands out at once.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// Set the AMQP `user_id` property to the system name on published events (the broker then
+    /// checks it against the connection's user, and the router can trust it).
+    #[serde(default)]
+    pub publish_user_id: bool,
+    /// Most local changes published in one batch (one confirm round trip, one transaction).
+    #[serde(default = "default_publish_batch")]
+    pub publish_batch: usize,
+    /// Publish a snapshot of every record (`OP_SNAPSHOT`) the first time the state store is used.
+    #[serde(default)]
+    pub snapshot_on_first_start: bool,
+    /// How long ids of processed incoming events are kept for deduplication, in hours.
+    #[serde(default = "default_dedup_retention_hours")]
+    pub dedup_retention_hours: u64,
+    /// How long the SDK waits for the change feed to report a value it applied, in seconds.
+    /// Until then, a local change equal to that value is taken for its echo, even after newer
+    /// values were applied (feeds lag). The feed must report the SDK's own writes.
+    #[serde(default = "default_echo_window_secs")]
+    pub echo_window_secs: u64,
+    /// Backoff for transient failures (apply, change feed, publishing).
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Backoff between reconnection attempts to the broker.
+    #[serde(default)]
+    pub reconnect: RetryConfig,
+}
+
+/// Exponential backoff settings. Retries never stop: a failure that lasts is retried at
+/// `max_delay_ms` intervals, so no change is ever dropped because a system was down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    #[serde(default = "default_min_delay_ms")]
+    pub min_delay_ms: u64,
+    #[serde(default = "default_max_delay_ms")]
+    pub max_delay_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            min_delay_ms: default_min_delay_ms(),
+            max_delay_ms: default_max_delay_ms(),
+        }
+    }
+}
+
+impl RetryConfig {
+    /// An endless iterator of delays: doubling from `min_delay_ms` up to `max_delay_ms`, jittered.
+    pub fn delays(&self) -> impl Iterator<Item = Duration> + Send + use<> {
+        use backon::BackoffBuilder;
+        let min = Duration::from_millis(self.min_delay_ms.max(1));
+        let max = Duration::from_millis(self.max_delay_ms.max(self.min_delay_ms).max(1));
+        backon::ExponentialBuilder::default()
+            .with_min_delay(min)
+            .with_max_delay(max)
+            .with_jitter()
+            .without_max_times()
+            .build()
+            .map(move |d| d.min(max))
+    }
+}
+
+fn default_namespace() -> String {
+    "concord".to_owned()
+}
+fn default_prefetch() -> u16 {
+    64
+}
+fn default_publish_batch() -> usize {
+    256
+}
+fn default_dedup_retention_hours() -> u64 {
+    24 * 7
+}
+fn default_echo_window_secs() -> u64 {
+    3600
+}
+fn default_min_delay_ms() -> u64 {
+    100
+}
+fn default_max_delay_ms() -> u64 {
+    30_000
+}
+
+impl RunnerConfig {
+    /// A configuration with defaults for everything but the essentials.
+    pub fn new(
+        system: impl Into<String>,
+        amqp_uri: impl Into<String>,
+        state: impl Into<PathBuf>,
+        entities: impl IntoIterator<Item = (String, String)>,
+    ) -> RunnerConfig {
+        RunnerConfig {
+            system: system.into(),
+            amqp_uri: amqp_uri.into(),
+            namespace: default_namespace(),
+            state: state.into(),
+            entities: entities.into_iter().collect(),
+            prefetch: default_prefetch(),
+            publish_user_id: false,
+            publish_batch: default_publish_batch(),
+            snapshot_on_first_start: false,
+            dedup_retention_hours: default_dedup_retention_hours(),
+            echo_window_secs: default_echo_window_secs(),
+            retry: RetryConfig::default(),
+            reconnect: RetryConfig::default(),
+        }
+    }
+
+    /// Checks what serde cannot: names and limits.
+    pub fn validate(&self) -> Result<(), String> {
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        };
+        if !valid(&self.system) {
+            return Err(format!(
+                "system name {:?} must match [a-z0-9_-]+",
+                self.system
+            ));
+        }
+        if self.namespace.is_empty() {
+            return Err("namespace must not be empty".into());
+        }
+        if self.entities.is_empty() {
+            return Err("no entities configured".into());
+        }
+        for (entity, message) in &self.entities {
+            if !valid(entity) {
+                return Err(format!("entity name {entity:?} must match [a-z0-9_-]+"));
+            }
+            if message.is_empty() {
+                return Err(format!("entity {entity:?} names no protobuf message"));
+            }
+        }
+        if self.prefetch == 0 {
+            return Err("prefetch must be at least 1".into());
+        }
+        if self.publish_batch == 0 {
+            return Err("publish_batch must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_with_defaults_and_refuses_unknown_keys() {
+        let text = r#"
+            system = "delivery"
+            amqp_uri = "amqp://guest:guest@127.0.0.1:5672/%2f"
+            state = "/var/lib/concord/delivery.sqlite"
+            [entities]
+            customer = "concord.v1.Customer"
+            [retry]
+            max_delay_ms = 5000
+        "#;
+        let c: RunnerConfig = toml::from_str(text).unwrap();
+        assert_eq!(c.namespace, "concord");
+        assert_eq!(c.prefetch, 64);
+        assert!(!c.publish_user_id);
+        assert_eq!(
+            c.retry,
+            RetryConfig {
+                min_delay_ms: 100,
+                max_delay_ms: 5000
+            }
+        );
+        assert_eq!(c.entities["customer"], "concord.v1.Customer");
+        c.validate().unwrap();
+
+        let err = toml::from_str::<RunnerConfig>(&format!("{text}\nprefech = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("prefech"), "{err}");
+        let mut bad = c.clone();
+        bad.system = "Delivery".into();
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn delays_grow_and_stay_capped() {
+        let r = RetryConfig {
+            min_delay_ms: 10,
+            max_delay_ms: 80,
+        };
+        let d: Vec<Duration> = r.delays().take(20).collect();
+        assert_eq!(d.len(), 20);
+        assert!(d.iter().all(|d| *d <= Duration::from_millis(80)));
+        assert!(d[19] >= Duration::from_millis(40), "{d:?}");
+    }
+}

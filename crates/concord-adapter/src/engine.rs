@@ -1,0 +1,620 @@
+//! The engine: the shell around the pure replica logic of `concord-policy`, shared by the AMQP
+//! runner and the in-memory test bus. It turns local changes into change events and incoming
+//! change events into [`Apply`] calls, keeping the state store consistent with what was
+//! published and applied.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use concord_policy::replica::{FieldState, LocalWrite, classify_local, incoming_wins};
+use concord_policy::route::{decode_field, encode_field};
+use concord_policy::{Hlc, Op, Stamp};
+use concord_proto::v1::{ChangeEvent, FieldClock};
+use prost::Message;
+use prost_reflect::{DynamicMessage, FieldDescriptor, MessageDescriptor};
+use sqlx::SqliteConnection;
+use tracing::{debug, warn};
+
+use crate::adapter::{AdapterError, Apply, ApplyOp, Fields, LocalChange, LocalOp, SystemAdapter};
+use crate::metrics::Metrics;
+use crate::store::{self, Store, StoreError};
+use crate::transport::{Link, Outgoing, TransportError};
+
+/// The wall clock in milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Why the engine could not be set up or could not process local changes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// An entity names a protobuf message that is not among the canonical messages.
+    #[error("entity {entity:?}: unknown protobuf message {message:?}")]
+    UnknownMessage { entity: String, message: String },
+}
+
+/// What became of an incoming event that was processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Processed {
+    /// Fields won the merge and were applied to the system.
+    Applied,
+    /// Only the state store changed (e.g. a delete of a record the system never had).
+    Recorded,
+    /// Already processed before (redelivered or duplicated).
+    Duplicate,
+    /// Nothing in it is newer than what the replica holds.
+    Stale,
+}
+
+/// Why an incoming event was not processed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IncomingError {
+    /// It can never be processed: dead-letter it (`reason` goes into header `concord-reason`).
+    #[error("{reason}: {detail}")]
+    Permanent {
+        reason: &'static str,
+        detail: String,
+    },
+    /// Retry it later, in order.
+    #[error("transient: {0}")]
+    Transient(String),
+}
+
+impl From<StoreError> for IncomingError {
+    fn from(e: StoreError) -> Self {
+        IncomingError::Transient(e.to_string())
+    }
+}
+
+fn permanent(reason: &'static str, detail: impl Into<String>) -> IncomingError {
+    IncomingError::Permanent {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+/// A winning incoming field, with what it replaces.
+struct Winner {
+    name: String,
+    new: FieldState,
+    old: Option<FieldState>,
+}
+
+/// The engine of one system.
+#[derive(Debug)]
+pub(crate) struct Engine<A> {
+    system: String,
+    adapter: Arc<A>,
+    store: Store,
+    hlc: Hlc,
+    entities: HashMap<String, MessageDescriptor>,
+    metrics: Arc<Metrics>,
+    publish_user_id: bool,
+}
+
+impl<A: SystemAdapter> Engine<A> {
+    pub(crate) async fn new(
+        system: &str,
+        adapter: Arc<A>,
+        store: Store,
+        entities: &BTreeMap<String, String>,
+        metrics: Arc<Metrics>,
+        publish_user_id: bool,
+    ) -> Result<Engine<A>, EngineError> {
+        let pool = concord_proto::descriptor_pool();
+        let mut resolved = HashMap::new();
+        for (entity, message) in entities {
+            let desc =
+                pool.get_message_by_name(message)
+                    .ok_or_else(|| EngineError::UnknownMessage {
+                        entity: entity.clone(),
+                        message: message.clone(),
+                    })?;
+            resolved.insert(entity.clone(), desc);
+        }
+        let hlc = Hlc::starting_at(store.max_hlc().await?);
+        Ok(Engine {
+            system: system.to_owned(),
+            adapter,
+            store,
+            hlc,
+            entities: resolved,
+            metrics,
+            publish_user_id,
+        })
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub(crate) fn adapter(&self) -> &Arc<A> {
+        &self.adapter
+    }
+
+    /// Processes one inbox message. Idempotent: processing the same message again (after a
+    /// transient failure or a redelivery) is safe.
+    pub(crate) async fn handle_incoming(
+        &mut self,
+        body: &[u8],
+    ) -> Result<Processed, IncomingError> {
+        Metrics::inc(&self.metrics.incoming);
+        let r = self.incoming(body).await;
+        match &r {
+            Ok(Processed::Applied) => Metrics::inc(&self.metrics.incoming_applied),
+            Ok(Processed::Duplicate) => Metrics::inc(&self.metrics.incoming_duplicate),
+            Ok(Processed::Stale) => Metrics::inc(&self.metrics.incoming_stale),
+            _ => {}
+        }
+        self.metrics.touch();
+        r
+    }
+
+    async fn incoming(&mut self, body: &[u8]) -> Result<Processed, IncomingError> {
+        let ev = ChangeEvent::decode(body)
+            .map_err(|e| permanent("undecodable", format!("not a concord.v1.ChangeEvent: {e}")))?;
+        if ev.schema_version != concord_proto::SCHEMA_VERSION {
+            return Err(permanent(
+                "unsupported_schema_version",
+                format!("schema_version {}", ev.schema_version),
+            ));
+        }
+        if ev.event_id.is_empty() {
+            return Err(permanent("invalid_event_id", "empty event_id"));
+        }
+        if self.store.seen(&ev.event_id).await? {
+            debug!(event_id = %ev.event_id, "duplicate event");
+            return Ok(Processed::Duplicate);
+        }
+        let Some(desc) = self.entities.get(&ev.entity).cloned() else {
+            return Err(permanent(
+                "unknown_entity",
+                format!(
+                    "entity {:?} is not configured for system {}",
+                    ev.entity, self.system
+                ),
+            ));
+        };
+        if ev.key.is_empty() {
+            return Err(permanent("invalid_key", "empty key"));
+        }
+        let op =
+            Op::from_wire(ev.op).ok_or_else(|| permanent("invalid_op", format!("op {}", ev.op)))?;
+        for c in ev.clocks.values().chain(ev.record_clock.as_ref()) {
+            self.hlc.observe(c.hlc);
+        }
+        let origin = if ev.origin.is_empty() {
+            &ev.source
+        } else {
+            &ev.origin
+        }
+        .clone();
+        let mut tx = self.store.begin().await?;
+        for (field, rank) in &ev.receiver_ranks {
+            store::set_rank(&mut tx, &ev.entity, field, *rank).await?;
+        }
+        let rec = store::record_by_key(&mut tx, &ev.entity, &ev.key).await?;
+        let live_id = rec
+            .as_ref()
+            .filter(|r| r.live)
+            .and_then(|r| r.local_id.clone());
+
+        if op == Op::Delete {
+            let Some(rc) = ev.record_clock.as_ref() else {
+                return Err(permanent("missing_clock", "a delete needs record_clock"));
+            };
+            let newer = match rec.as_ref().and_then(|r| r.tombstone.as_ref()) {
+                Some((h, s)) => (rc.hlc, rc.system.as_str()) > (*h, s.as_str()),
+                None => true,
+            };
+            if !newer {
+                store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
+                tx.commit().await.map_err(StoreError::from)?;
+                return Ok(Processed::Stale);
+            }
+            let Some(local_id) = live_id else {
+                store::set_tombstone(&mut tx, &ev.entity, &ev.key, rc.hlc, &rc.system).await?;
+                store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
+                tx.commit().await.map_err(StoreError::from)?;
+                return Ok(Processed::Recorded);
+            };
+            tx.commit().await.map_err(StoreError::from)?;
+            let apply = Apply {
+                entity: ev.entity.clone(),
+                key: ev.key.clone(),
+                local_id: Some(local_id),
+                op: ApplyOp::Delete,
+                fields: Fields::new(),
+                event_id: ev.event_id.clone(),
+                origin,
+            };
+            return match self.adapter.apply(&apply).await {
+                Ok(_) => {
+                    let mut tx = self.store.begin().await?;
+                    store::set_tombstone(&mut tx, &ev.entity, &ev.key, rc.hlc, &rc.system).await?;
+                    store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
+                    tx.commit().await.map_err(StoreError::from)?;
+                    Ok(Processed::Applied)
+                }
+                Err(AdapterError::Permanent(e)) => Err(permanent("apply_failed", e)),
+                Err(e) => Err(IncomingError::Transient(e.to_string())),
+            };
+        }
+
+        let record = DynamicMessage::decode(desc.clone(), ev.record.as_slice()).map_err(|e| {
+            permanent(
+                "invalid_record",
+                format!("record is not a valid {}: {e}", desc.full_name()),
+            )
+        })?;
+        let tomb = rec.as_ref().and_then(|r| r.tombstone.clone());
+        let mut winners: Vec<Winner> = Vec::new();
+        let mut fields = Fields::new();
+        for name in &ev.field_mask {
+            let Some(fd) = desc.get_field_by_name(name) else {
+                warn!(event_id = %ev.event_id, field = %name, "ignoring unknown field");
+                continue;
+            };
+            let Some(clock) = ev.clocks.get(name) else {
+                warn!(event_id = %ev.event_id, field = %name, "ignoring field without clock");
+                continue;
+            };
+            if let Some((th, ts)) = &tomb
+                && (clock.hlc, clock.system.as_str()) <= (*th, ts.as_str())
+            {
+                continue; // older than the delete of the record
+            }
+            let stamp = Stamp::new(clock.rank, clock.hlc, clock.system.clone());
+            let stored = store::get_field(&mut tx, &ev.entity, &ev.key, name).await?;
+            let own_rank = store::get_rank(&mut tx, &ev.entity, name).await?;
+            if incoming_wins(stored.as_ref(), &stamp, &self.system, own_rank) {
+                let value = record
+                    .has_field(&fd)
+                    .then(|| record.get_field(&fd).into_owned());
+                fields.insert(name.clone(), value);
+                winners.push(Winner {
+                    name: name.clone(),
+                    new: FieldState {
+                        value: encode_field(&record, &fd),
+                        stamp,
+                        pending: true,
+                    },
+                    old: stored,
+                });
+            }
+        }
+        if winners.is_empty() {
+            store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
+            tx.commit().await.map_err(StoreError::from)?;
+            return Ok(Processed::Stale);
+        }
+        for w in &winners {
+            store::put_field(&mut tx, &ev.entity, &ev.key, &w.name, &w.new).await?;
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        let apply = Apply {
+            entity: ev.entity.clone(),
+            key: ev.key.clone(),
+            local_id: live_id,
+            op: ApplyOp::Upsert,
+            fields,
+            event_id: ev.event_id.clone(),
+            origin,
+        };
+        match self.adapter.apply(&apply).await {
+            Ok(applied) => {
+                let mut tx = self.store.begin().await?;
+                let now = now_ms();
+                for w in &winners {
+                    store::clear_pending(&mut tx, &ev.entity, &ev.key, &w.name, &w.new.stamp)
+                        .await?;
+                    store::expect_echo(
+                        &mut tx,
+                        &ev.entity,
+                        &ev.key,
+                        &w.name,
+                        w.new.value.as_deref(),
+                        now,
+                    )
+                    .await?;
+                }
+                store::map_record(&mut tx, &ev.entity, &ev.key, &applied.local_id).await?;
+                store::mark_seen(&mut tx, &ev.event_id, now).await?;
+                tx.commit().await.map_err(StoreError::from)?;
+                Ok(Processed::Applied)
+            }
+            Err(AdapterError::Permanent(e)) => {
+                // The system refused it: hold what it holds again.
+                let mut tx = self.store.begin().await?;
+                for w in &winners {
+                    match &w.old {
+                        Some(old) => {
+                            store::put_field(&mut tx, &ev.entity, &ev.key, &w.name, old).await?
+                        }
+                        None => store::delete_field(&mut tx, &ev.entity, &ev.key, &w.name).await?,
+                    }
+                }
+                tx.commit().await.map_err(StoreError::from)?;
+                Err(permanent("apply_failed", e))
+            }
+            // Pending fields stay: the retry applies them again.
+            Err(e) => Err(IncomingError::Transient(e.to_string())),
+        }
+    }
+
+    /// Publishes a batch of local changes (or snapshot items, published as `OP_SNAPSHOT`) and
+    /// persists their stamps and the cursor of the last one, all only once the broker confirmed
+    /// every event: if anything fails, nothing is recorded and the batch can be processed again.
+    /// Returns the number of events published.
+    pub(crate) async fn handle_local<L: Link>(
+        &mut self,
+        batch: &[LocalChange],
+        snapshot: bool,
+        link: &L,
+    ) -> Result<usize, EngineError> {
+        let mut tx = self.store.begin().await?;
+        let mut out = Vec::new();
+        let mut corrections = Vec::new();
+        let mut cursor = None;
+        for ch in batch {
+            Metrics::inc(&self.metrics.local_changes);
+            if ch.cursor.is_some() {
+                cursor.clone_from(&ch.cursor);
+            }
+            self.prepare_local(&mut tx, ch, snapshot, &mut out, &mut corrections)
+                .await?;
+        }
+        if !out.is_empty() {
+            link.publish(&out).await?;
+        }
+        if !snapshot && let Some(c) = cursor {
+            store::set_meta(&mut tx, store::CURSOR, &c).await?;
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        Metrics::add(&self.metrics.published, out.len() as u64);
+        self.metrics.touch();
+        for c in corrections {
+            match self.adapter.apply(&c).await {
+                Ok(_) => {
+                    Metrics::inc(&self.metrics.corrections);
+                    self.expect_echoes(&c).await?;
+                }
+                Err(e) => warn!(entity = %c.entity, key = %c.key, error = %e,
+                    "could not write back the value of a higher-priority owner"),
+            }
+        }
+        Ok(out.len())
+    }
+
+    /// Records the echoes a correction will cause.
+    async fn expect_echoes(&mut self, a: &Apply) -> Result<(), StoreError> {
+        let Some(desc) = self.entities.get(&a.entity) else {
+            return Ok(());
+        };
+        let mut tx = self.store.begin().await?;
+        let now = now_ms();
+        for (name, value) in &a.fields {
+            let Some(fd) = desc.get_field_by_name(name) else {
+                continue;
+            };
+            let encoded = match value {
+                Some(v) => single(desc, &fd, v)
+                    .ok()
+                    .and_then(|one| encode_field(&one, &fd)),
+                None => None,
+            };
+            store::expect_echo(&mut tx, &a.entity, &a.key, name, encoded.as_deref(), now).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn prepare_local(
+        &mut self,
+        c: &mut SqliteConnection,
+        ch: &LocalChange,
+        snapshot: bool,
+        out: &mut Vec<Outgoing>,
+        corrections: &mut Vec<Apply>,
+    ) -> Result<(), StoreError> {
+        let Some(desc) = self.entities.get(&ch.entity).cloned() else {
+            warn!(entity = %ch.entity, local_id = %ch.local_id, "local change of an unconfigured entity: skipped");
+            Metrics::inc(&self.metrics.local_invalid);
+            return Ok(());
+        };
+        let entity = ch.entity.as_str();
+        let rec = store::record_by_local(c, entity, &ch.local_id).await?;
+        let now = now_ms();
+        if ch.op == LocalOp::Delete {
+            let Some(rec) = rec else {
+                debug!(entity, local_id = %ch.local_id, "delete of a record never published: nothing to do");
+                return Ok(());
+            };
+            if !rec.live {
+                Metrics::inc(&self.metrics.local_unchanged);
+                return Ok(());
+            }
+            let hlc = self.hlc.tick(now);
+            store::set_tombstone(c, entity, &rec.key, hlc, &self.system).await?;
+            let clock = FieldClock {
+                hlc,
+                system: self.system.clone(),
+                rank: 0,
+            };
+            out.push(self.event(
+                entity,
+                &rec.key,
+                Op::Delete,
+                Vec::new(),
+                Vec::new(),
+                BTreeMap::new(),
+                Some(clock),
+                now,
+            ));
+            return Ok(());
+        }
+        let (key, is_new) = match &rec {
+            Some(r) => (r.key.clone(), false),
+            None => (uuid::Uuid::now_v7().to_string(), true),
+        };
+        if rec.as_ref().is_none_or(|r| !r.live) {
+            store::map_record(c, entity, &key, &ch.local_id).await?;
+        }
+        let mut record = DynamicMessage::new(desc.clone());
+        let mut mask = Vec::new();
+        let mut clocks = BTreeMap::new();
+        let mut overruled = Fields::new();
+        let mut hlc = None;
+        for (name, value) in &ch.fields {
+            let Some(fd) = desc.get_field_by_name(name) else {
+                warn!(entity, field = %name, "local change names an unknown field: skipped");
+                Metrics::inc(&self.metrics.local_invalid);
+                continue;
+            };
+            let encoded = match value {
+                None => None,
+                Some(v) => match single(&desc, &fd, v) {
+                    Ok(one) => encode_field(&one, &fd),
+                    Err(e) => {
+                        warn!(entity, field = %name, error = %e, "local change has a value of the wrong type: skipped");
+                        Metrics::inc(&self.metrics.local_invalid);
+                        continue;
+                    }
+                },
+            };
+            if !is_new && store::take_echo(c, entity, &key, name, encoded.as_deref()).await? {
+                // A late echo of a value applied here, possibly overtaken by a newer one.
+                Metrics::inc(&self.metrics.local_unchanged);
+                continue;
+            }
+            let stored = store::get_field(c, entity, &key, name).await?;
+            let own_rank = store::get_rank(c, entity, name).await?;
+            match classify_local(stored.as_ref(), encoded.as_deref(), &self.system, own_rank) {
+                LocalWrite::Unchanged => Metrics::inc(&self.metrics.local_unchanged),
+                LocalWrite::Overruled => {
+                    Metrics::inc(&self.metrics.local_overruled);
+                    let held = stored
+                        .and_then(|s| s.value)
+                        .and_then(|b| decode_field(&desc, &fd, &b));
+                    overruled.insert(name.clone(), held);
+                }
+                LocalWrite::Publish => {
+                    let h = *hlc.get_or_insert_with(|| self.hlc.tick(now));
+                    let state = FieldState {
+                        value: encoded,
+                        stamp: Stamp::new(own_rank, h, self.system.clone()),
+                        pending: false,
+                    };
+                    store::put_field(c, entity, &key, name, &state).await?;
+                    store::clear_echoes(c, entity, &key, name).await?;
+                    if let Some(v) = value {
+                        // Checked by `single` above.
+                        let _ = record.try_set_field(&fd, v.clone());
+                    }
+                    mask.push(name.clone());
+                    clocks.insert(
+                        name.clone(),
+                        FieldClock {
+                            hlc: h,
+                            system: self.system.clone(),
+                            rank: own_rank,
+                        },
+                    );
+                }
+            }
+        }
+        if !overruled.is_empty() {
+            corrections.push(Apply {
+                entity: entity.to_owned(),
+                key: key.clone(),
+                local_id: Some(ch.local_id.clone()),
+                op: ApplyOp::Upsert,
+                fields: overruled,
+                event_id: uuid::Uuid::now_v7().to_string(),
+                origin: self.system.clone(),
+            });
+        }
+        if mask.is_empty() {
+            return Ok(());
+        }
+        // OP_CREATE only for a record new to Concord: the echo of a record created by `apply`
+        // is an update (the system may not be allowed to create records).
+        let op = match ch.op {
+            _ if snapshot => Op::Snapshot,
+            LocalOp::Create if is_new => Op::Create,
+            _ => Op::Upsert,
+        };
+        out.push(self.event(
+            entity,
+            &key,
+            op,
+            record.encode_to_vec(),
+            mask,
+            clocks,
+            None,
+            now,
+        ));
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        entity: &str,
+        key: &str,
+        op: Op,
+        record: Vec<u8>,
+        field_mask: Vec<String>,
+        clocks: BTreeMap<String, FieldClock>,
+        record_clock: Option<FieldClock>,
+        now: u64,
+    ) -> Outgoing {
+        let event_id = uuid::Uuid::now_v7().to_string();
+        let ev = ChangeEvent {
+            event_id: event_id.clone(),
+            source: self.system.clone(),
+            entity: entity.to_owned(),
+            key: key.to_owned(),
+            op: op.to_wire() as i32,
+            record,
+            field_mask,
+            clocks,
+            derived_from: String::new(),
+            schema_version: concord_proto::SCHEMA_VERSION,
+            origin: String::new(),
+            observed_at_ms: now,
+            record_clock,
+            receiver_ranks: BTreeMap::new(),
+        };
+        Outgoing {
+            routing_key: format!("{}.{entity}", self.system),
+            body: ev.encode_to_vec(),
+            event_id,
+            concord_key: format!("{entity}/{key}"),
+            user_id: self.publish_user_id.then(|| self.system.clone()),
+        }
+    }
+}
+
+/// A message of type `desc` with only `fd` set to `v`.
+fn single(
+    desc: &MessageDescriptor,
+    fd: &FieldDescriptor,
+    v: &prost_reflect::Value,
+) -> Result<DynamicMessage, prost_reflect::SetFieldError> {
+    let mut one = DynamicMessage::new(desc.clone());
+    one.try_set_field(fd, v.clone())?;
+    Ok(one)
+}

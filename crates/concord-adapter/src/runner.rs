@@ -1,0 +1,537 @@
+//! The runner: owns the connection, the consume/publish loop, acknowledgements, retries,
+//! dead-lettering and reconnection, around one engine (see [`crate::engine`]).
+//!
+//! One task does everything, in order: an incoming message is applied (or recorded, or
+//! dead-lettered) and acknowledged before the next one is looked at, and a batch of local
+//! changes is published, confirmed and recorded before the next batch is read. That keeps the
+//! state store consistent without locks and preserves the order of every inbox.
+//!
+//! **Transient failures** of `apply` are retried in place with exponential backoff (capped at
+//! `retry.max_delay_ms`), forever: the message is neither acknowledged, nor nacked, nor
+//! dead-lettered, so a system that is down for hours loses nothing and receives its changes in
+//! order when it comes back (messages behind it wait in the inbox). If the process stops
+//! meanwhile, the broker redelivers the unacknowledged message. (RabbitMQ's `consumer_timeout`,
+//! 30 min by default, may close the channel of a delivery unacknowledged for that long: the
+//! runner then reconnects and the message is redelivered, so raise it for systems with long
+//! outages to avoid the churn.)
+//!
+//! **Permanent failures** (undecodable message, unknown entity, `AdapterError::Permanent`) are
+//! published to `{ns}.dlx` with routing key = this system and headers `concord-reason` /
+//! `concord-detail`, confirmed, then acknowledged.
+//!
+//! **Connection loss**: the runner waits for the next reconnect delay, reconnects, declares its
+//! inbox again and carries on. Unacknowledged messages are redelivered by the broker and
+//! deduplicated by event id; a batch of local changes that was not confirmed is published again
+//! (its cursor was not persisted).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::{BoxStream, ReadyChunks};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use crate::adapter::{AdapterError, LocalChange, SystemAdapter};
+use crate::amqp::AmqpTransport;
+use crate::config::{RetryConfig, RunnerConfig};
+use crate::engine::{Engine, EngineError, IncomingError, now_ms};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::store::{self, Store, StoreError};
+use crate::transport::{Inbox, Incoming, Link, Transport, TransportError};
+
+/// Why the runner stopped (other than being asked to).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The runner task panicked or was aborted.
+    #[error("runner task failed: {0}")]
+    Task(String),
+}
+
+/// A stop signal.
+type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs `adapter` against RabbitMQ until `shutdown` completes (then flushes acknowledgements
+/// and closes the connection) or an unrecoverable error occurs (bad configuration, state store
+/// unusable). Connection failures are not errors: the runner reconnects.
+pub async fn run<A: SystemAdapter>(
+    adapter: A,
+    config: RunnerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let transport = AmqpTransport::new(&config);
+    let (ready, _) = watch::channel(false);
+    serve(
+        Arc::new(adapter),
+        config,
+        transport,
+        Box::pin(shutdown),
+        Arc::new(Metrics::default()),
+        ready,
+    )
+    .await
+}
+
+/// Starts the runner on a task, against RabbitMQ.
+pub fn start<A: SystemAdapter>(adapter: A, config: RunnerConfig) -> RunnerHandle {
+    let transport = AmqpTransport::new(&config);
+    start_with(adapter, config, transport)
+}
+
+/// Starts the runner on a task, over any transport.
+pub fn start_with<A: SystemAdapter, T: Transport>(
+    adapter: A,
+    config: RunnerConfig,
+    transport: T,
+) -> RunnerHandle {
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let metrics = Arc::new(Metrics::default());
+    let shutdown: Shutdown = Box::pin(async move {
+        // Resolves when asked to stop, or when the handle is dropped.
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    });
+    let join = tokio::spawn(serve(
+        Arc::new(adapter),
+        config,
+        transport,
+        shutdown,
+        metrics.clone(),
+        ready_tx,
+    ));
+    RunnerHandle {
+        stop: stop_tx,
+        ready: ready_rx,
+        join: Some(join),
+        metrics,
+    }
+}
+
+/// A runner started with [`start`] or [`start_with`]. Dropping it stops the runner.
+#[derive(Debug)]
+pub struct RunnerHandle {
+    stop: watch::Sender<bool>,
+    ready: watch::Receiver<bool>,
+    join: Option<JoinHandle<Result<(), RunError>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl RunnerHandle {
+    /// Waits until the runner is connected, has declared its inbox and consumes it. Returns the
+    /// runner's error if it stops first.
+    pub async fn wait_ready(&mut self) -> Result<(), RunError> {
+        loop {
+            if *self.ready.borrow_and_update() {
+                return Ok(());
+            }
+            if self.ready.changed().await.is_err() {
+                return match self.join.take() {
+                    Some(j) => match j.await {
+                        Ok(Ok(())) => Err(RunError::Task("stopped before it was ready".into())),
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(RunError::Task(e.to_string())),
+                    },
+                    None => Err(RunError::Task("already stopped".into())),
+                };
+            }
+        }
+    }
+
+    /// Whether the runner is connected right now.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// The runner's counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    /// Waits until `done` holds for the runner's counters.
+    pub async fn wait_until(&self, done: impl Fn(&MetricsSnapshot) -> bool) {
+        self.metrics.wait_until(done).await;
+    }
+
+    /// The live counters (shared with the runner).
+    pub fn metrics_handle(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Stops the runner gracefully and returns how it ended.
+    pub async fn shutdown(mut self) -> Result<(), RunError> {
+        self.stop.send_replace(true);
+        match self.join.take() {
+            Some(j) => j.await.map_err(|e| RunError::Task(e.to_string()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunnerHandle {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// Why the inner loop stopped.
+enum Stop {
+    Shutdown,
+    Transport(TransportError),
+    Fatal(RunError),
+}
+
+impl From<TransportError> for Stop {
+    fn from(e: TransportError) -> Self {
+        Stop::Transport(e)
+    }
+}
+
+type Changes = ReadyChunks<BoxStream<'static, Result<LocalChange, AdapterError>>>;
+
+/// The whole life of one runner.
+async fn serve<A: SystemAdapter, T: Transport>(
+    adapter: Arc<A>,
+    config: RunnerConfig,
+    transport: T,
+    mut shutdown: Shutdown,
+    metrics: Arc<Metrics>,
+    ready: watch::Sender<bool>,
+) -> Result<(), RunError> {
+    config.validate().map_err(RunError::Config)?;
+    let store = Store::open(&config.state).await?;
+    let retention_ms = config.dedup_retention_hours.saturating_mul(3_600_000);
+    let now = now_ms();
+    store.prune_seen(now.saturating_sub(retention_ms)).await?;
+    store
+        .prune_echoes(now.saturating_sub(config.echo_window_secs.saturating_mul(1000)))
+        .await?;
+    let mut engine = Engine::new(
+        &config.system,
+        adapter.clone(),
+        store.clone(),
+        &config.entities,
+        metrics.clone(),
+        config.publish_user_id,
+    )
+    .await?;
+    let mut snapshot_pending =
+        config.snapshot_on_first_start && store.meta(store::SNAPSHOT_DONE).await?.is_none();
+    let open = |cursor: Option<String>| -> Changes {
+        adapter
+            .changes(cursor)
+            .boxed()
+            .ready_chunks(config.publish_batch)
+    };
+    let mut changes: Option<Changes> = Some(open(store.cursor().await?));
+    let mut reopen_at: Option<Instant> = None;
+    let mut feed_delays = config.retry.delays();
+    let mut unpublished: Option<Vec<LocalChange>> = None;
+    let mut reconnect_delays = config.reconnect.delays();
+    info!(system = %config.system, "runner started");
+
+    loop {
+        let connected = tokio::select! {
+            () = &mut shutdown => break,
+            r = transport.connect() => r,
+        };
+        let (link, mut inbox) = match connected {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(system = %config.system, error = %e, "cannot connect");
+                if sleep_or_stop(&mut shutdown, reconnect_delays.next()).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        Metrics::inc(&metrics.connections);
+        metrics.touch();
+        ready.send_replace(true);
+        let since = Instant::now();
+        let stop = session(
+            &mut engine,
+            &link,
+            &mut inbox,
+            &mut changes,
+            &mut reopen_at,
+            &mut feed_delays,
+            &mut unpublished,
+            &mut snapshot_pending,
+            &config,
+            &open,
+            &mut shutdown,
+        )
+        .await;
+        ready.send_replace(false);
+        match stop {
+            Stop::Shutdown => {
+                link.close().await;
+                break;
+            }
+            Stop::Fatal(e) => {
+                link.close().await;
+                error!(system = %config.system, error = %e, "runner stopped");
+                store.close().await;
+                return Err(e);
+            }
+            Stop::Transport(e) => {
+                warn!(system = %config.system, error = %e, "connection lost; reconnecting");
+                drop(inbox);
+                link.close().await;
+                if since.elapsed() > Duration::from_secs(30) {
+                    reconnect_delays = config.reconnect.delays();
+                }
+                if sleep_or_stop(&mut shutdown, reconnect_delays.next()).await {
+                    break;
+                }
+            }
+        }
+    }
+    info!(system = %config.system, "runner stopped");
+    store.close().await;
+    Ok(())
+}
+
+/// Sleeps for `delay` unless asked to stop first; returns whether to stop.
+async fn sleep_or_stop(shutdown: &mut Shutdown, delay: Option<Duration>) -> bool {
+    let delay = delay.unwrap_or(Duration::from_secs(30));
+    tokio::select! {
+        () = shutdown => true,
+        () = tokio::time::sleep(delay) => false,
+    }
+}
+
+/// One connected session; returns why it ended.
+#[allow(clippy::too_many_arguments)]
+async fn session<A: SystemAdapter, L: Link>(
+    engine: &mut Engine<A>,
+    link: &L,
+    inbox: &mut Inbox,
+    changes: &mut Option<Changes>,
+    reopen_at: &mut Option<Instant>,
+    feed_delays: &mut (impl Iterator<Item = Duration> + Send),
+    unpublished: &mut Option<Vec<LocalChange>>,
+    snapshot_pending: &mut bool,
+    config: &RunnerConfig,
+    open: &(impl Fn(Option<String>) -> Changes + Sync),
+    shutdown: &mut Shutdown,
+) -> Stop {
+    if *snapshot_pending {
+        match snapshot(engine, link, config.publish_batch).await {
+            Ok(n) => {
+                info!(system = %config.system, published = n, "snapshot published");
+                if let Err(e) = engine
+                    .store()
+                    .set_meta(store::SNAPSHOT_DONE, &now_ms().to_string())
+                    .await
+                {
+                    return Stop::Fatal(e.into());
+                }
+                *snapshot_pending = false;
+            }
+            Err(EngineError::Transport(e)) => return Stop::Transport(e),
+            Err(e) => return Stop::Fatal(e.into()),
+        }
+    }
+    // A batch read but not confirmed before the connection was lost goes first.
+    if let Some(batch) = unpublished.take()
+        && let Err(stop) = publish(engine, link, batch, unpublished).await
+    {
+        return stop;
+    }
+    let mut flush = tokio::time::interval(Duration::from_millis(50));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let every = Duration::from_secs(config.echo_window_secs.clamp(60, 3600));
+    let mut prune = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let reopen = async {
+            match *reopen_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => futures::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = &mut *shutdown => {
+                if let Err(e) = link.flush().await {
+                    warn!(error = %e, "could not flush acknowledgements");
+                }
+                return Stop::Shutdown;
+            }
+            msg = inbox.next() => match msg {
+                None => return Stop::Transport(TransportError::connection("inbox consumer ended")),
+                Some(Err(e)) => return Stop::Transport(e),
+                Some(Ok(m)) => {
+                    if let Err(stop) = incoming(engine, link, m, &config.retry, shutdown).await {
+                        return stop;
+                    }
+                }
+            },
+            items = next_chunk(changes) => match items {
+                None => {
+                    info!(system = %config.system, "the change feed ended");
+                    *changes = None;
+                }
+                Some(items) => {
+                    let mut batch = Vec::with_capacity(items.len());
+                    let mut broken = None;
+                    for item in items {
+                        match item {
+                            Ok(c) => batch.push(c),
+                            Err(AdapterError::Permanent(e)) => {
+                                warn!(system = %config.system, error = %e, "change feed error: skipped");
+                            }
+                            Err(e) => {
+                                broken = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                    if let Some(e) = broken {
+                        // Reopen from the persisted cursor (after this batch) later.
+                        let delay = feed_delays.next().unwrap_or(Duration::from_secs(30));
+                        warn!(system = %config.system, error = %e, ?delay, "change feed failed; reopening");
+                        Metrics::inc(&engine.metrics().retries);
+                        *changes = None;
+                        *reopen_at = Some(Instant::now() + delay);
+                    }
+                    if !batch.is_empty()
+                        && let Err(stop) = publish(engine, link, batch, unpublished).await
+                    {
+                        return stop;
+                    }
+                }
+            },
+            () = reopen => {
+                *reopen_at = None;
+                match engine.store().cursor().await {
+                    Ok(cursor) => *changes = Some(open(cursor)),
+                    Err(e) => return Stop::Fatal(e.into()),
+                }
+            }
+            _ = prune.tick() => {
+                let now = now_ms();
+                let seen = now.saturating_sub(config.dedup_retention_hours.saturating_mul(3_600_000));
+                let echoes = now.saturating_sub(config.echo_window_secs.saturating_mul(1000));
+                let store = engine.store();
+                if let Err(e) = store.prune_seen(seen).await.and(store.prune_echoes(echoes).await) {
+                    warn!(error = %e, "pruning the state store failed");
+                }
+            }
+            _ = flush.tick() => {
+                if let Err(e) = link.flush().await {
+                    return Stop::Transport(e);
+                }
+            }
+        }
+    }
+}
+
+/// The next chunk of the feed; pending forever when there is no feed.
+async fn next_chunk(
+    changes: &mut Option<Changes>,
+) -> Option<Vec<Result<LocalChange, AdapterError>>> {
+    match changes {
+        Some(c) => c.next().await,
+        None => futures::future::pending().await,
+    }
+}
+
+/// Publishes a batch; on failure keeps it in `unpublished` for the next session.
+async fn publish<A: SystemAdapter, L: Link>(
+    engine: &mut Engine<A>,
+    link: &L,
+    batch: Vec<LocalChange>,
+    unpublished: &mut Option<Vec<LocalChange>>,
+) -> Result<(), Stop> {
+    match engine.handle_local(&batch, false, link).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            *unpublished = Some(batch);
+            Err(match e {
+                EngineError::Transport(e) => Stop::Transport(e),
+                // The state store failed (disk full, I/O): treat it like a lost connection, so
+                // the batch is retried after a backoff rather than dropped.
+                EngineError::Store(e) => {
+                    Stop::Transport(TransportError::connection(format!("state store: {e}")))
+                }
+                other => Stop::Fatal(other.into()),
+            })
+        }
+    }
+}
+
+/// Publishes a snapshot of every record.
+async fn snapshot<A: SystemAdapter, L: Link>(
+    engine: &mut Engine<A>,
+    link: &L,
+    batch: usize,
+) -> Result<usize, EngineError> {
+    let mut items = engine.adapter().snapshot().boxed().ready_chunks(batch);
+    let mut total = 0;
+    while let Some(chunk) = items.next().await {
+        let chunk: Vec<LocalChange> = chunk
+            .into_iter()
+            .filter_map(|r| {
+                r.map_err(|e| warn!(error = %e, "snapshot item skipped"))
+                    .ok()
+            })
+            .collect();
+        total += engine.handle_local(&chunk, true, link).await?;
+    }
+    Ok(total)
+}
+
+/// Processes one inbox message until it is acknowledged (applied, recorded, duplicate, stale or
+/// dead-lettered). Transient failures are retried in place, forever.
+async fn incoming<A: SystemAdapter, L: Link>(
+    engine: &mut Engine<A>,
+    link: &L,
+    m: Incoming,
+    retry: &RetryConfig,
+    shutdown: &mut Shutdown,
+) -> Result<(), Stop> {
+    let mut delays = retry.delays();
+    let mut attempt = 0u64;
+    loop {
+        attempt += 1;
+        match engine.handle_incoming(&m.body).await {
+            Ok(_) => {
+                link.ack(m.tag).await?;
+                return Ok(());
+            }
+            Err(IncomingError::Permanent { reason, detail }) => {
+                warn!(reason, %detail, "dead-lettering an incoming message");
+                link.dead_letter(&m.body, reason, &detail).await?;
+                Metrics::inc(&engine.metrics().dead_lettered);
+                engine.metrics().touch();
+                link.ack(m.tag).await?;
+                return Ok(());
+            }
+            Err(IncomingError::Transient(e)) => {
+                Metrics::inc(&engine.metrics().retries);
+                engine.metrics().touch();
+                let delay = delays.next().unwrap_or(Duration::from_secs(30));
+                warn!(attempt, error = %e, ?delay, "applying an incoming change failed; retrying");
+                let stop = tokio::select! {
+                    () = &mut *shutdown => true,
+                    () = tokio::time::sleep(delay) => false,
+                };
+                if stop {
+                    // Not acknowledged: the broker redelivers it.
+                    return Err(Stop::Shutdown);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! `MemorySystem`: a business system that lives in a `HashMap`, with a change feed.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::Stream;
+use prost_reflect::Value;
+use tokio::sync::Notify;
+
+use crate::adapter::{
+    AdapterError, Applied, Apply, ApplyOp, Fields, LocalChange, LocalOp, SystemAdapter,
+};
+
+/// The fields of one record.
+pub type Record = BTreeMap<String, Value>;
+
+#[derive(Debug, Default)]
+struct State {
+    records: HashMap<(String, String), Record>,
+    /// Every change, in order; the cursor is the position after a change.
+    log: Vec<LocalChange>,
+    next_id: u64,
+    applied: Vec<Apply>,
+    failures: VecDeque<AdapterError>,
+    /// While set, the feed shows only the changes before this position (feed lag).
+    paused_at: Option<usize>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    state: Mutex<State>,
+    notify: Notify,
+}
+
+/// An in-memory system: records in a map, a change feed recording every edit (including those
+/// made by [`SystemAdapter::apply`], as a real change-data-capture feed would), and failure
+/// injection. Cheap to clone: clones share the same records.
+#[derive(Debug, Clone)]
+pub struct MemorySystem {
+    inner: Arc<Inner>,
+}
+
+/// A `String` value.
+pub fn text(s: &str) -> Option<Value> {
+    Some(Value::String(s.to_owned()))
+}
+
+impl MemorySystem {
+    /// An empty system; `name` prefixes the local ids it allocates (`{name}-1`, ...).
+    pub fn new(name: &str) -> MemorySystem {
+        MemorySystem {
+            inner: Arc::new(Inner {
+                name: name.to_owned(),
+                state: Mutex::new(State::default()),
+                notify: Notify::new(),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the map half-updated in a way that
+        // matters to tests: keep going.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn push(&self, st: &mut State, mut change: LocalChange) {
+        change.cursor = Some((st.log.len() + 1).to_string());
+        st.log.push(change);
+        self.inner.notify.notify_waiters();
+    }
+
+    /// A user edits record `local_id` (creating it when missing): sets the given fields
+    /// (`None` clears one) and reports the change on the feed.
+    pub fn edit<'a>(
+        &self,
+        entity: &str,
+        local_id: &str,
+        fields: impl IntoIterator<Item = (&'a str, Option<Value>)>,
+    ) {
+        let fields: Fields = fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        let mut st = self.state();
+        let rk = (entity.to_owned(), local_id.to_owned());
+        let op = if st.records.contains_key(&rk) {
+            LocalOp::Upsert
+        } else {
+            LocalOp::Create
+        };
+        let rec = st.records.entry(rk).or_default();
+        set_all(rec, &fields);
+        let change = LocalChange {
+            entity: entity.to_owned(),
+            local_id: local_id.to_owned(),
+            op,
+            fields,
+            cursor: None,
+        };
+        self.push(&mut st, change);
+    }
+
+    /// A user creates a record; returns its new local id.
+    pub fn create<'a>(
+        &self,
+        entity: &str,
+        fields: impl IntoIterator<Item = (&'a str, Option<Value>)>,
+    ) -> String {
+        let id = self.allocate();
+        self.edit(entity, &id, fields);
+        id
+    }
+
+    /// A user deletes a record.
+    pub fn delete(&self, entity: &str, local_id: &str) {
+        let mut st = self.state();
+        if st
+            .records
+            .remove(&(entity.to_owned(), local_id.to_owned()))
+            .is_some()
+        {
+            let change = LocalChange {
+                entity: entity.to_owned(),
+                local_id: local_id.to_owned(),
+                op: LocalOp::Delete,
+                fields: Fields::new(),
+                cursor: None,
+            };
+            self.push(&mut st, change);
+        }
+    }
+
+    fn allocate(&self) -> String {
+        let mut st = self.state();
+        st.next_id += 1;
+        format!("{}-{}", self.inner.name, st.next_id)
+    }
+
+    /// The fields of a record, if it exists.
+    pub fn get(&self, entity: &str, local_id: &str) -> Option<Record> {
+        self.state()
+            .records
+            .get(&(entity.to_owned(), local_id.to_owned()))
+            .cloned()
+    }
+
+    /// One field of a record.
+    pub fn field(&self, entity: &str, local_id: &str, field: &str) -> Option<Value> {
+        self.get(entity, local_id)
+            .and_then(|r| r.get(field).cloned())
+    }
+
+    /// Local ids of the records of `entity`, sorted.
+    pub fn ids(&self, entity: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .state()
+            .records
+            .keys()
+            .filter(|(e, _)| e == entity)
+            .map(|(_, id)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The local id of the record of `entity` whose `field` is the string `value`.
+    pub fn find(&self, entity: &str, field: &str, value: &str) -> Option<String> {
+        let want = Value::String(value.to_owned());
+        let st = self.state();
+        let mut found: Vec<&String> = st
+            .records
+            .iter()
+            .filter(|((e, _), r)| e == entity && r.get(field) == Some(&want))
+            .map(|((_, id), _)| id)
+            .collect();
+        found.sort();
+        found.first().map(|s| (*s).clone())
+    }
+
+    /// Every change `apply` was called with, in order.
+    pub fn applied(&self) -> Vec<Apply> {
+        self.state().applied.clone()
+    }
+
+    /// Number of changes on the feed so far.
+    pub fn feed_len(&self) -> usize {
+        self.state().log.len()
+    }
+
+    /// Holds back the change feed (simulates a lagging change-data-capture feed): changes made
+    /// from now on are recorded but not reported until [`MemorySystem::resume_feed`].
+    pub fn pause_feed(&self) {
+        let mut st = self.state();
+        if st.paused_at.is_none() {
+            st.paused_at = Some(st.log.len());
+        }
+    }
+
+    /// Reports the changes held back by [`MemorySystem::pause_feed`], and the next ones.
+    pub fn resume_feed(&self) {
+        self.state().paused_at = None;
+        self.inner.notify.notify_waiters();
+    }
+
+    /// Forgets the failures injected by [`MemorySystem::fail_next_applies`] not yet used.
+    pub fn clear_failures(&self) {
+        self.state().failures.clear();
+    }
+
+    /// Makes the next calls to `apply` fail with these errors, in order.
+    pub fn fail_next_applies(&self, errors: impl IntoIterator<Item = AdapterError>) {
+        self.state().failures.extend(errors);
+    }
+}
+
+fn set_all(rec: &mut Record, fields: &Fields) {
+    for (k, v) in fields {
+        match v {
+            Some(v) => {
+                rec.insert(k.clone(), v.clone());
+            }
+            None => {
+                rec.remove(k);
+            }
+        }
+    }
+}
+
+impl SystemAdapter for MemorySystem {
+    fn changes(
+        &self,
+        cursor: Option<String>,
+    ) -> impl Stream<Item = Result<LocalChange, AdapterError>> + Send + 'static {
+        let start = cursor.and_then(|c| c.parse::<usize>().ok()).unwrap_or(0);
+        let me = self.clone();
+        futures::stream::unfold((me, start), |(me, pos)| async move {
+            loop {
+                let inner = me.inner.clone();
+                let notified = inner.notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let next = {
+                    let st = me.state();
+                    if st.paused_at.is_some_and(|p| pos >= p) {
+                        None
+                    } else {
+                        st.log.get(pos).cloned()
+                    }
+                };
+                if let Some(c) = next {
+                    return Some((Ok(c), (me, pos + 1)));
+                }
+                notified.await;
+            }
+        })
+    }
+
+    fn snapshot(&self) -> impl Stream<Item = Result<LocalChange, AdapterError>> + Send + 'static {
+        let st = self.state();
+        let mut items: Vec<LocalChange> = st
+            .records
+            .iter()
+            .map(|((entity, id), rec)| LocalChange {
+                entity: entity.clone(),
+                local_id: id.clone(),
+                op: LocalOp::Upsert,
+                fields: rec
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Some(v.clone())))
+                    .collect(),
+                cursor: None,
+            })
+            .collect();
+        items.sort_by(|a, b| (&a.entity, &a.local_id).cmp(&(&b.entity, &b.local_id)));
+        futures::stream::iter(items.into_iter().map(Ok))
+    }
+
+    async fn apply(&self, change: &Apply) -> Result<Applied, AdapterError> {
+        let id = match &change.local_id {
+            Some(id) => id.clone(),
+            None => self.allocate(),
+        };
+        let mut st = self.state();
+        if let Some(e) = st.failures.pop_front() {
+            return Err(e);
+        }
+        st.applied.push(change.clone());
+        let rk = (change.entity.clone(), id.clone());
+        let local = match change.op {
+            ApplyOp::Delete => st.records.remove(&rk).map(|_| LocalChange {
+                entity: change.entity.clone(),
+                local_id: id.clone(),
+                op: LocalOp::Delete,
+                fields: Fields::new(),
+                cursor: None,
+            }),
+            ApplyOp::Upsert => {
+                let op = if st.records.contains_key(&rk) {
+                    LocalOp::Upsert
+                } else {
+                    LocalOp::Create
+                };
+                set_all(st.records.entry(rk).or_default(), &change.fields);
+                Some(LocalChange {
+                    entity: change.entity.clone(),
+                    local_id: id.clone(),
+                    op,
+                    fields: change.fields.clone(),
+                    cursor: None,
+                })
+            }
+        };
+        if let Some(c) = local {
+            self.push(&mut st, c);
+        }
+        Ok(Applied { local_id: id })
+    }
+}

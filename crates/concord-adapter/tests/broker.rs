@@ -1,0 +1,375 @@
+//! The runner against the real broker (RabbitMQ at `AMQP_URI`, default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`). Each test uses its own namespace and deletes what
+//! it declared.
+// Test helpers outside `#[test]` functions may unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use concord_adapter::testkit::{MemorySystem, text};
+use concord_adapter::{AdapterError, RunnerConfig, RunnerHandle};
+use concord_amqp::{
+    Channel, Connection, Consumer, Delivery, MessageProps, Publisher, PublisherOptions, Topology,
+};
+use concord_proto::v1::{ChangeEvent, FieldClock, Op};
+use futures::{FutureExt, StreamExt};
+use prost::Message;
+use prost_reflect::{DynamicMessage, Value};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn uri() -> String {
+    std::env::var("AMQP_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn namespace() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "it-adapter-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A namespace with the router side declared (so the ingress is bound), removed at the end
+/// even if the test fails.
+struct Ns {
+    topo: Topology,
+    systems: Vec<String>,
+    conn: Connection,
+    ch: Channel,
+    dir: tempfile::TempDir,
+}
+
+impl Ns {
+    async fn new(systems: &[&str]) -> Ns {
+        let topo = Topology::new(namespace());
+        let conn = concord_amqp::connect(&uri(), "concord-adapter-tests")
+            .await
+            .unwrap();
+        let ch = conn.open_channel().await.unwrap();
+        let systems: Vec<String> = systems.iter().map(|s| (*s).to_owned()).collect();
+        topo.declare_router(&ch, &systems).await.unwrap();
+        Ns {
+            topo,
+            systems,
+            conn,
+            ch,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn config(&self, system: &str) -> RunnerConfig {
+        let mut c = RunnerConfig::new(
+            system,
+            uri(),
+            self.dir.path().join(format!("{system}.sqlite")),
+            [("customer".to_owned(), "concord.v1.Customer".to_owned())],
+        );
+        c.namespace = self.topo.namespace().to_owned();
+        c.prefetch = 16;
+        c.retry.min_delay_ms = 10;
+        c.retry.max_delay_ms = 50;
+        c.reconnect.min_delay_ms = 10;
+        c.reconnect.max_delay_ms = 200;
+        c
+    }
+
+    async fn consume(&self, queue: &str) -> Consumer {
+        let ch = self.conn.open_channel().await.unwrap();
+        concord_amqp::consume(&ch, queue, &format!("test-{}", uuid::Uuid::now_v7()), 16)
+            .await
+            .unwrap()
+    }
+
+    async fn publish_to_inbox(&self, system: &str, body: &[u8]) {
+        let p = Publisher::open(&self.conn, PublisherOptions::default())
+            .await
+            .unwrap();
+        p.publish_confirmed(
+            &self.topo.routed_exchange(),
+            system,
+            body,
+            MessageProps::new(),
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Runs `test`, then deletes the namespace whatever happened.
+    async fn run(self, test: impl AsyncFnOnce(&Ns)) {
+        let outcome = AssertUnwindSafe(test(&self)).catch_unwind().await;
+        self.topo.delete_all(&self.ch, &self.systems).await.unwrap();
+        let _ = self.conn.close().await;
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+async fn next(consumer: &mut Consumer) -> Delivery {
+    tokio::time::timeout(LIMIT, consumer.next())
+        .await
+        .expect("timed out waiting for a message")
+        .expect("consumer ended")
+        .expect("consumer failed")
+}
+
+async fn ready(handle: &mut RunnerHandle) {
+    tokio::time::timeout(LIMIT, handle.wait_ready())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+async fn until(
+    handle: &RunnerHandle,
+    what: &str,
+    done: impl Fn(&concord_adapter::MetricsSnapshot) -> bool,
+) {
+    if tokio::time::timeout(LIMIT, handle.wait_until(done))
+        .await
+        .is_err()
+    {
+        panic!("timed out waiting for {what}: {:?}", handle.metrics());
+    }
+}
+
+/// A routed copy of an `orders` change of the customer's name, as the router sends it.
+fn routed_name_change(key: &str, name: &str) -> ChangeEvent {
+    let desc = concord_proto::descriptor_pool()
+        .get_message_by_name("concord.v1.Customer")
+        .unwrap();
+    let mut rec = DynamicMessage::new(desc);
+    rec.set_field_by_name("name", Value::String(name.into()));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    ChangeEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        source: "orders".into(),
+        entity: "customer".into(),
+        key: key.into(),
+        op: Op::Upsert as i32,
+        record: rec.encode_to_vec(),
+        field_mask: vec!["name".into()],
+        clocks: [(
+            "name".to_owned(),
+            FieldClock {
+                hlc: concord_policy::clock::from_ms(now),
+                system: "orders".into(),
+                rank: 0,
+            },
+        )]
+        .into(),
+        schema_version: concord_proto::SCHEMA_VERSION,
+        origin: "orders".into(),
+        observed_at_ms: now,
+        ..ChangeEvent::default()
+    }
+}
+
+#[tokio::test]
+async fn a_local_change_is_published_to_the_ingress_with_headers() {
+    // The system is named like the broker user, so the broker accepts `user_id`.
+    Ns::new(&["guest"])
+        .await
+        .run(async |ns| {
+            let mut router_queue = ns.consume(&ns.topo.router_queue()).await;
+            let system = MemorySystem::new("guest");
+            let mut config = ns.config("guest");
+            config.publish_user_id = true;
+            let mut handle = concord_adapter::start(system.clone(), config);
+            ready(&mut handle).await;
+            system.edit(
+                "customer",
+                "g-1",
+                [("name", text("Ada")), ("tier", text("gold"))],
+            );
+
+            let d = next(&mut router_queue).await;
+            assert_eq!(d.exchange, ns.topo.ingress_exchange());
+            assert_eq!(d.routing_key, "guest.customer");
+            let ev = ChangeEvent::decode(d.body.as_slice()).unwrap();
+            assert_eq!(ev.source, "guest");
+            assert_eq!(ev.op, Op::Create as i32);
+            assert_eq!(ev.schema_version, 1);
+            assert_eq!(ev.field_mask, ["name", "tier"]);
+            assert_eq!(ev.clocks["name"].system, "guest");
+            assert_eq!(d.message_id(), Some(ev.event_id.as_str()));
+            assert_eq!(
+                d.header_str("concord-key"),
+                Some(format!("customer/{}", ev.key).as_str())
+            );
+            assert_eq!(d.user_id(), Some("guest"));
+            assert_eq!(*d.properties().delivery_mode(), Some(2));
+            until(&handle, "the publish to be recorded", |m| m.published == 1).await;
+            handle.shutdown().await.unwrap();
+
+            // The cursor was persisted after the confirm: a restart publishes nothing again,
+            // and the same record keeps its key.
+            let mut handle = concord_adapter::start(system.clone(), ns.config("guest"));
+            ready(&mut handle).await;
+            system.edit("customer", "g-1", [("tier", text("silver"))]);
+            let d = next(&mut router_queue).await;
+            let again = ChangeEvent::decode(d.body.as_slice()).unwrap();
+            assert_eq!(again.key, ev.key);
+            assert_eq!(again.field_mask, ["tier"]);
+            assert_eq!(again.op, Op::Upsert as i32);
+            assert_eq!(d.user_id(), None);
+            handle.shutdown().await.unwrap();
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn an_inbox_event_delivered_twice_is_applied_once() {
+    Ns::new(&["support"])
+        .await
+        .run(async |ns| {
+            let system = MemorySystem::new("support");
+            let mut handle = concord_adapter::start(system.clone(), ns.config("support"));
+            ready(&mut handle).await;
+            let ev = routed_name_change("c-42", "Grace Hopper");
+            let body = ev.encode_to_vec();
+            ns.publish_to_inbox("support", &body).await;
+            ns.publish_to_inbox("support", &body).await;
+            until(&handle, "both deliveries", |m| {
+                m.incoming_applied + m.incoming_duplicate == 2
+            })
+            .await;
+            let m = handle.metrics();
+            assert_eq!((m.incoming_applied, m.incoming_duplicate), (1, 1));
+            assert_eq!(system.applied().len(), 1);
+            let id = system.find("customer", "name", "Grace Hopper").unwrap();
+            assert_eq!(system.applied()[0].key, "c-42");
+            assert_eq!(system.applied()[0].origin, "orders");
+            // The echo of the apply is not published back.
+            until(&handle, "the echo", |m| m.local_unchanged >= 1).await;
+            assert_eq!(handle.metrics().published, 0);
+            handle.shutdown().await.unwrap();
+            // Everything was acknowledged.
+            let count = concord_amqp::queue_message_count(&ns.ch, &ns.topo.inbox("support"))
+                .await
+                .unwrap();
+            assert_eq!(count, 0);
+
+            // After a restart, a redelivery is still recognised.
+            let mut handle = concord_adapter::start(system.clone(), ns.config("support"));
+            ready(&mut handle).await;
+            ns.publish_to_inbox("support", &body).await;
+            until(&handle, "the redelivery", |m| m.incoming_duplicate == 1).await;
+            assert_eq!(handle.metrics().incoming, 1);
+            assert_eq!(system.applied().len(), 1);
+            assert_eq!(
+                system.field("customer", &id, "name"),
+                Some(Value::String("Grace Hopper".into()))
+            );
+            handle.shutdown().await.unwrap();
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_permanent_apply_error_is_dead_lettered_with_its_reason() {
+    Ns::new(&["support"])
+        .await
+        .run(async |ns| {
+            let mut dlq = ns.consume(&ns.topo.dlq("support")).await;
+            let system = MemorySystem::new("support");
+            system.fail_next_applies([
+                AdapterError::transient("db busy"),
+                AdapterError::permanent("name too royal"),
+            ]);
+            let mut handle = concord_adapter::start(system.clone(), ns.config("support"));
+            ready(&mut handle).await;
+            let refused = routed_name_change("c-1", "Queen Victoria").encode_to_vec();
+            let fine = routed_name_change("c-2", "Ada").encode_to_vec();
+            ns.publish_to_inbox("support", &refused).await;
+            ns.publish_to_inbox("support", &fine).await;
+
+            let d = next(&mut dlq).await;
+            assert_eq!(d.body, refused);
+            assert_eq!(d.header_str("concord-reason"), Some("apply_failed"));
+            assert!(
+                d.header_str("concord-detail")
+                    .unwrap()
+                    .contains("name too royal")
+            );
+            assert_eq!(d.routing_key, "support");
+            // The message behind it went through, after the retry and the dead-letter.
+            until(&handle, "the second message", |m| m.incoming_applied == 1).await;
+            let m = handle.metrics();
+            assert_eq!((m.retries, m.dead_lettered), (1, 1));
+            assert!(system.find("customer", "name", "Ada").is_some());
+            assert!(system.find("customer", "name", "Queen Victoria").is_none());
+            // Garbage goes the same way.
+            ns.publish_to_inbox("support", b"not a change event").await;
+            let d = next(&mut dlq).await;
+            assert_eq!(d.header_str("concord-reason"), Some("undecodable"));
+            handle.shutdown().await.unwrap();
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn the_runner_reconnects_and_redeclares_after_losing_its_consumer() {
+    Ns::new(&["support"])
+        .await
+        .run(async |ns| {
+            let system = MemorySystem::new("support");
+            let mut handle = concord_adapter::start(system.clone(), ns.config("support"));
+            ready(&mut handle).await;
+            // Deleting the inbox cancels the runner's consumer: it must reconnect and declare
+            // its inbox again.
+            let scratch = ns.conn.open_channel().await.unwrap();
+            scratch
+                .queue_delete(ns.topo.inbox("support").as_str().into(), Default::default())
+                .await
+                .unwrap();
+            until(&handle, "the reconnection", |m| m.connections >= 2).await;
+            ready(&mut handle).await;
+            ns.publish_to_inbox(
+                "support",
+                &routed_name_change("c-9", "Alan").encode_to_vec(),
+            )
+            .await;
+            until(&handle, "the apply", |m| m.incoming_applied == 1).await;
+            assert!(system.find("customer", "name", "Alan").is_some());
+            handle.shutdown().await.unwrap();
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn changes_published_while_nothing_routes_them_are_retried_not_lost() {
+    Ns::new(&["orders"])
+        .await
+        .run(async |ns| {
+            // No router queue: the ingress exchange routes nowhere and the broker returns
+            // every publish.
+            let scratch = ns.conn.open_channel().await.unwrap();
+            scratch
+                .queue_delete(ns.topo.router_queue().as_str().into(), Default::default())
+                .await
+                .unwrap();
+            let system = MemorySystem::new("orders");
+            let mut handle = concord_adapter::start(system.clone(), ns.config("orders"));
+            ready(&mut handle).await;
+            system.edit("customer", "o-1", [("name", text("Ada"))]);
+            until(&handle, "a refused publish", |m| m.connections >= 2).await;
+            assert_eq!(handle.metrics().published, 0);
+            // The router comes up: the same change gets through, once it is routable.
+            ns.topo.declare_router(&ns.ch, &ns.systems).await.unwrap();
+            let mut router_queue = ns.consume(&ns.topo.router_queue()).await;
+            let d = next(&mut router_queue).await;
+            let ev = ChangeEvent::decode(d.body.as_slice()).unwrap();
+            assert_eq!(ev.field_mask, ["name"]);
+            until(&handle, "the publish", |m| m.published == 1).await;
+            handle.shutdown().await.unwrap();
+        })
+        .await;
+}

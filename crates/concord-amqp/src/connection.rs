@@ -1,0 +1,357 @@
+//! Connecting (named connection, bounded retries), connection events and the
+//! supervisor backoff.
+
+use std::{
+    fmt,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use backon::{ExponentialBuilder, Retryable};
+use futures::{Stream, StreamExt};
+use lapin::{ConnectionProperties, Event, uri::AMQPUri};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::error::AmqpError;
+
+/// Options for [`connect_with`]. `Default` gives sensible production values.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Heartbeat to request, in seconds (`None`: accept the broker's proposal, 60 s on
+    /// RabbitMQ). The lower of client and broker values wins. Default: 30 s.
+    pub heartbeat: Option<u16>,
+    /// Timeout of one connection attempt (TCP + TLS + AMQP handshake). Default: 10 s.
+    pub attempt_timeout: Duration,
+    /// Maximum number of attempts, the first one included (at least 1). Default: 10.
+    pub max_attempts: usize,
+    /// Upper bound of the summed delays between attempts (`None`: only `max_attempts`
+    /// bounds the retries). Default: 60 s.
+    pub max_total_delay: Option<Duration>,
+    /// First retry delay. Default: 100 ms.
+    pub min_delay: Duration,
+    /// Largest retry delay. Default: 5 s.
+    pub max_delay: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat: Some(30),
+            attempt_timeout: Duration::from_secs(10),
+            max_attempts: 10,
+            max_total_delay: Some(Duration::from_secs(60)),
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ConnectOptions {
+    fn retry_policy(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .with_jitter()
+            .with_max_times(self.max_attempts.max(1) - 1)
+            .with_total_delay(self.max_total_delay)
+    }
+}
+
+/// The backoff supervisors use between reconnection rounds: 100 ms doubling up to 10 s,
+/// with jitter, never giving up.
+///
+/// ```no_run
+/// # async fn run() {}
+/// # async fn supervise() {
+/// use concord_amqp::{BackoffBuilder, backoff};
+/// let mut delays = backoff().build();
+/// loop {
+///     // connect, declare, run until error...
+///     run().await;
+///     let delay = delays.next().unwrap_or(std::time::Duration::from_secs(10));
+///     tokio::time::sleep(delay).await;
+///     // (rebuild `delays` after a run that lasted long enough to count as healthy)
+/// }
+/// # }
+/// ```
+#[must_use]
+pub fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// `"{role}@{hostname}"`, the connection name Concord services use. The hostname is
+/// the `HOSTNAME` environment variable if set, else `/etc/hostname`, else `localhost`.
+#[must_use]
+pub fn connection_name(role: &str) -> String {
+    format!("{role}@{}", hostname())
+}
+
+fn hostname() -> String {
+    let non_empty = |s: String| {
+        let s = s.trim().to_owned();
+        (!s.is_empty()).then_some(s)
+    };
+    std::env::var("HOSTNAME")
+        .ok()
+        .and_then(non_empty)
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .and_then(non_empty)
+        })
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// Connect with [`ConnectOptions::default`]. See [`connect_with`].
+pub async fn connect(uri: &str, connection_name: &str) -> Result<Connection, AmqpError> {
+    connect_with(uri, connection_name, &ConnectOptions::default()).await
+}
+
+/// Open a connection named `connection_name` (the `connection_name` client property,
+/// shown in the management UI), retrying failed attempts with exponential backoff
+/// within the bounds of `options`. Bad credentials or an unknown vhost fail at once.
+///
+/// lapin's automatic recovery is deliberately NOT enabled: after the connection is up,
+/// failures surface as errors and the caller's supervisor reconnects.
+pub async fn connect_with(
+    uri: &str,
+    connection_name: &str,
+    options: &ConnectOptions,
+) -> Result<Connection, AmqpError> {
+    let mut parsed: AMQPUri = uri.parse().map_err(AmqpError::InvalidUri)?;
+    if let Some(heartbeat) = options.heartbeat {
+        parsed.query.heartbeat = Some(heartbeat);
+    }
+    let endpoint = format!(
+        "{}:{}/{}",
+        parsed.authority.host, parsed.authority.port, parsed.vhost
+    );
+    let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
+    let attempts = AtomicUsize::new(0);
+    let attempt_timeout = options.attempt_timeout;
+
+    let attempt = || async {
+        attempts.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(
+            attempt_timeout,
+            lapin::Connection::connect_uri(parsed.clone(), properties.clone()),
+        )
+        .await
+        {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(e)) => Err(AmqpError::from(e)),
+            Err(_) => Err(AmqpError::Timeout(attempt_timeout)),
+        }
+    };
+    let result = attempt
+        .retry(options.retry_policy())
+        .sleep(tokio::time::sleep)
+        .when(|e: &AmqpError| !e.is_permanent_connect_error())
+        .notify(|e: &AmqpError, delay: Duration| {
+            warn!(%endpoint, error = %e, ?delay, "AMQP connect failed, retrying");
+        })
+        .await;
+    match result {
+        Ok(inner) => {
+            info!(%endpoint, connection_name, "AMQP connected");
+            Ok(Connection {
+                inner,
+                name: connection_name.to_owned(),
+            })
+        }
+        Err(source) => Err(AmqpError::Connect {
+            endpoint,
+            attempts: attempts.load(Ordering::Relaxed),
+            source: Box::new(source),
+        }),
+    }
+}
+
+/// A broker connection (one lapin I/O thread). Cheap operations only; open channels with
+/// [`Connection::open_channel`].
+pub struct Connection {
+    inner: lapin::Connection,
+    name: String,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("name", &self.name)
+            .field("connected", &self.is_connected())
+            .field("blocked", &self.is_blocked())
+            .finish()
+    }
+}
+
+/// A connection-level event (see [`Connection::events`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ConnectionEvent {
+    /// The connection is established.
+    Connected,
+    /// The broker blocked publishing on this connection (memory or disk alarm).
+    Blocked {
+        /// The broker's reason, e.g. `"low on memory"`.
+        reason: String,
+    },
+    /// The broker lifted the block.
+    Unblocked,
+    /// The connection or a channel failed.
+    Error(AmqpError),
+    /// Any other lapin event (flow control, ...).
+    Other,
+}
+
+impl From<Event> for ConnectionEvent {
+    fn from(event: Event) -> Self {
+        match event {
+            Event::Connected => ConnectionEvent::Connected,
+            Event::ConnectionBlocked(reason) => ConnectionEvent::Blocked { reason },
+            Event::ConnectionUnblocked => ConnectionEvent::Unblocked,
+            Event::Error(e) => ConnectionEvent::Error(e.into()),
+            _ => ConnectionEvent::Other,
+        }
+    }
+}
+
+impl Connection {
+    /// The client-provided connection name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Open a new channel.
+    pub async fn open_channel(&self) -> Result<lapin::Channel, AmqpError> {
+        Ok(self.inner.create_channel().await?)
+    }
+
+    /// Whether the connection is currently usable.
+    #[must_use]
+    pub fn is_connected(&self) -> bool {
+        self.inner.status().connected()
+    }
+
+    /// Whether the broker currently blocks publishing on this connection (resource alarm).
+    #[must_use]
+    pub fn is_blocked(&self) -> bool {
+        self.inner.status().blocked()
+    }
+
+    /// Stream of connection events (blocked / unblocked / errors). Only events emitted
+    /// after this call are seen.
+    pub fn events(&self) -> impl Stream<Item = ConnectionEvent> + Send + 'static {
+        self.inner.events_listener().map(ConnectionEvent::from)
+    }
+
+    /// A watch of the broker's publishing block: `Some(reason)` while blocked by a
+    /// resource alarm, `None` otherwise. A background task follows the connection's
+    /// events until the connection goes away or every receiver is dropped. Publishers
+    /// use it to report "blocked by broker alarm" instead of looking stuck.
+    pub fn watch_blocked(&self) -> Result<watch::Receiver<Option<String>>, AmqpError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| AmqpError::NoRuntime)?;
+        // Subscribe before reading the current state so no transition is missed.
+        let mut events = Box::pin(self.inner.events_listener());
+        let initial = self
+            .is_blocked()
+            .then(|| "blocked before watch started".to_owned());
+        let (tx, rx) = watch::channel(initial);
+        let name = self.name.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tx.closed() => break,
+                    event = events.next() => match event {
+                        None => break,
+                        Some(Event::ConnectionBlocked(reason)) => {
+                            warn!(connection = %name, %reason, "broker blocked publishing");
+                            tx.send_replace(Some(reason));
+                        }
+                        Some(Event::ConnectionUnblocked) => {
+                            info!(connection = %name, "broker unblocked publishing");
+                            tx.send_replace(None);
+                        }
+                        Some(other) => debug!(connection = %name, event = ?other, "connection event"),
+                    },
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Close the connection gracefully (200 OK). Closing an already closed connection is
+    /// not an error.
+    pub async fn close(&self) -> Result<(), AmqpError> {
+        if !self.is_connected() {
+            return Ok(());
+        }
+        match self.inner.close(200, "OK".into()).await {
+            Ok(()) => Ok(()),
+            Err(_) if !self.is_connected() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The underlying lapin connection, for tests and exceptional needs only.
+    #[must_use]
+    pub fn lapin(&self) -> &lapin::Connection {
+        &self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backon::BackoffBuilder;
+
+    #[test]
+    fn connection_name_is_role_at_host() {
+        let name = connection_name("router");
+        let (role, host) = name.split_once('@').unwrap();
+        assert_eq!(role, "router");
+        assert!(!host.is_empty());
+        assert!(!host.contains('\n'));
+    }
+
+    #[test]
+    fn supervisor_backoff_never_gives_up_and_is_capped() {
+        let delays: Vec<Duration> = backoff().build().take(100).collect();
+        assert_eq!(delays.len(), 100);
+        // jitter adds at most one extra min_delay-sized share on top of the cap
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(20)));
+        assert!(delays[0] >= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn connect_policy_is_bounded() {
+        let options = ConnectOptions {
+            max_attempts: 3,
+            max_total_delay: None,
+            ..ConnectOptions::default()
+        };
+        assert_eq!(options.retry_policy().build().count(), 2);
+        let zero = ConnectOptions {
+            max_attempts: 0,
+            ..ConnectOptions::default()
+        };
+        assert_eq!(zero.retry_policy().build().count(), 0);
+    }
+
+    #[test]
+    fn blocked_events_are_mapped() {
+        assert!(matches!(
+            ConnectionEvent::from(Event::ConnectionBlocked("low on memory".into())),
+            ConnectionEvent::Blocked { reason } if reason == "low on memory"
+        ));
+        assert!(matches!(
+            ConnectionEvent::from(Event::ConnectionUnblocked),
+            ConnectionEvent::Unblocked
+        ));
+    }
+}

@@ -1,0 +1,408 @@
+//! Names and declaration of Concord's exchanges and queues.
+//!
+//! ```text
+//! adapters ──(rk <system>.<entity>)──▶ {ns}.ingress (topic) ──#──▶ {ns}.router (queue)
+//! router ──(rk <target system>)──▶ {ns}.routed (direct) ──<system>──▶ {ns}.inbox.<system>
+//! every queue ──dead-letter──▶ {ns}.dlx (direct) ──<key>──▶ {ns}.dlq.<key>
+//! ```
+//!
+//! The router's DLQ is `dlq("router")`, each system's DLQ is `dlq(system)`. Both sides
+//! (router and adapters) declare with the very same arguments (built by one private
+//! function), so declaration is idempotent from anywhere.
+
+use lapin::{
+    Channel, ExchangeKind,
+    options::{
+        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    },
+    types::{AMQPValue, FieldTable, LongString},
+};
+use tracing::debug;
+
+use crate::error::{AmqpError, short};
+
+/// Default namespace of every name.
+pub const DEFAULT_NAMESPACE: &str = "concord";
+/// Default `x-delivery-limit` of quorum queues.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+/// Dead-letter key (and DLQ suffix) of the router queue.
+pub const ROUTER_DLQ_KEY: &str = "router";
+
+/// Kind of the work queues (router queue and inboxes). DLQs are always plain durable
+/// classic queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    /// Durable classic queue, `x-queue-version = 2`.
+    #[default]
+    Classic,
+    /// Quorum queue with `x-delivery-limit`, at-least-once dead-lettering and
+    /// `x-overflow = reject-publish`.
+    Quorum,
+}
+
+/// The names and declarations of one Concord namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    ns: String,
+    queue_type: QueueType,
+    delivery_limit: u32,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new(DEFAULT_NAMESPACE)
+    }
+}
+
+impl Topology {
+    /// Topology of namespace `ns` with classic queues.
+    #[must_use]
+    pub fn new(ns: impl Into<String>) -> Self {
+        Self {
+            ns: ns.into(),
+            queue_type: QueueType::default(),
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
+        }
+    }
+
+    /// Choose the work queue type.
+    #[must_use]
+    pub fn with_queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
+        self
+    }
+
+    /// `x-delivery-limit` of quorum work queues (ignored for classic queues).
+    #[must_use]
+    pub fn with_delivery_limit(mut self, delivery_limit: u32) -> Self {
+        self.delivery_limit = delivery_limit;
+        self
+    }
+
+    /// The namespace.
+    #[must_use]
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    /// The work queue type.
+    #[must_use]
+    pub fn queue_type(&self) -> QueueType {
+        self.queue_type
+    }
+
+    /// `{ns}.ingress`: durable topic exchange adapters publish to with routing key
+    /// `<system>.<entity>`.
+    #[must_use]
+    pub fn ingress_exchange(&self) -> String {
+        format!("{}.ingress", self.ns)
+    }
+
+    /// `{ns}.router`: the router's durable queue, bound to the ingress exchange with `#`.
+    #[must_use]
+    pub fn router_queue(&self) -> String {
+        format!("{}.router", self.ns)
+    }
+
+    /// `{ns}.routed`: durable direct exchange the router publishes to; routing key =
+    /// target system.
+    #[must_use]
+    pub fn routed_exchange(&self) -> String {
+        format!("{}.routed", self.ns)
+    }
+
+    /// `{ns}.inbox.{system}`: a system's durable inbox, bound to the routed exchange with
+    /// routing key `system`.
+    #[must_use]
+    pub fn inbox(&self, system: &str) -> String {
+        format!("{}.inbox.{system}", self.ns)
+    }
+
+    /// `{ns}.dlx`: durable direct dead-letter exchange.
+    #[must_use]
+    pub fn dlx(&self) -> String {
+        format!("{}.dlx", self.ns)
+    }
+
+    /// `{ns}.dlq.{name}`: a dead-letter queue, bound to the DLX with routing key `name`.
+    #[must_use]
+    pub fn dlq(&self, name: &str) -> String {
+        format!("{}.dlq.{name}", self.ns)
+    }
+
+    /// The router's dead-letter queue, `dlq("router")`.
+    #[must_use]
+    pub fn router_dlq(&self) -> String {
+        self.dlq(ROUTER_DLQ_KEY)
+    }
+
+    /// THE arguments of every work queue, used by both router and adapters so that
+    /// re-declaration from either side is always equivalent.
+    fn queue_arguments(&self, dead_letter_key: &str) -> FieldTable {
+        let mut args = FieldTable::default();
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+        args.insert("x-dead-letter-exchange".into(), text(&self.dlx()));
+        args.insert("x-dead-letter-routing-key".into(), text(dead_letter_key));
+        match self.queue_type {
+            QueueType::Classic => {
+                args.insert("x-queue-version".into(), AMQPValue::LongInt(2));
+            }
+            QueueType::Quorum => {
+                args.insert("x-queue-type".into(), text("quorum"));
+                let limit = i32::try_from(self.delivery_limit).unwrap_or(i32::MAX);
+                args.insert("x-delivery-limit".into(), AMQPValue::LongInt(limit));
+                args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+                args.insert("x-overflow".into(), text("reject-publish"));
+            }
+        }
+        args
+    }
+
+    fn validate_system(&self, system: &str) -> Result<(), AmqpError> {
+        let invalid = |reason| {
+            Err(AmqpError::InvalidName {
+                name: system.to_owned(),
+                reason,
+            })
+        };
+        if system.is_empty() {
+            return invalid("empty system name");
+        }
+        if system == ROUTER_DLQ_KEY {
+            return invalid("\"router\" is reserved (it names the router's DLQ)");
+        }
+        // Checks that every derived name fits an AMQP short string.
+        short(&self.inbox(system))?;
+        short(&self.dlq(system))?;
+        Ok(())
+    }
+
+    async fn declare_exchange(
+        &self,
+        channel: &Channel,
+        name: &str,
+        kind: ExchangeKind,
+    ) -> Result<(), AmqpError> {
+        let options = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(short(name)?, kind, options, FieldTable::default())
+            .await?;
+        Ok(())
+    }
+
+    async fn declare_exchanges(&self, channel: &Channel) -> Result<(), AmqpError> {
+        self.declare_exchange(channel, &self.ingress_exchange(), ExchangeKind::Topic)
+            .await?;
+        self.declare_exchange(channel, &self.routed_exchange(), ExchangeKind::Direct)
+            .await?;
+        self.declare_exchange(channel, &self.dlx(), ExchangeKind::Direct)
+            .await
+    }
+
+    async fn declare_bound_queue(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        arguments: FieldTable,
+        exchange: &str,
+        binding_key: &str,
+    ) -> Result<(), AmqpError> {
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(short(queue)?, options, arguments)
+            .await?;
+        channel
+            .queue_bind(
+                short(queue)?,
+                short(exchange)?,
+                short(binding_key)?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        debug!(queue, exchange, binding_key, "declared queue");
+        Ok(())
+    }
+
+    /// A DLQ: plain durable classic queue, no dead-lettering of its own.
+    async fn declare_dlq(&self, channel: &Channel, key: &str) -> Result<(), AmqpError> {
+        self.declare_bound_queue(
+            channel,
+            &self.dlq(key),
+            FieldTable::default(),
+            &self.dlx(),
+            key,
+        )
+        .await
+    }
+
+    async fn declare_system(&self, channel: &Channel, system: &str) -> Result<(), AmqpError> {
+        self.declare_dlq(channel, system).await?;
+        self.declare_bound_queue(
+            channel,
+            &self.inbox(system),
+            self.queue_arguments(system),
+            &self.routed_exchange(),
+            system,
+        )
+        .await
+    }
+
+    /// Declare everything the router side needs: the three exchanges, the router queue
+    /// and its DLQ, and one inbox + DLQ per system. Idempotent.
+    pub async fn declare_router(
+        &self,
+        channel: &Channel,
+        systems: &[String],
+    ) -> Result<(), AmqpError> {
+        for system in systems {
+            self.validate_system(system)?;
+        }
+        self.declare_exchanges(channel).await?;
+        self.declare_dlq(channel, ROUTER_DLQ_KEY).await?;
+        self.declare_bound_queue(
+            channel,
+            &self.router_queue(),
+            self.queue_arguments(ROUTER_DLQ_KEY),
+            &self.ingress_exchange(),
+            "#",
+        )
+        .await?;
+        for system in systems {
+            self.declare_system(channel, system).await?;
+        }
+        Ok(())
+    }
+
+    /// Declare what one adapter needs: the ingress and routed exchanges, the DLX, its
+    /// inbox (bound to routed with key `system`) and its DLQ. Idempotent, and
+    /// equivalent to what [`Topology::declare_router`] declares.
+    pub async fn declare_inbox(&self, channel: &Channel, system: &str) -> Result<(), AmqpError> {
+        self.validate_system(system)?;
+        self.declare_exchanges(channel).await?;
+        self.declare_system(channel, system).await
+    }
+
+    /// Delete every queue and exchange of the namespace (for tests' cleanup). Missing
+    /// entities are ignored (RabbitMQ's deletes are idempotent; a 404 is also tolerated).
+    pub async fn delete_all(&self, channel: &Channel, systems: &[String]) -> Result<(), AmqpError> {
+        let mut queues = vec![self.router_queue(), self.router_dlq()];
+        for system in systems {
+            queues.push(self.inbox(system));
+            queues.push(self.dlq(system));
+        }
+        for queue in queues {
+            let result = channel
+                .queue_delete(short(&queue)?, QueueDeleteOptions::default())
+                .await;
+            ignore_not_found(result.map(|_| ()))?;
+        }
+        for exchange in [self.ingress_exchange(), self.routed_exchange(), self.dlx()] {
+            let result = channel
+                .exchange_delete(short(&exchange)?, ExchangeDeleteOptions::default())
+                .await;
+            ignore_not_found(result)?;
+        }
+        Ok(())
+    }
+}
+
+fn ignore_not_found(result: lapin::Result<()>) -> Result<(), AmqpError> {
+    match result.map_err(AmqpError::from) {
+        Err(e) if e.is_not_found() => Ok(()),
+        other => other,
+    }
+}
+
+/// Number of ready messages in `queue` (passive declare). A missing queue is a 404
+/// error, which also closes `channel`: use a scratch channel.
+pub async fn queue_message_count(channel: &Channel, queue: &str) -> Result<u32, AmqpError> {
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = channel
+        .queue_declare(short(queue)?, options, FieldTable::default())
+        .await?;
+    Ok(queue.message_count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arg<'a>(args: &'a FieldTable, key: &str) -> Option<&'a AMQPValue> {
+        args.inner().get(key)
+    }
+
+    fn text(value: &str) -> AMQPValue {
+        AMQPValue::LongString(value.into())
+    }
+
+    #[test]
+    fn names() {
+        let t = Topology::default();
+        assert_eq!(t.ingress_exchange(), "concord.ingress");
+        assert_eq!(t.router_queue(), "concord.router");
+        assert_eq!(t.routed_exchange(), "concord.routed");
+        assert_eq!(t.inbox("crm"), "concord.inbox.crm");
+        assert_eq!(t.dlx(), "concord.dlx");
+        assert_eq!(t.dlq("crm"), "concord.dlq.crm");
+        assert_eq!(t.router_dlq(), "concord.dlq.router");
+        assert_eq!(Topology::new("t1").inbox("erp"), "t1.inbox.erp");
+    }
+
+    #[test]
+    fn classic_arguments() {
+        let args = Topology::new("ns").queue_arguments("crm");
+        assert_eq!(arg(&args, "x-dead-letter-exchange"), Some(&text("ns.dlx")));
+        assert_eq!(arg(&args, "x-dead-letter-routing-key"), Some(&text("crm")));
+        assert_eq!(arg(&args, "x-queue-version"), Some(&AMQPValue::LongInt(2)));
+        assert_eq!(arg(&args, "x-queue-type"), None);
+        assert_eq!(args.inner().len(), 3);
+    }
+
+    #[test]
+    fn quorum_arguments() {
+        let t = Topology::new("ns")
+            .with_queue_type(QueueType::Quorum)
+            .with_delivery_limit(7);
+        let args = t.queue_arguments("router");
+        assert_eq!(arg(&args, "x-queue-type"), Some(&text("quorum")));
+        assert_eq!(arg(&args, "x-delivery-limit"), Some(&AMQPValue::LongInt(7)));
+        assert_eq!(
+            arg(&args, "x-dead-letter-strategy"),
+            Some(&text("at-least-once"))
+        );
+        assert_eq!(arg(&args, "x-overflow"), Some(&text("reject-publish")));
+        assert_eq!(
+            arg(&args, "x-dead-letter-routing-key"),
+            Some(&text("router"))
+        );
+        assert_eq!(arg(&args, "x-queue-version"), None);
+        assert_eq!(
+            Topology::default()
+                .with_queue_type(QueueType::Quorum)
+                .queue_arguments("x")
+                .inner()
+                .get("x-delivery-limit"),
+            Some(&AMQPValue::LongInt(20))
+        );
+    }
+
+    #[test]
+    fn system_names_are_validated() {
+        let t = Topology::default();
+        assert!(t.validate_system("crm").is_ok());
+        assert!(t.validate_system("").is_err());
+        assert!(t.validate_system("router").is_err());
+        assert!(t.validate_system(&"s".repeat(250)).is_err());
+    }
+}

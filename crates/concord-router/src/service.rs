@@ -1,0 +1,533 @@
+//! The router service: start-up, the reconnecting supervisor, policy reloads, shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use concord_amqp::{AmqpError, BackoffBuilder, Connection, Topology};
+use concord_policy::{Policy, PolicyError, Problem, RouterSettings};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use crate::config::{QueueType, RouterConfig};
+use crate::http::{self, HttpState};
+use crate::metrics::{Handles, Metrics, ReloadResultLabel};
+use crate::policy_file::{self, PolicyLoadError};
+use crate::session::{self, Session, SessionEnd};
+
+/// A session that lasted this long counts as healthy: the reconnect backoff starts over.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// Largest delay between reconnection rounds when the backoff gives none.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
+
+/// The router's only read of the wall clock: milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The policy in force, with the metric handles of its label values.
+#[derive(Debug)]
+pub(crate) struct PolicyState {
+    pub(crate) policy: Policy,
+    text: String,
+    pub(crate) handles: Handles,
+}
+
+/// Requests to the supervisor.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// Reload the policy file; the outcome is sent back if a reply channel is given.
+    Reload(Option<oneshot::Sender<ReloadOutcome>>),
+}
+
+/// The result of a policy reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// The new policy is valid and in force; the inboxes of its systems are declared.
+    Applied {
+        /// The systems of the new policy.
+        systems: Vec<String>,
+    },
+    /// The file holds the policy already in force.
+    Unchanged,
+    /// The new policy is invalid and was refused; the old one keeps running. One line per
+    /// problem.
+    Refused(String),
+    /// The file could not be read, or the inboxes of the new policy could not be declared;
+    /// the old policy keeps running.
+    Failed(String),
+}
+
+/// Errors of a [`RouterHandle`] request.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The router is not running any more.
+    #[error("the router has stopped")]
+    Stopped,
+}
+
+/// State shared by the supervisor, its sessions and the handle.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: RouterConfig,
+    pub(crate) settings: RouterSettings,
+    pub(crate) topology: Topology,
+    /// Names of the consuming and the publishing connection.
+    pub(crate) connection_names: [String; 2],
+    policy_path: PathBuf,
+    pub(crate) policy: ArcSwap<PolicyState>,
+    pub(crate) metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    ready_tx: watch::Sender<bool>,
+    /// Sessions started (connected and consuming) so far.
+    sessions: AtomicU64,
+}
+
+/// Reads and validates the policy file, including the names the router reserves.
+fn load_policy(path: &Path) -> Result<(Policy, String), PolicyLoadError> {
+    let (policy, text) = policy_file::load(path)?;
+    let reserved = concord_amqp::topology::ROUTER_DLQ_KEY;
+    if policy.systems().iter().any(|s| s == reserved) {
+        return Err(PolicyLoadError::Invalid(PolicyError {
+            problems: vec![Problem {
+                file: path.display().to_string(),
+                entity: None,
+                field: None,
+                message: format!(
+                    "system name `{reserved}` is reserved: it names the router's dead-letter queue"
+                ),
+            }],
+        }));
+    }
+    Ok((policy, text))
+}
+
+impl Shared {
+    fn set_ready(&self, ready: bool) {
+        if ready {
+            self.sessions.fetch_add(1, Ordering::Relaxed);
+        }
+        self.ready.store(ready, Ordering::Relaxed);
+        self.metrics.set_connected(ready);
+        self.ready_tx.send_replace(ready);
+    }
+
+    /// Reloads the policy file. With a connection, the new policy's inboxes are declared
+    /// before it takes effect; without one, the next session declares them.
+    pub(crate) async fn reload(&self, conn: Option<&Connection>) -> ReloadOutcome {
+        let path = &self.policy_path;
+        let (policy, text) = match load_policy(path) {
+            Ok(loaded) => loaded,
+            Err(PolicyLoadError::Invalid(e)) => {
+                self.metrics.reload(ReloadResultLabel::Invalid);
+                for p in &e.problems {
+                    warn!(problem = %p, "policy reload refused");
+                }
+                error!(
+                    path = %path.display(),
+                    problems = e.problems.len(),
+                    "the new policy is invalid; the old one stays in force"
+                );
+                return ReloadOutcome::Refused(e.to_string());
+            }
+            Err(e @ PolicyLoadError::Read { .. }) => {
+                self.metrics.reload(ReloadResultLabel::Error);
+                error!(error = %e, "policy reload failed; the old policy stays in force");
+                return ReloadOutcome::Failed(e.to_string());
+            }
+        };
+        if self.policy.load().text == text {
+            self.metrics.reload(ReloadResultLabel::Unchanged);
+            info!(path = %path.display(), "policy unchanged");
+            return ReloadOutcome::Unchanged;
+        }
+        let state = PolicyState {
+            handles: self.metrics.handles(&policy),
+            policy,
+            text,
+        };
+        if let Some(conn) = conn
+            && let Err(e) = session::declare(self, conn, &state).await
+        {
+            self.metrics.reload(ReloadResultLabel::Error);
+            error!(error = %e, "declaring the new policy's inboxes failed; the old policy stays in force");
+            return ReloadOutcome::Failed(format!("declaring the inboxes failed: {e}"));
+        }
+        let systems = state.policy.systems().to_vec();
+        self.policy.store(Arc::new(state));
+        self.metrics.reload(ReloadResultLabel::Applied);
+        info!(path = %path.display(), ?systems, "policy reloaded");
+        ReloadOutcome::Applied { systems }
+    }
+}
+
+/// Starts routers (see [`Router::start`]).
+#[derive(Debug)]
+pub struct Router;
+
+impl Router {
+    /// Validates `config`, loads the policy (failing with every problem found), binds the
+    /// HTTP endpoints and starts routing in the background. Connecting to the broker happens
+    /// in the background too (with retries): await [`RouterHandle::wait_ready`].
+    pub async fn start(config: RouterConfig, policy_path: PathBuf) -> anyhow::Result<RouterHandle> {
+        config.validate("router configuration")?;
+        let (policy, text) = load_policy(&policy_path).map_err(|e| match e {
+            PolicyLoadError::Invalid(problems) => {
+                anyhow::anyhow!("invalid policy {}:\n{problems}", policy_path.display())
+            }
+            other => anyhow::Error::new(other),
+        })?;
+        let http_addr = config.http_addr()?;
+        let listener = TcpListener::bind(http_addr)
+            .await
+            .with_context(|| format!("cannot listen on {http_addr} (`http_listen`)"))?;
+        let http_addr = listener
+            .local_addr()
+            .context("reading the bound HTTP address")?;
+
+        let metrics = Arc::new(Metrics::new());
+        let mut topology =
+            Topology::new(config.namespace.clone()).with_queue_type(match config.queue_type {
+                QueueType::Classic => concord_amqp::QueueType::Classic,
+                QueueType::Quorum => concord_amqp::QueueType::Quorum,
+            });
+        if let Some(limit) = config.delivery_limit {
+            topology = topology.with_delivery_limit(limit);
+        }
+        let role = format!("concord-router/{}", config.namespace);
+        let connection_names = [
+            concord_amqp::connection_name(&format!("{role}/consume")),
+            concord_amqp::connection_name(&format!("{role}/publish")),
+        ];
+        let ready = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let state = PolicyState {
+            handles: metrics.handles(&policy),
+            policy,
+            text,
+        };
+        info!(
+            policy = %policy_path.display(),
+            systems = ?state.policy.systems(),
+            namespace = %config.namespace,
+            %http_addr,
+            "router starting"
+        );
+        let shared = Arc::new(Shared {
+            settings: config.settings(),
+            config,
+            topology,
+            connection_names,
+            policy_path,
+            policy: ArcSwap::from_pointee(state),
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+            ready_tx,
+            sessions: AtomicU64::new(0),
+        });
+
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (control_tx, control_rx) = mpsc::channel(16);
+
+        let mut http_shutdown = shutdown_rx.clone();
+        let http_task = tokio::spawn(http::serve(
+            listener,
+            HttpState { ready, metrics },
+            async move {
+                let _ = http_shutdown.wait_for(|stop| *stop).await;
+            },
+        ));
+
+        let watcher = if shared.config.watch_policy {
+            let watcher = policy_file::watch(&shared.policy_path, control_tx.clone(), || {
+                Control::Reload(None)
+            })
+            .with_context(|| {
+                format!("cannot watch policy file {}", shared.policy_path.display())
+            })?;
+            Some(watcher)
+        } else {
+            None
+        };
+
+        let task = tokio::spawn(supervise(shared.clone(), control_rx, shutdown_rx, watcher));
+        Ok(RouterHandle {
+            http_addr,
+            shared,
+            control: control_tx,
+            shutdown: shutdown_tx,
+            ready: ready_rx,
+            task: Some(task),
+            http_task: Some(http_task),
+        })
+    }
+}
+
+/// A running router.
+#[derive(Debug)]
+pub struct RouterHandle {
+    http_addr: SocketAddr,
+    shared: Arc<Shared>,
+    control: mpsc::Sender<Control>,
+    shutdown: watch::Sender<bool>,
+    ready: watch::Receiver<bool>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    http_task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl RouterHandle {
+    /// The address the HTTP endpoints are bound to (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Waits until the router is connected, its topology declared and it consumes. Fails if
+    /// the router stopped.
+    pub async fn wait_ready(&self) -> Result<(), RouterError> {
+        let mut ready = self.ready.clone();
+        ready
+            .wait_for(|r| *r)
+            .await
+            .map(|_| ())
+            .map_err(|_| RouterError::Stopped)
+    }
+
+    /// Whether the router is connected and consuming right now (what `/readyz` reports).
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Reloads the policy file (what SIGHUP does) and returns the outcome.
+    pub async fn reload(&self) -> Result<ReloadOutcome, RouterError> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send(Control::Reload(Some(tx)))
+            .await
+            .map_err(|_| RouterError::Stopped)?;
+        rx.await.map_err(|_| RouterError::Stopped)
+    }
+
+    /// The router's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The systems of the policy in force.
+    pub fn systems(&self) -> Vec<String> {
+        self.shared.policy.load().policy.systems().to_vec()
+    }
+
+    /// The topology (names of exchanges and queues) the router uses.
+    pub fn topology(&self) -> &Topology {
+        &self.shared.topology
+    }
+
+    /// How many times the router connected and started consuming (1 + reconnections).
+    pub fn sessions_started(&self) -> u64 {
+        self.shared.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Names of the router's consuming and publishing connections.
+    pub fn connection_names(&self) -> &[String; 2] {
+        &self.shared.connection_names
+    }
+
+    /// Stops consuming, settles (publishes, confirms, acks) every input already received,
+    /// closes the connections and the HTTP endpoints.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.shutdown.send_replace(true);
+        self.wait_stopped().await
+    }
+
+    /// Waits until the router stops by itself (a fatal error) — it never does otherwise.
+    async fn wait_stopped(&mut self) -> anyhow::Result<()> {
+        let result = match self.task.take() {
+            Some(task) => task.await.context("the router task panicked")?,
+            None => Ok(()),
+        };
+        self.shutdown.send_replace(true);
+        if let Some(http) = self.http_task.take() {
+            match http.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "the HTTP server failed"),
+                Err(e) => warn!(error = %e, "the HTTP server panicked"),
+            }
+        }
+        result
+    }
+
+    /// Runs until `shutdown` completes (then drains) or the router fails.
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let stopped = {
+            let task = self.task.as_mut();
+            async move {
+                match task {
+                    Some(t) => Some(t.await),
+                    None => None,
+                }
+            }
+        };
+        tokio::select! {
+            () = shutdown => {}
+            result = stopped => {
+                self.task = None;
+                self.shutdown.send_replace(true);
+                return match result {
+                    Some(r) => r.context("the router task panicked")?,
+                    None => Ok(()),
+                };
+            }
+        }
+        self.shutdown().await
+    }
+}
+
+impl Drop for RouterHandle {
+    fn drop(&mut self) {
+        // A dropped handle stops the router (after draining) instead of leaking it.
+        self.shutdown.send_replace(true);
+    }
+}
+
+/// Runs a router until `shutdown` completes, then drains and returns.
+pub async fn run(
+    config: RouterConfig,
+    policy_path: PathBuf,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    Router::start(config, policy_path)
+        .await?
+        .run_until(shutdown)
+        .await
+}
+
+/// Runs a router until SIGTERM or SIGINT (then drains and returns `Ok`); SIGHUP reloads
+/// the policy. This is the whole `concord router` command once the configuration is read.
+pub async fn run_until_signalled(config: RouterConfig, policy_path: PathBuf) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let handle = Router::start(config, policy_path).await?;
+    let control = handle.control.clone();
+    let shutdown = async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: draining"); return; }
+                _ = int.recv() => { info!("SIGINT: draining"); return; }
+                _ = hup.recv() => {
+                    info!("SIGHUP: reloading the policy");
+                    // The outcome is logged and counted by the reload itself.
+                    if control.send(Control::Reload(None)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    handle.run_until(shutdown).await
+}
+
+/// Reconnects forever: connect, declare, route until the connection is lost, back off.
+async fn supervise(
+    shared: Arc<Shared>,
+    mut control: mpsc::Receiver<Control>,
+    mut shutdown: watch::Receiver<bool>,
+    _watcher: Option<notify::RecommendedWatcher>,
+) -> anyhow::Result<()> {
+    let mut delays = concord_amqp::backoff().build();
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let opened = {
+            let open = Session::open(&shared);
+            tokio::pin!(open);
+            loop {
+                tokio::select! {
+                    s = &mut open => break Some(s),
+                    Some(cmd) = control.recv() => reload_offline(&shared, cmd).await,
+                    () = stopped(&mut shutdown) => break None,
+                }
+            }
+        };
+        let Some(opened) = opened else { return Ok(()) };
+        let result = match opened {
+            Ok(session) => {
+                let started = tokio::time::Instant::now();
+                shared.set_ready(true);
+                info!(connections = ?shared.connection_names, "connected; routing");
+                let result = session.run(&shared, &mut control, &mut shutdown).await;
+                shared.set_ready(false);
+                if started.elapsed() >= HEALTHY_SESSION {
+                    delays = concord_amqp::backoff().build();
+                }
+                result
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(SessionEnd::Drained) => {
+                info!("drained; stopped");
+                return Ok(());
+            }
+            Err(e) if is_fatal(&e) => {
+                error!(error = %e, "cannot connect to the broker; giving up");
+                return Err(
+                    anyhow::Error::new(e).context("the router cannot connect to the broker")
+                );
+            }
+            Err(e) => {
+                let delay = delays.next().unwrap_or(MAX_RECONNECT_DELAY);
+                warn!(error = %e, ?delay, "disconnected from the broker; reconnecting");
+                let sleep = tokio::time::sleep(delay);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        () = &mut sleep => break,
+                        Some(cmd) = control.recv() => reload_offline(&shared, cmd).await,
+                        () = stopped(&mut shutdown) => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Completes once shutdown is requested (or every sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+/// A reload while disconnected: validated and swapped; the next session declares it.
+async fn reload_offline(shared: &Shared, cmd: Control) {
+    match cmd {
+        Control::Reload(reply) => {
+            let outcome = shared.reload(None).await;
+            if let Some(reply) = reply {
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+}
+
+/// Errors retrying cannot fix: an unusable URI, or a connect refused at the first attempt
+/// (bad credentials, unknown vhost: the connect helper does not retry those).
+fn is_fatal(e: &AmqpError) -> bool {
+    match e {
+        AmqpError::InvalidUri(_) => true,
+        AmqpError::Connect {
+            attempts, source, ..
+        } => *attempts <= 1 && !matches!(**source, AmqpError::Timeout(_)),
+        _ => false,
+    }
+}
