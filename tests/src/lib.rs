@@ -99,10 +99,21 @@ impl Node {
     }
 
     /// Waits (event-driven) until `done` holds, or fails after `secs` seconds.
-    pub async fn wait(&self, secs: u64, what: &str, done: impl Fn(&MetricsSnapshot) -> bool) -> anyhow::Result<()> {
+    pub async fn wait(
+        &self,
+        secs: u64,
+        what: &str,
+        done: impl Fn(&MetricsSnapshot) -> bool,
+    ) -> anyhow::Result<()> {
         tokio::time::timeout(Duration::from_secs(secs), self.runner.wait_until(done))
             .await
-            .with_context(|| format!("{}: timed out waiting for {what}; metrics {:?}", self.system, self.metrics()))
+            .with_context(|| {
+                format!(
+                    "{}: timed out waiting for {what}; metrics {:?}",
+                    self.system,
+                    self.metrics()
+                )
+            })
     }
 
     /// The text value of a field of the record with local id `id`.
@@ -129,7 +140,9 @@ pub async fn delete_namespace(namespace: &str, systems: &[&str]) -> anyhow::Resu
     let conn = concord_amqp::connect(&amqp_uri(), &format!("it-cleanup-{namespace}")).await?;
     let channel = conn.open_channel().await?;
     let systems: Vec<String> = systems.iter().map(|s| (*s).to_owned()).collect();
-    Topology::new(namespace).delete_all(&channel, &systems).await?;
+    Topology::new(namespace)
+        .delete_all(&channel, &systems)
+        .await?;
     Ok(())
 }
 
@@ -146,7 +159,10 @@ impl Drop for Cleanup {
         let systems = self.systems.clone();
         // Runs on its own thread and runtime: the test's runtime may be shutting down.
         let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 let _ = rt.block_on(delete_namespace(&ns, &systems));
             }
         })
@@ -156,11 +172,18 @@ impl Drop for Cleanup {
 
 /// Waits until `cond` holds, re-checking whenever any of `nodes` changes a counter (every apply,
 /// publish or echo does); fails after `secs` seconds.
-pub async fn converge(nodes: &[&Node], secs: u64, what: &str, cond: impl Fn() -> bool) -> anyhow::Result<()> {
+pub async fn converge(
+    nodes: &[&Node],
+    secs: u64,
+    what: &str,
+    cond: impl Fn() -> bool,
+) -> anyhow::Result<()> {
     let cond = &cond;
     tokio::time::timeout(Duration::from_secs(secs), async {
         while !cond() {
-            let waits = nodes.iter().map(|n| Box::pin(n.runner.wait_until(move |_| cond())));
+            let waits = nodes
+                .iter()
+                .map(|n| Box::pin(n.runner.wait_until(move |_| cond())));
             futures::future::select_all(waits).await;
         }
     })

@@ -9,7 +9,10 @@ use prost_reflect::Value;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_scenario_ownership_visibility_and_no_echo() -> anyhow::Result<()> {
     let ns = unique_namespace("seed");
-    let _cleanup = Cleanup { namespace: ns.clone(), systems: SEED_SYSTEMS.to_vec() };
+    let _cleanup = Cleanup {
+        namespace: ns.clone(),
+        systems: SEED_SYSTEMS.to_vec(),
+    };
     let dir = tempfile::tempdir()?;
     let router = start_router(&ns, &seed_policy()).await?;
     let nodes = start_seed_nodes(&ns, dir.path()).await?;
@@ -25,14 +28,33 @@ async fn seed_scenario_ownership_visibility_and_no_echo() -> anyhow::Result<()> 
             ("phone", text("+44 20 7946 0000")),
         ],
     );
-    support.wait(30, "the new customer", |m| m.incoming_applied >= 1).await?;
-    delivery.wait(30, "the new customer", |m| m.incoming_applied >= 1).await?;
-    let sid = support.memory.find("customer", "name", "Ada Lovelace").expect("support has the customer");
-    let did = delivery.memory.find("customer", "name", "Ada Lovelace").expect("delivery has the customer");
-    assert_eq!(support.text(&sid, "email").as_deref(), Some("ada@example.com"));
-    assert_eq!(support.memory.field("customer", &sid, "amount_paid"), Some(Value::I64(1250)));
+    support
+        .wait(30, "the new customer", |m| m.incoming_applied >= 1)
+        .await?;
+    delivery
+        .wait(30, "the new customer", |m| m.incoming_applied >= 1)
+        .await?;
+    let sid = support
+        .memory
+        .find("customer", "name", "Ada Lovelace")
+        .expect("support has the customer");
+    let did = delivery
+        .memory
+        .find("customer", "name", "Ada Lovelace")
+        .expect("delivery has the customer");
+    assert_eq!(
+        support.text(&sid, "email").as_deref(),
+        Some("ada@example.com")
+    );
+    assert_eq!(
+        support.memory.field("customer", &sid, "amount_paid"),
+        Some(Value::I64(1250))
+    );
     // The driver sees the customer's name and phone, but never what they paid nor the email.
-    assert_eq!(delivery.text(&did, "phone").as_deref(), Some("+44 20 7946 0000"));
+    assert_eq!(
+        delivery.text(&did, "phone").as_deref(),
+        Some("+44 20 7946 0000")
+    );
     assert_eq!(delivery.memory.field("customer", &did, "amount_paid"), None);
     assert_eq!(delivery.memory.field("customer", &did, "email"), None);
 
@@ -40,52 +62,103 @@ async fn seed_scenario_ownership_visibility_and_no_echo() -> anyhow::Result<()> 
     delivery.memory.edit(
         "customer",
         &did,
-        [("delivery_status", text("out_for_delivery")), ("warehouse", text("W1"))],
+        [
+            ("delivery_status", text("out_for_delivery")),
+            ("warehouse", text("W1")),
+        ],
     );
-    orders.wait(30, "the delivery status", |m| m.incoming_applied >= 1).await?;
-    support.wait(30, "the delivery status", |m| m.incoming_applied >= 2).await?;
+    orders
+        .wait(30, "the delivery status", |m| m.incoming_applied >= 1)
+        .await?;
+    support
+        .wait(30, "the delivery status", |m| m.incoming_applied >= 2)
+        .await?;
     // The salesperson sees the delivery status but not the warehouse.
-    assert_eq!(orders.text(&oid, "delivery_status").as_deref(), Some("out_for_delivery"));
+    assert_eq!(
+        orders.text(&oid, "delivery_status").as_deref(),
+        Some("out_for_delivery")
+    );
     assert_eq!(orders.memory.field("customer", &oid, "warehouse"), None);
     assert_eq!(support.memory.field("customer", &sid, "warehouse"), None);
 
     // Support edits a field it does not own (email), then one it owns (open_tickets). The second
     // arrives after the first on the same record, so once it is applied the first was decided.
-    support.memory.edit("customer", &sid, [("email", text("someone-else@example.com"))]);
-    support.memory.edit("customer", &sid, [("open_tickets", Some(Value::U32(2)))]);
-    orders.wait(30, "the open tickets", |m| m.incoming_applied >= 2).await?;
-    assert_eq!(orders.memory.field("customer", &oid, "open_tickets"), Some(Value::U32(2)));
-    assert_eq!(orders.text(&oid, "email").as_deref(), Some("ada@example.com"), "a non-owner's change spread");
+    support.memory.edit(
+        "customer",
+        &sid,
+        [("email", text("someone-else@example.com"))],
+    );
+    support
+        .memory
+        .edit("customer", &sid, [("open_tickets", Some(Value::U32(2)))]);
+    orders
+        .wait(30, "the open tickets", |m| m.incoming_applied >= 2)
+        .await?;
+    assert_eq!(
+        orders.memory.field("customer", &oid, "open_tickets"),
+        Some(Value::U32(2))
+    );
+    assert_eq!(
+        orders.text(&oid, "email").as_deref(),
+        Some("ada@example.com"),
+        "a non-owner's change spread"
+    );
     let metrics = router.metrics().encode();
     assert!(
-        metrics.lines().any(|l| l.starts_with("concord_router_fields_total") && l.contains("not_owner") && !l.ends_with(" 0")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("concord_router_fields_total")
+                && l.contains("not_owner")
+                && !l.ends_with(" 0")),
         "rejection not counted:\n{metrics}"
     );
 
     // Nothing any system received ever contained a field it may not see.
     for apply in delivery.memory.applied() {
         for hidden in ["amount_paid", "email", "warehouse", "tier", "open_tickets"] {
-            assert!(!apply.fields.contains_key(hidden), "delivery received {hidden}: {apply:?}");
+            assert!(
+                !apply.fields.contains_key(hidden),
+                "delivery received {hidden}: {apply:?}"
+            );
         }
     }
     for apply in orders.memory.applied() {
-        assert!(!apply.fields.contains_key("warehouse"), "orders received the warehouse: {apply:?}");
-        assert!(!apply.fields.contains_key("email"), "the rejected email reached orders");
+        assert!(
+            !apply.fields.contains_key("warehouse"),
+            "orders received the warehouse: {apply:?}"
+        );
+        assert!(
+            !apply.fields.contains_key("email"),
+            "the rejected email reached orders"
+        );
     }
 
     // No echo: every user edit was published exactly once, applying a change published nothing.
     assert_eq!(orders.metrics().published, 1);
     assert_eq!(delivery.metrics().published, 1);
     assert_eq!(support.metrics().published, 2);
-    assert!(support.metrics().local_unchanged >= 1, "the applied changes were not seen as echoes");
+    assert!(
+        support.metrics().local_unchanged >= 1,
+        "the applied changes were not seen as echoes"
+    );
     assert_eq!(router.metrics().events_in_sum(), 4);
     // One more round trip: the counts move by exactly that one edit.
-    orders.memory.edit("customer", &oid, [("name", text("Ada King"))]);
-    delivery.wait(30, "the new name", |m| m.incoming_applied >= 2).await?;
-    support.wait(30, "the new name", |m| m.incoming_applied >= 3).await?;
+    orders
+        .memory
+        .edit("customer", &oid, [("name", text("Ada King"))]);
+    delivery
+        .wait(30, "the new name", |m| m.incoming_applied >= 2)
+        .await?;
+    support
+        .wait(30, "the new name", |m| m.incoming_applied >= 3)
+        .await?;
     assert_eq!(delivery.text(&did, "name").as_deref(), Some("Ada King"));
     assert_eq!(
-        [orders.metrics().published, delivery.metrics().published, support.metrics().published],
+        [
+            orders.metrics().published,
+            delivery.metrics().published,
+            support.metrics().published
+        ],
         [2, 1, 2]
     );
     assert_eq!(router.metrics().events_in_sum(), 5);
@@ -100,38 +173,66 @@ async fn seed_scenario_ownership_visibility_and_no_echo() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_edits_of_a_shared_field_converge() -> anyhow::Result<()> {
     let ns = unique_namespace("lww");
-    let _cleanup = Cleanup { namespace: ns.clone(), systems: SEED_SYSTEMS.to_vec() };
+    let _cleanup = Cleanup {
+        namespace: ns.clone(),
+        systems: SEED_SYSTEMS.to_vec(),
+    };
     let dir = tempfile::tempdir()?;
     let router = start_router(&ns, &seed_policy()).await?;
     let nodes = start_seed_nodes(&ns, dir.path()).await?;
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
-    let oid = orders.memory.create("customer", [("name", text("Grace")), ("phone", text("1"))]);
-    support.wait(30, "the customer", |m| m.incoming_applied >= 1).await?;
-    let sid = support.memory.find("customer", "name", "Grace").expect("support has it");
+    let oid = orders
+        .memory
+        .create("customer", [("name", text("Grace")), ("phone", text("1"))]);
+    support
+        .wait(30, "the customer", |m| m.incoming_applied >= 1)
+        .await?;
+    let sid = support
+        .memory
+        .find("customer", "name", "Grace")
+        .expect("support has it");
     // Both owners of `phone` change it at once, several times.
     for i in 0..20 {
-        orders.memory.edit("customer", &oid, [("phone", text(&format!("orders-{i}")))]);
-        support.memory.edit("customer", &sid, [("phone", text(&format!("support-{i}")))]);
+        orders
+            .memory
+            .edit("customer", &oid, [("phone", text(&format!("orders-{i}")))]);
+        support
+            .memory
+            .edit("customer", &sid, [("phone", text(&format!("support-{i}")))]);
     }
     // Wait until the three copies agree (each wakes on every applied change).
     let agreed = || {
         let o = orders.text(&oid, "phone");
         let s = support.text(&sid, "phone");
-        let d = delivery.memory.find("customer", "name", "Grace").and_then(|id| delivery.text(&id, "phone"));
+        let d = delivery
+            .memory
+            .find("customer", "name", "Grace")
+            .and_then(|id| delivery.text(&id, "phone"));
         o.is_some() && o == s && o == d
     };
-    converge(&[orders, support, delivery], 30, "the three copies of the phone to agree", agreed)
-        .await
-        .with_context(|| {
-            format!(
-                "orders {:?}, support {:?}, delivery {:?}",
-                orders.text(&oid, "phone"),
-                support.text(&sid, "phone"),
-                delivery.memory.find("customer", "name", "Grace").and_then(|id| delivery.text(&id, "phone"))
-            )
-        })?;
+    converge(
+        &[orders, support, delivery],
+        30,
+        "the three copies of the phone to agree",
+        agreed,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "orders {:?}, support {:?}, delivery {:?}",
+            orders.text(&oid, "phone"),
+            support.text(&sid, "phone"),
+            delivery
+                .memory
+                .find("customer", "name", "Grace")
+                .and_then(|id| delivery.text(&id, "phone"))
+        )
+    })?;
     let winner = orders.text(&oid, "phone").unwrap_or_default();
-    assert!(winner.ends_with("-19"), "the last writer's value wins: {winner}");
+    assert!(
+        winner.ends_with("-19"),
+        "the last writer's value wins: {winner}"
+    );
     for n in nodes {
         n.runner.shutdown().await?;
     }

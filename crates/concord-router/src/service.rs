@@ -42,6 +42,17 @@ pub(crate) struct PolicyState {
     pub(crate) handles: Handles,
 }
 
+/// Whether the router routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Readiness {
+    /// Connecting, or disconnected and about to reconnect.
+    NotReady,
+    /// Connected, topology declared, consuming.
+    Ready,
+    /// The router stopped (shut down, or failed for good).
+    Stopped,
+}
+
 /// Requests to the supervisor.
 #[derive(Debug)]
 pub(crate) enum Control {
@@ -87,7 +98,7 @@ pub(crate) struct Shared {
     pub(crate) policy: ArcSwap<PolicyState>,
     pub(crate) metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
-    ready_tx: watch::Sender<bool>,
+    ready_tx: watch::Sender<Readiness>,
     /// Sessions started (connected and consuming) so far.
     sessions: AtomicU64,
 }
@@ -118,7 +129,11 @@ impl Shared {
         }
         self.ready.store(ready, Ordering::Relaxed);
         self.metrics.set_connected(ready);
-        self.ready_tx.send_replace(ready);
+        self.ready_tx.send_replace(if ready {
+            Readiness::Ready
+        } else {
+            Readiness::NotReady
+        });
     }
 
     /// Reloads the policy file. With a connection, the new policy's inboxes are declared
@@ -209,7 +224,7 @@ impl Router {
             concord_amqp::connection_name(&format!("{role}/publish")),
         ];
         let ready = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = watch::channel(false);
+        let (ready_tx, ready_rx) = watch::channel(Readiness::NotReady);
         let state = PolicyState {
             handles: metrics.handles(&policy),
             policy,
@@ -259,7 +274,13 @@ impl Router {
             None
         };
 
-        let task = tokio::spawn(supervise(shared.clone(), control_rx, shutdown_rx, watcher));
+        let supervised = shared.clone();
+        let task = tokio::spawn(async move {
+            let result = supervise(supervised.clone(), control_rx, shutdown_rx, watcher).await;
+            supervised.set_ready(false);
+            supervised.ready_tx.send_replace(Readiness::Stopped);
+            result
+        });
         Ok(RouterHandle {
             http_addr,
             shared,
@@ -279,7 +300,7 @@ pub struct RouterHandle {
     shared: Arc<Shared>,
     control: mpsc::Sender<Control>,
     shutdown: watch::Sender<bool>,
-    ready: watch::Receiver<bool>,
+    ready: watch::Receiver<Readiness>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     http_task: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -294,16 +315,20 @@ impl RouterHandle {
     /// the router stopped.
     pub async fn wait_ready(&self) -> Result<(), RouterError> {
         let mut ready = self.ready.clone();
-        ready
-            .wait_for(|r| *r)
+        let state = ready
+            .wait_for(|r| *r != Readiness::NotReady)
             .await
-            .map(|_| ())
-            .map_err(|_| RouterError::Stopped)
+            .map(|r| *r)
+            .map_err(|_| RouterError::Stopped)?;
+        match state {
+            Readiness::Ready => Ok(()),
+            Readiness::NotReady | Readiness::Stopped => Err(RouterError::Stopped),
+        }
     }
 
     /// Whether the router is connected and consuming right now (what `/readyz` reports).
     pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+        *self.ready.borrow() == Readiness::Ready
     }
 
     /// Reloads the policy file (what SIGHUP does) and returns the outcome.
@@ -488,7 +513,7 @@ async fn supervise(
             }
             Err(e) => {
                 let delay = delays.next().unwrap_or(MAX_RECONNECT_DELAY);
-                warn!(error = %e, ?delay, "disconnected from the broker; reconnecting");
+                warn!(error = %e, ?delay, "not routing (broker connection or topology failed); retrying");
                 let sleep = tokio::time::sleep(delay);
                 tokio::pin!(sleep);
                 loop {

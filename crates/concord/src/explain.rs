@@ -50,7 +50,10 @@ struct SystemFields {
 pub(crate) fn load_policy(path: &Path) -> anyhow::Result<Policy> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read policy {}", path.display()))?;
-    Ok(Policy::from_toml_canonical(&text, &path.display().to_string())?)
+    Ok(Policy::from_toml_canonical(
+        &text,
+        &path.display().to_string(),
+    )?)
 }
 
 pub(crate) fn explain(policy_path: &Path, event_path: &Path) -> anyhow::Result<String> {
@@ -61,13 +64,20 @@ pub(crate) fn explain(policy_path: &Path, event_path: &Path) -> anyhow::Result<S
         .with_context(|| format!("{}: not a change event", event_path.display()))?;
     let at = event_path.display();
     let Some(source) = policy.system_id(&ev.source) else {
-        bail!("{at}: source `{}` is not a system of the policy (systems: {})", ev.source, policy.systems().join(", "));
+        bail!(
+            "{at}: source `{}` is not a system of the policy (systems: {})",
+            ev.source,
+            policy.systems().join(", ")
+        );
     };
     let Some(entity) = policy.entity(&ev.entity) else {
         bail!("{at}: entity `{}` is not in the policy", ev.entity);
     };
     let Some(op) = Op::parse(&ev.op) else {
-        bail!("{at}: op `{}` is not one of upsert, create, delete, snapshot", ev.op);
+        bail!(
+            "{at}: op `{}` is not one of upsert, create, delete, snapshot",
+            ev.op
+        );
     };
     // Values of known fields must have the field's type: decode them through the descriptor.
     let mut known = serde_json::Map::new();
@@ -76,8 +86,16 @@ pub(crate) fn explain(policy_path: &Path, event_path: &Path) -> anyhow::Result<S
             known.insert(name.clone(), value.clone());
         }
     }
-    prost_reflect::DynamicMessage::deserialize(entity.message.clone(), serde_json::Value::Object(known))
-        .with_context(|| format!("{at}: field values do not fit {}", entity.message.full_name()))?;
+    prost_reflect::DynamicMessage::deserialize(
+        entity.message.clone(),
+        serde_json::Value::Object(known),
+    )
+    .with_context(|| {
+        format!(
+            "{at}: field values do not fit {}",
+            entity.message.full_name()
+        )
+    })?;
 
     let (verdict, rejections) =
         policy.decide_names(entity, source, op, ev.fields.keys().map(String::as_str));
@@ -132,17 +150,40 @@ pub(crate) fn check(policy_path: &Path) -> anyhow::Result<String> {
     let mut out = String::new();
     let systems = policy.systems();
     let width = systems.iter().map(String::len).max().unwrap_or(0).max(8);
-    writeln!(out, "policy {} is valid: {} systems, {} entities", policy_path.display(), systems.len(), policy.entities().len())?;
-    writeln!(out, "legend: O = owner, O1/O2.. = owner by priority (1 wins), O* = owner (last writer wins), r = reads, . = never sees")?;
+    writeln!(
+        out,
+        "policy {} is valid: {} systems, {} entities",
+        policy_path.display(),
+        systems.len(),
+        policy.entities().len()
+    )?;
+    writeln!(
+        out,
+        "legend: O = owner, O1/O2.. = owner by priority (1 wins), O* = owner (last writer wins), r = reads, . = never sees"
+    )?;
     for entity in policy.entities() {
         writeln!(out)?;
-        writeln!(out, "entity {} ({})", entity.name, entity.message.full_name())?;
+        writeln!(
+            out,
+            "entity {} ({})",
+            entity.name,
+            entity.message.full_name()
+        )?;
         let names = |set: concord_policy::SystemSet| {
-            set.iter().map(|s| policy.system_name(s).to_owned()).collect::<Vec<_>>().join(", ")
+            set.iter()
+                .map(|s| policy.system_name(s).to_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         writeln!(out, "  create: {}", or_none(names(entity.create)))?;
         writeln!(out, "  delete: {}", or_none(names(entity.delete)))?;
-        let fw = entity.fields.iter().map(|f| f.name.len()).max().unwrap_or(5).max(5);
+        let fw = entity
+            .fields
+            .iter()
+            .map(|f| f.name.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
         write!(out, "  {:fw$}", "field")?;
         for s in systems {
             write!(out, " {s:>width$}")?;
@@ -169,7 +210,11 @@ pub(crate) fn check(policy_path: &Path) -> anyhow::Result<String> {
             .map(|f| f.name().to_owned())
             .collect();
         if !unlisted.is_empty() {
-            writeln!(out, "  not in the policy (unowned, invisible): {}", unlisted.join(", "))?;
+            writeln!(
+                out,
+                "  not in the policy (unowned, invisible): {}",
+                unlisted.join(", ")
+            )?;
         }
     }
     Ok(out.trim_end().to_owned())

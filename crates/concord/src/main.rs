@@ -16,7 +16,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "concord", version, about = "Bi-directional sync between business systems over RabbitMQ")]
+#[command(
+    name = "concord",
+    version,
+    about = "Bi-directional sync between business systems over RabbitMQ"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -111,7 +115,11 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-fn run_router(policy: &Path, config: Option<&Path>, amqp_uri: Option<String>) -> anyhow::Result<()> {
+fn run_router(
+    policy: &Path,
+    config: Option<&Path>,
+    amqp_uri: Option<String>,
+) -> anyhow::Result<()> {
     let mut cfg = match config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -127,5 +135,8 @@ fn run_router(policy: &Path, config: Option<&Path>, amqp_uri: Option<String>) ->
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(concord_router::run_until_signalled(cfg, policy.to_path_buf()))
+    runtime.block_on(concord_router::run_until_signalled(
+        cfg,
+        policy.to_path_buf(),
+    ))
 }

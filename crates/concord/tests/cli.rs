@@ -35,11 +35,21 @@ fn explain_json(event: &str) -> (Output, serde_json::Value) {
 
 #[test]
 fn explain_prints_the_documented_shape() {
-    let event = std::fs::read_to_string(root().join("examples/seed/events/orders-renames-and-moves-warehouse.json")).unwrap();
+    let event = std::fs::read_to_string(
+        root().join("examples/seed/events/orders-renames-and-moves-warehouse.json"),
+    )
+    .unwrap();
     let (out, json) = explain_json(&event);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(json["accepted"], serde_json::json!(["name"]));
-    assert_eq!(json["rejected"], serde_json::json!([{"field": "warehouse", "reason": "not_owner"}]));
+    assert_eq!(
+        json["rejected"],
+        serde_json::json!([{"field": "warehouse", "reason": "not_owner"}])
+    );
     assert_eq!(
         json["deliveries"],
         serde_json::json!([
@@ -57,9 +67,16 @@ fn explain_tells_who_does_not_see_what() {
     let (out, json) = explain_json(
         r#"{"source":"orders","entity":"customer","key":"c-1","op":"upsert","fields":{"amount_paid":1250,"name":"Ada","colour":"red"}}"#,
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(json["accepted"], serde_json::json!(["amount_paid", "name"]));
-    assert_eq!(json["rejected"], serde_json::json!([{"field": "colour", "reason": "unknown_field"}]));
+    assert_eq!(
+        json["rejected"],
+        serde_json::json!([{"field": "colour", "reason": "unknown_field"}])
+    );
     assert_eq!(
         json["deliveries"],
         serde_json::json!([
@@ -67,7 +84,10 @@ fn explain_tells_who_does_not_see_what() {
             {"system": "support", "fields": ["amount_paid", "name"]}
         ])
     );
-    assert_eq!(json["hidden"], serde_json::json!([{"system": "delivery", "fields": ["amount_paid"]}]));
+    assert_eq!(
+        json["hidden"],
+        serde_json::json!([{"system": "delivery", "fields": ["amount_paid"]}])
+    );
 }
 
 #[test]
@@ -89,11 +109,26 @@ fn explain_warehouse_change_reaches_nobody_else() {
 fn malformed_events_exit_2_with_a_precise_message() {
     let cases = [
         ("{not json", "not a change event"),
-        (r#"{"source":"orders","entity":"customer","fields":{},"extra":1}"#, "unknown field `extra`"),
-        (r#"{"source":"billing","entity":"customer","fields":{}}"#, "source `billing` is not a system"),
-        (r#"{"source":"orders","entity":"invoice","fields":{}}"#, "entity `invoice` is not in the policy"),
-        (r#"{"source":"orders","entity":"customer","op":"merge","fields":{}}"#, "op `merge`"),
-        (r#"{"source":"orders","entity":"customer","fields":{"amount_paid":"lots"}}"#, "do not fit concord.v1.Customer"),
+        (
+            r#"{"source":"orders","entity":"customer","fields":{},"extra":1}"#,
+            "unknown field `extra`",
+        ),
+        (
+            r#"{"source":"billing","entity":"customer","fields":{}}"#,
+            "source `billing` is not a system",
+        ),
+        (
+            r#"{"source":"orders","entity":"invoice","fields":{}}"#,
+            "entity `invoice` is not in the policy",
+        ),
+        (
+            r#"{"source":"orders","entity":"customer","op":"merge","fields":{}}"#,
+            "op `merge`",
+        ),
+        (
+            r#"{"source":"orders","entity":"customer","fields":{"amount_paid":"lots"}}"#,
+            "do not fit concord.v1.Customer",
+        ),
     ];
     for (event, expected) in cases {
         let (out, _) = explain_json(event);
@@ -117,7 +152,9 @@ fn an_invalid_policy_exits_2_naming_file_entity_and_field() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("bad.toml: entity `customer`, field `name`: `owners` names unknown system `sales`"),
+        err.contains(
+            "bad.toml: entity `customer`, field `name`: `owners` names unknown system `sales`"
+        ),
         "{err}"
     );
 }
@@ -125,7 +162,11 @@ fn an_invalid_policy_exits_2_naming_file_entity_and_field() {
 #[test]
 fn check_prints_the_matrix() {
     let out = concord(&["check", "--policy", seed_policy().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let row = |field: &str| {
         text.lines()

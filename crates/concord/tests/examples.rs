@@ -11,7 +11,9 @@ fn toml_files(dir: &Path, out: &mut Vec<PathBuf>) {
         let path = entry.unwrap().path();
         if path.is_dir() {
             toml_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "toml") && path.file_name().is_some_and(|n| n != "Cargo.toml") {
+        } else if path.extension().is_some_and(|e| e == "toml")
+            && path.file_name().is_some_and(|n| n != "Cargo.toml")
+        {
             out.push(path);
         }
     }
@@ -27,11 +29,18 @@ fn every_example_policy_and_config_parses() {
         let text = std::fs::read_to_string(&path).unwrap();
         let name = path.display().to_string();
         if text.contains("[systems") {
-            concord_policy::Policy::from_toml_canonical(&text, &name).unwrap_or_else(|e| panic!("{e}"));
-        } else if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("router")) {
-            concord_router::RouterConfig::from_toml(&text, &name).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            concord_policy::Policy::from_toml_canonical(&text, &name)
+                .unwrap_or_else(|e| panic!("{e}"));
+        } else if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("router"))
+        {
+            concord_router::RouterConfig::from_toml(&text, &name)
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
         } else {
-            panic!("{name}: no test knows what this file is; teach every_example_policy_and_config_parses");
+            panic!(
+                "{name}: no test knows what this file is; teach every_example_policy_and_config_parses"
+            );
         }
     }
 }
@@ -47,7 +56,12 @@ fn every_example_event_is_explained() {
             .arg(&path)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -72,14 +86,27 @@ fn docker_compose_is_consistent() {
         }
     }
     let router = &doc["services"]["router"];
-    let cmd: Vec<&str> = router["command"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let cmd: Vec<&str> = router["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     assert_eq!(cmd[0], "router");
     // The router's metrics port is published and matches the config it mounts.
     let cfg = std::fs::read_to_string(root().join("deploy/router.toml")).unwrap();
     let cfg = concord_router::RouterConfig::from_toml(&cfg, "deploy/router.toml").unwrap();
     let port = cfg.http_listen.rsplit(':').next().unwrap().to_owned();
-    let ports: Vec<&str> = router["ports"].as_sequence().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
-    assert!(ports.iter().any(|p| p.ends_with(&format!(":{port}"))), "{ports:?} vs {port}");
+    let ports: Vec<&str> = router["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(
+        ports.iter().any(|p| p.ends_with(&format!(":{port}"))),
+        "{ports:?} vs {port}"
+    );
     // The broker gets the plugins Concord uses.
     let plugins = std::fs::read_to_string(root().join("deploy/rabbitmq/enabled_plugins")).unwrap();
     for p in ["rabbitmq_management", "rabbitmq_consistent_hash_exchange"] {
@@ -91,10 +118,19 @@ fn docker_compose_is_consistent() {
 fn dockerfile_builds_the_binaries_the_compose_file_runs() {
     let df = std::fs::read_to_string(root().join("deploy/docker/Dockerfile")).unwrap();
     for bin in ["concord", "concord-seed-demo"] {
-        assert!(df.contains(&format!("-p {bin}")), "Dockerfile does not build {bin}");
-        assert!(df.contains(&format!("/usr/local/bin/{bin}")), "Dockerfile does not install {bin}");
+        assert!(
+            df.contains(&format!("-p {bin}")),
+            "Dockerfile does not build {bin}"
+        );
+        assert!(
+            df.contains(&format!("/usr/local/bin/{bin}")),
+            "Dockerfile does not install {bin}"
+        );
     }
     for copied in ["examples/seed/policy.toml", "deploy/router.toml"] {
-        assert!(df.contains(copied) && root().join(copied).exists(), "{copied}");
+        assert!(
+            df.contains(copied) && root().join(copied).exists(),
+            "{copied}"
+        );
     }
 }

@@ -1,0 +1,101 @@
+//! Poison messages go to the router's dead-letter queue with their reason, and routing goes on.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use concord_adapter::testkit::text;
+use concord_amqp::{MessageProps, Publisher, PublisherOptions, Topology};
+use concord_it::*;
+use futures::StreamExt;
+use prost::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_with_their_reason() -> anyhow::Result<()> {
+    let ns = unique_namespace("poison");
+    let _cleanup = Cleanup {
+        namespace: ns.clone(),
+        systems: SEED_SYSTEMS.to_vec(),
+    };
+    let dir = tempfile::tempdir()?;
+    let router = start_router(&ns, &seed_policy()).await?;
+    let nodes = start_seed_nodes(&ns, dir.path()).await?;
+    let [_, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
+    let topo = Topology::new(ns.clone());
+
+    let conn = concord_amqp::connect(&amqp_uri(), &format!("it-poison-{ns}")).await?;
+    let publisher = Publisher::open(&conn, PublisherOptions::default()).await?;
+    let good = concord_proto::v1::ChangeEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        source: "orders".into(),
+        entity: "customer".into(),
+        key: "c-1".into(),
+        op: concord_proto::v1::Op::Upsert as i32,
+        schema_version: 1,
+        ..Default::default()
+    };
+    let wrong_entity = concord_proto::v1::ChangeEvent {
+        entity: "invoice".into(),
+        ..good.clone()
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "orders.customer",
+            b"\xff\xfe not protobuf at all".to_vec(),
+            "undecodable",
+        ),
+        (
+            "orders.invoice",
+            wrong_entity.encode_to_vec(),
+            "unknown_entity",
+        ),
+        (
+            "support.customer",
+            good.encode_to_vec(),
+            "routing_key_mismatch",
+        ),
+    ];
+    for (rk, body, _) in &cases {
+        publisher
+            .publish(&topo.ingress_exchange(), rk, body, MessageProps::new())
+            .await?
+            .await?;
+    }
+    let channel = conn.open_channel().await?;
+    let mut dlq = concord_amqp::consume(&channel, &topo.router_dlq(), "it-poison-dlq", 10).await?;
+    for (rk, body, reason) in &cases {
+        let d = tokio::time::timeout(Duration::from_secs(30), dlq.next())
+            .await
+            .context("no dead letter")?
+            .context("dlq stream ended")??;
+        assert_eq!(&d.body, body, "the original body is kept");
+        assert_eq!(
+            d.header_str("concord-reason").as_deref(),
+            Some(*reason),
+            "{rk}"
+        );
+        assert_eq!(d.header_str("concord-routing-key").as_deref(), Some(*rk));
+        assert!(
+            d.header_str("concord-detail")
+                .is_some_and(|s| !s.is_empty())
+        );
+        d.acker().ack(Default::default()).await?;
+    }
+    // The router did not stall: a good change still goes through.
+    orders
+        .memory
+        .create("customer", [("name", text("After the poison"))]);
+    support
+        .wait(30, "a change after the poison", |m| m.incoming_applied >= 1)
+        .await?;
+    assert!(
+        support
+            .memory
+            .find("customer", "name", "After the poison")
+            .is_some()
+    );
+    for n in nodes {
+        n.runner.shutdown().await?;
+    }
+    router.shutdown().await?;
+    Ok(())
+}
