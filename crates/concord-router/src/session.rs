@@ -101,11 +101,6 @@ async fn settle(p: Pending) -> Settled {
     }
 }
 
-/// Tells connection-level failures (reconnect) from per-message ones (requeue).
-fn is_connection_failure(e: &PublishError) -> bool {
-    matches!(e, PublishError::Connection(_))
-}
-
 impl Session {
     /// Connects both connections, declares the topology of the current policy and starts
     /// consuming.
@@ -216,12 +211,11 @@ impl Session {
                             }
                             batcher.ack(done.ack).await?;
                         }
-                        Err(e) if is_connection_failure(&e) => {
-                            warn!(error = %e, "publish lost with the connection");
-                            return Err(match e {
-                                PublishError::Connection(inner) => inner,
-                                _ => AmqpError::PublisherClosed,
-                            });
+                        Err(PublishError::Connection(e)) => {
+                            // Whether the broker has the message is unknown: the input stays
+                            // unacknowledged and is redelivered after the reconnect.
+                            warn!(error = %e, "a publish was lost with the connection");
+                            return Err(e);
                         }
                         Err(e) => {
                             failures = failures.saturating_add(1);

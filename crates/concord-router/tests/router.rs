@@ -193,6 +193,12 @@ impl World {
             .unwrap()
     }
 
+    /// A consumer of `queue` once it exists (someone else declares it).
+    async fn consumer_when_declared(&self, queue: &str) -> Consumer {
+        eventually("queue declared", async || self.count(queue).await.is_some()).await;
+        self.consumer(queue).await
+    }
+
     /// Ready messages of `queue`; `None` if it does not exist.
     async fn count(&self, queue: &str) -> Option<u32> {
         // A scratch channel: a passive declare of a missing queue closes it.
@@ -319,11 +325,11 @@ async fn close_connections(needle: &str) -> usize {
                 pid,
                 "test: simulated connection loss",
             ])
-            .status()
+            .output()
             .await
             .expect("rabbitmqctl");
         assert!(
-            status.success(),
+            status.status.success(),
             "rabbitmqctl close_connection {pid} failed"
         );
     }
@@ -704,6 +710,119 @@ async fn reconnects_by_itself_and_loses_nothing_when_the_broker_drops_it() {
             received - n,
             router.sessions_started()
         );
+        router.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_policy_stops_the_start_with_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    let broken = seed_policy()
+        .replace("owner = \"delivery\" }", "owner = \"nobody\" }")
+        .replace("email = { owner", "emial = { owner");
+    std::fs::write(&path, broken).unwrap();
+    let config = RouterConfig {
+        http_listen: "127.0.0.1:0".into(),
+        ..RouterConfig::default()
+    };
+    let err = concord_router::Router::start(config, path.clone())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown system `nobody`"), "{err}");
+    assert!(err.contains("has no field `emial`"), "{err}");
+    assert!(err.lines().count() >= 3, "one line per problem:\n{err}");
+
+    // A policy may not name a system `router`: that name is the router's dead-letter queue.
+    std::fs::write(
+        &path,
+        seed_policy().replace("[systems.support]", "[systems.router]\n[systems.support]"),
+    )
+    .unwrap();
+    let err = concord_router::Router::start(
+        RouterConfig {
+            http_listen: "127.0.0.1:0".into(),
+            ..RouterConfig::default()
+        },
+        path,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`router` is reserved"), "{err}");
+
+    let err = concord_router::Router::start(
+        RouterConfig {
+            prefetch: 0,
+            ..RouterConfig::default()
+        },
+        dir.path().join("policy.toml"),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`prefetch` must be at least 1"), "{err}");
+}
+
+#[tokio::test]
+async fn refused_credentials_stop_the_router() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, seed_policy()).unwrap();
+    let base = uri();
+    let bad = match base.split_once('@') {
+        Some((_, rest)) => format!("amqp://concord-nobody:wrong@{rest}"),
+        None => panic!("URI without credentials: {base}"),
+    };
+    let router = concord_router::Router::start(
+        RouterConfig {
+            amqp_uri: bad,
+            http_listen: "127.0.0.1:0".into(),
+            watch_policy: false,
+            ..RouterConfig::default()
+        },
+        path,
+    )
+    .await
+    .unwrap();
+    assert!(
+        within("router gives up", router.wait_ready())
+            .await
+            .is_err()
+    );
+    let err = within("shutdown", router.shutdown()).await.unwrap_err();
+    assert!(format!("{err:#}").contains("cannot connect"), "{err:#}");
+}
+
+#[tokio::test]
+async fn an_inbox_deleted_under_the_router_is_declared_again_and_nothing_is_lost() {
+    with_world("redeclare", |w| async move {
+        let router = w.start(w.config()).await;
+        let inbox = w.topology.inbox("orders");
+        let status = tokio::process::Command::new("rabbitmqctl")
+            .args(["-q", "delete_queue", &inbox])
+            .output()
+            .await
+            .unwrap();
+        assert!(status.status.success(), "rabbitmqctl delete_queue failed");
+        assert_eq!(w.count(&inbox).await, None, "inbox deleted");
+
+        // The projection for orders is returned as unroutable: the input is requeued (never
+        // acknowledged as delivered), the topology declared again, and the retry gets through.
+        let ev = delivery_status_event("c-9");
+        w.publish(&ev).await;
+        let mut orders = w.consumer_when_declared(&inbox).await;
+        let (got, _) = decode(&next(&mut orders, "orders inbox, declared again").await);
+        assert_eq!(got.event_id, ev.event_id);
+        let router_queue = w.topology.router_queue();
+        eventually("input acked after the retry", async || {
+            unacked(&router_queue).await == 0
+        })
+        .await;
+        assert_eq!(w.count(&router_queue).await, Some(0));
+        assert_eq!(router.metrics().deliveries_total("orders"), 1);
         router.shutdown().await.unwrap();
     })
     .await;

@@ -1,0 +1,173 @@
+//! `concord-bench`: measures the Concord router end to end on the real broker, against a plain
+//! AMQP forwarder written with the same client, the same guarantees and the same tuning.
+//!
+//! ```text
+//! concord-bench --events N [--fanout K] [--size BYTES] [--backlog M] [--amqp-uri URI]
+//! ```
+//!
+//! Human-readable progress goes to stderr; the last line of stdout is one JSON object (see
+//! `bench::Report`; its keys are stable, later runs are compared against them).
+//!
+//! The router and the forwarder run as child processes (this binary with a hidden `--role`)
+//! so that their CPU time and memory are measured apart from the load generator.
+//!
+//! This binary must never be pointed at a production broker (it declares and deletes its own
+//! uniquely named namespaces, but it saturates the broker), never measure anything but the
+//! real router (`concord_router::Router`, exactly as `concord router` runs it), and never
+//! talk to the broker other than through `concord-amqp`.
+
+mod bench;
+mod child;
+mod event;
+mod load;
+mod procfs;
+mod roles;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use concord_router::RouterConfig;
+
+use crate::child::Role;
+
+/// Router vs. plain-forwarder benchmark on the real broker.
+#[derive(Debug, Parser)]
+#[command(name = "concord-bench", version)]
+pub struct Cli {
+    /// Change events per throughput round (and per latency round unless --latency-events).
+    #[arg(long)]
+    pub events: u64,
+    /// Subscriber systems every event fans out to.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub fanout: u16,
+    /// Approximate encoded size of an input event in bytes (`delivery_notes` is padded);
+    /// default: the natural size of the 12-field record (about 500 bytes).
+    #[arg(long)]
+    pub size: Option<usize>,
+    /// Also measure the router's peak RSS while draining a backlog of this many events.
+    #[arg(long)]
+    pub backlog: Option<u64>,
+    /// Broker to use.
+    #[arg(long, env = "CONCORD_AMQP_URI", default_value = concord_router::config::DEFAULT_AMQP_URI)]
+    pub amqp_uri: String,
+    /// Rounds of each kind; rounds alternate baseline, router, baseline, router, ...
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    pub rounds: u16,
+    /// Events per latency round (default: --events).
+    #[arg(long)]
+    pub latency_events: Option<u64>,
+    /// Publishing channels of the load generator (each with its own confirm window).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub publishers: u16,
+    /// Distinct record keys the events are spread over.
+    #[arg(long, default_value_t = 1000)]
+    pub keys: u64,
+    /// Prefetch of the router, the forwarder and the subscribers (default: the router's).
+    #[arg(long)]
+    pub prefetch: Option<u16>,
+    /// Publisher confirm window of the router and the forwarder (default: the router's).
+    #[arg(long)]
+    pub confirm_window: Option<usize>,
+    /// Deliveries per cumulative ack, everywhere (default: the router's).
+    #[arg(long)]
+    pub ack_batch: Option<usize>,
+
+    /// Internal: run as a measured child process.
+    #[arg(long, hide = true)]
+    pub role: Option<Role>,
+    /// Internal: the child's namespace.
+    #[arg(long, hide = true)]
+    pub namespace: Option<String>,
+    /// Internal: the router child's policy file.
+    #[arg(long, hide = true)]
+    pub policy: Option<PathBuf>,
+}
+
+/// Prefetch, confirm window and ack batch, identical for router, forwarder and subscribers.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    pub prefetch: u16,
+    pub confirm_window: usize,
+    pub ack_batch: usize,
+}
+
+impl Cli {
+    fn tuning(&self) -> Tuning {
+        let defaults = RouterConfig::default();
+        Tuning {
+            prefetch: self.prefetch.unwrap_or(defaults.prefetch),
+            confirm_window: self.confirm_window.unwrap_or(defaults.confirm_window),
+            ack_batch: self.ack_batch.unwrap_or(defaults.ack_batch),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.role {
+        Some(role) => run_child(role, &cli),
+        None => run_parent(cli),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("concord-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // The same runtime `concord router` builds.
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run_child(role: Role, cli: &Cli) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let tuning = cli.tuning();
+    let args = roles::ChildArgs {
+        amqp_uri: cli.amqp_uri.clone(),
+        namespace: cli
+            .namespace
+            .clone()
+            .context("a child role needs --namespace")?,
+        policy: cli.policy.clone(),
+        fanout: usize::from(cli.fanout),
+        prefetch: tuning.prefetch,
+        confirm_window: tuning.confirm_window,
+        ack_batch: tuning.ack_batch,
+    };
+    let rt = runtime()?;
+    match role {
+        Role::Router => rt.block_on(roles::router(args)),
+        Role::Forwarder => rt.block_on(roles::forwarder(args)),
+    }
+}
+
+fn run_parent(cli: Cli) -> anyhow::Result<()> {
+    if cli.events == 0 {
+        anyhow::bail!("--events must be at least 1");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let tuning = cli.tuning();
+    let rt = runtime()?;
+    let report = rt.block_on(bench::run(&cli, tuning))?;
+    let json = serde_json::to_string(&report).context("encoding the report")?;
+    println!("{json}");
+    Ok(())
+}

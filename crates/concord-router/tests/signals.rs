@@ -1,0 +1,117 @@
+//! `run_until_signalled` with real signals: SIGHUP reloads the policy, SIGTERM drains and
+//! returns `Ok`. A binary of its own, because the signal handlers are process-wide.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use concord_amqp::{Topology, connect, queue_message_count};
+use concord_router::RouterConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SAFETY_NET: Duration = Duration::from_secs(30);
+
+fn uri() -> String {
+    std::env::var("CONCORD_AMQP_URI")
+        .or_else(|_| std::env::var("AMQP_URI"))
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + SAFETY_NET;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn status(addr: &str, path: &str) -> Option<u16> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn signal(name: &str) {
+    let out = tokio::process::Command::new("kill")
+        .args([&format!("-{name}"), &std::process::id().to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "kill -{name} failed");
+}
+
+async fn queue_exists(queue: &str) -> bool {
+    let conn = connect(&uri(), "it-signals-probe").await.unwrap();
+    let channel = conn.open_channel().await.unwrap();
+    let exists = queue_message_count(&channel, queue).await.is_ok();
+    conn.close().await.unwrap();
+    exists
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_sigterm_drains_and_returns_ok() {
+    let ns = format!("it-router-signals-{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed/policy.toml");
+    let seed = std::fs::read_to_string(seed).unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, &seed).unwrap();
+    // A free port for the HTTP endpoints (run_until_signalled does not expose the address).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = RouterConfig {
+        amqp_uri: uri(),
+        namespace: ns.clone(),
+        http_listen: addr.clone(),
+        watch_policy: false,
+        ..RouterConfig::default()
+    };
+    let router = tokio::spawn(concord_router::run_until_signalled(config, policy.clone()));
+    eventually("router ready", async || {
+        status(&addr, "/readyz").await == Some(200)
+    })
+    .await;
+
+    let topology = Topology::new(ns.clone());
+    let billing = topology.inbox("billing");
+    assert!(!queue_exists(&billing).await);
+    let with_billing = seed.replace(
+        "[entities.customer]",
+        "[systems.billing]\n\n[entities.customer]",
+    );
+    std::fs::write(&policy, with_billing).unwrap();
+    signal("HUP").await;
+    eventually("billing inbox declared after SIGHUP", async || {
+        queue_exists(&billing).await
+    })
+    .await;
+
+    signal("TERM").await;
+    let result = tokio::time::timeout(SAFETY_NET, router)
+        .await
+        .expect("router stops after SIGTERM")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(
+        status(&addr, "/healthz").await,
+        None,
+        "HTTP endpoints closed"
+    );
+
+    let conn = connect(&uri(), "it-signals-cleanup").await.unwrap();
+    let channel = conn.open_channel().await.unwrap();
+    let systems: Vec<String> = ["orders", "support", "delivery", "billing"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    topology.delete_all(&channel, &systems).await.unwrap();
+    conn.close().await.unwrap();
+}
