@@ -1,6 +1,8 @@
 //! The router process is killed (SIGKILL) mid-stream and restarted: every event is delivered,
 //! none is applied twice.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 

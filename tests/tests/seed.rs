@@ -1,6 +1,8 @@
 //! The seed scenario end to end over the real broker: orders, support and delivery adapters
 //! (SDK runner over in-memory systems) and the router, each test in its own namespace.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use anyhow::Context;
 use concord_adapter::testkit::text;
 use concord_it::*;

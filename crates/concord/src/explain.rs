@@ -28,6 +28,10 @@ fn upsert() -> String {
 
 #[derive(Debug, Serialize)]
 struct Explanation {
+    source: String,
+    entity: String,
+    key: String,
+    op: &'static str,
     accepted: Vec<String>,
     rejected: Vec<RejectedField>,
     deliveries: Vec<SystemFields>,
@@ -131,6 +135,10 @@ pub(crate) fn explain(policy_path: &Path, event_path: &Path) -> anyhow::Result<S
     }
     hidden.sort_by(|a, b| a.system.cmp(&b.system));
     let out = Explanation {
+        source: ev.source.clone(),
+        entity: ev.entity.clone(),
+        key: ev.key.clone(),
+        op: op.as_str(),
         accepted,
         rejected: rejections
             .into_iter()

@@ -1,5 +1,7 @@
 //! The `concord explain` and `concord check` commands, run as a user would.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

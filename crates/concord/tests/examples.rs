@@ -1,5 +1,7 @@
 //! Every example and deployment file in the repository parses and is consistent with the code.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
