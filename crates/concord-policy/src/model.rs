@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use prost_reflect::{DescriptorPool, FieldDescriptor, MessageDescriptor};
 use serde::Deserialize;
@@ -131,15 +132,37 @@ impl FieldRule {
     }
 }
 
+/// FNV-1a, for the field-name index on the decision hot path: field names are short, and
+/// SipHash costs more than the rest of a decision. The map's keys come from the policy, so
+/// names taken from messages can only look up, never flood, it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv1a {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
 /// The compiled policy of one entity.
 #[derive(Debug, Clone)]
 pub struct EntityPolicy {
     pub name: String,
     pub message: MessageDescriptor,
     pub fields: Vec<FieldRule>,
-    /// (name, position in `fields`), sorted by name: a binary search over a dozen short names
-    /// beats hashing them on the decision hot path.
-    field_index: Vec<(String, usize)>,
+    field_index: HashMap<String, usize, BuildHasherDefault<Fnv1a>>,
     /// Per system (by index), the fields it may see.
     pub(crate) visible_to: Vec<FieldSet>,
     /// Per system (by index), the fields it owns.
@@ -153,11 +176,7 @@ pub struct EntityPolicy {
 impl EntityPolicy {
     /// Position of a field in [`EntityPolicy::fields`].
     pub fn field_index(&self, name: &str) -> Option<usize> {
-        self.field_index
-            .binary_search_by(|(n, _)| n.as_str().cmp(name))
-            .ok()
-            .and_then(|p| self.field_index.get(p))
-            .map(|(_, i)| *i)
+        self.field_index.get(name).copied()
     }
     /// Fields `system` may see.
     pub fn visible_to(&self, system: SystemId) -> FieldSet {
@@ -321,7 +340,7 @@ impl Builder {
             let create = self.system_list(&system_index, ename, None, "create", &ent.create);
             let delete = self.system_list(&system_index, ename, None, "delete", &ent.delete);
             let mut fields = Vec::new();
-            let mut field_index = Vec::new();
+            let mut field_index = HashMap::default();
             let mut visible_to = vec![FieldSet::default(); n_systems];
             let mut owned_by = vec![FieldSet::default(); n_systems];
             let mut readers = SystemSet::default();
@@ -415,7 +434,7 @@ impl Builder {
                     }
                 }
                 readers = SystemSet(readers.0 | visible.0);
-                field_index.push((fname.clone(), idx));
+                field_index.insert(fname.clone(), idx);
                 fields.push(FieldRule {
                     name: fname.clone(),
                     descriptor,
@@ -424,7 +443,6 @@ impl Builder {
                     visible,
                 });
             }
-            field_index.sort_unstable();
             entity_index.insert(ename.clone(), entities.len());
             entities.push(EntityPolicy {
                 name: ename.clone(),

@@ -811,7 +811,10 @@ fn storing_rejected_writes_is_caught() {
     };
     let policy = seed_policy();
     let first = (0..200).find(|seed| Sim::new(&policy, cfg, *seed).run().is_err());
-    assert!(first.is_some(), "no schedule exposed stored rejected writes");
+    assert!(
+        first.is_some(),
+        "no schedule exposed stored rejected writes"
+    );
     eprintln!("stored rejected writes diverge first at seed {first:?}");
 }
 
