@@ -83,13 +83,27 @@ async fn seed_scenario_ownership_visibility_and_no_echo() -> anyhow::Result<()> 
     assert_eq!(orders.memory.field("customer", &oid, "warehouse"), None);
     assert_eq!(support.memory.field("customer", &sid, "warehouse"), None);
 
-    // Support edits a field it does not own (email), then one it owns (open_tickets). The second
-    // arrives after the first on the same record, so once it is applied the first was decided.
+    // Support edits the email, which orders owns: support holds orders' value, and the router
+    // told it its rank for the field (0: not an owner), so the edit is overruled on the spot and
+    // orders' value is written back; nothing is published.
     support.memory.edit(
         "customer",
         &sid,
         [("email", text("someone-else@example.com"))],
     );
+    support
+        .wait(30, "the correction", |m| m.corrections >= 1)
+        .await?;
+    assert_eq!(
+        support.text(&sid, "email").as_deref(),
+        Some("ada@example.com")
+    );
+    // Support edits the warehouse, which it neither owns nor sees: published, and rejected by
+    // the router. Then a field it owns (open_tickets): on the same record, it arrives after the
+    // rejected one was decided.
+    support
+        .memory
+        .edit("customer", &sid, [("warehouse", text("W9"))]);
     support
         .memory
         .edit("customer", &sid, [("open_tickets", Some(Value::U32(2)))]);
@@ -102,7 +116,11 @@ async fn seed_scenario_ownership_visibility_and_no_echo() -> anyhow::Result<()> 
     );
     assert_eq!(
         orders.text(&oid, "email").as_deref(),
-        Some("ada@example.com"),
+        Some("ada@example.com")
+    );
+    assert_eq!(
+        delivery.text(&did, "warehouse").as_deref(),
+        Some("W1"),
         "a non-owner's change spread"
     );
     let metrics = router.metrics().encode();
@@ -110,6 +128,7 @@ async fn seed_scenario_ownership_visibility_and_no_echo() -> anyhow::Result<()> 
         metrics
             .lines()
             .any(|l| l.starts_with("concord_router_fields_total")
+                && l.contains("decision=\"rejected\"")
                 && l.contains("not_owner")
                 && !l.ends_with(" 0")),
         "rejection not counted:\n{metrics}"

@@ -188,6 +188,7 @@ async fn a_non_owner_edit_does_not_spread() {
     let del = t.local("delivery", &key).await;
     let sup = t.local("support", &key).await;
     let before = t.bus.delivered("support").len();
+    let published = t.bus.published("delivery").len();
     t.delivery.edit(CUSTOMER, &del, [("name", text("Mallory"))]);
     t.bus.run_until_quiet().await.unwrap();
     assert_eq!(
@@ -199,8 +200,24 @@ async fn a_non_owner_edit_does_not_spread() {
         Some(s("Ada Lovelace"))
     );
     assert_eq!(t.bus.delivered("support").len(), before);
-    // It was published and the router refused it (nothing to deliver).
-    assert_eq!(names(t.bus.published("delivery").last().unwrap()), ["name"]);
+    // The router told delivery its rank for `name` (0: not an owner) with the owner's value, so
+    // the edit is overruled locally: not published, the owner's value written back.
+    assert_eq!(t.bus.published("delivery").len(), published);
+    assert_eq!(
+        t.delivery.field(CUSTOMER, &del, "name"),
+        Some(s("Ada Lovelace"))
+    );
+    assert_eq!(t.bus.metrics("delivery").corrections, 1);
+
+    // A non-owner's edit of a field it never received is published, and the router refuses it.
+    t.support.edit(CUSTOMER, &sup, [("warehouse", text("W9"))]);
+    t.bus.run_until_quiet().await.unwrap();
+    assert_eq!(
+        names(t.bus.published("support").last().unwrap()),
+        ["warehouse"]
+    );
+    assert_eq!(t.delivery.field(CUSTOMER, &del, "warehouse"), None);
+    assert_eq!(t.bus.delivered("support").len(), before);
 
     // The owner's next edit overwrites the local non-owner value everywhere.
     t.orders.edit(CUSTOMER, "o-1", [("name", text("Ada King"))]);

@@ -119,14 +119,17 @@ pub struct FieldRule {
 }
 
 impl FieldRule {
-    /// The merge rank of `system` for this field: for a priority field, `owners.len() - position`
-    /// (highest owner gets the greatest rank); 0 otherwise or when `system` does not own it.
+    /// The merge rank of `system` for this field: 0 when it does not own the field; 1 for the
+    /// owners of a single-owner or last-writer-wins field; for a priority field
+    /// `owners.len() - position` (the highest owner gets the greatest rank).
+    ///
+    /// Every accepted write carries its writer's rank (at least 1), and a replica ranks its own
+    /// earlier writes with its own rank, so an owner's write always beats a value a non-owner
+    /// wrote locally (which the router rejected): copies converge on the owners' values.
     pub fn rank_of(&self, system: SystemId) -> u32 {
-        if self.merge != MergeRule::Priority {
-            return 0;
-        }
         match self.owners.iter().position(|o| *o == system) {
-            Some(p) => (self.owners.len() - p) as u32,
+            Some(p) if self.merge == MergeRule::Priority => (self.owners.len() - p) as u32,
+            Some(_) => 1,
             None => 0,
         }
     }

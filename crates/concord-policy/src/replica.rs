@@ -13,16 +13,16 @@
 //! - **Local change** of a field: [`classify_local`] against the stored state, with the merge
 //!   rank the adapter last learned for the field (0 until it learns one).
 //!   [`LocalWrite::Unchanged`]: publish nothing. [`LocalWrite::Overruled`]: publish nothing and
-//!   write the stored value back to the system. [`LocalWrite::Publish`]: stamp the published
-//!   fields with one [`crate::Hlc::tick`] and publish them; store value and stamp in the replica
-//!   **only if the system owns the field**. The router rejects a non-owner's write, so it never
-//!   reaches another copy; stored, it would compete with the non-owner's clock against every
-//!   later owner write, and a non-owner whose clock runs ahead would keep the rejected value for
-//!   good. Not stored, the system keeps its local value until the next owner write arrives and
-//!   wins over the owner's value the replica still holds. (The adapter learns what it owns from
-//!   the policy: [`crate::EntityPolicy::owned_by`].)
+//!   write the stored value back to the system (a higher-ranked owner's value stands: this is how
+//!   a non-owner's edit of an owned field, or a lower-priority owner's edit, is corrected).
+//!   [`LocalWrite::Publish`]: stamp the published fields with one [`crate::Hlc::tick`], publish
+//!   them and store value and stamp in the replica. A non-owner's write that the router rejects
+//!   stays stored only until the next owner write arrives: the router stamps owners' writes with
+//!   a rank of at least 1, and [`incoming_wins`] ranks the replica's own writes with its own rank
+//!   for the field (0 for a non-owner), so the owner's write wins whatever the clocks say. The
+//!   adapter needs no copy of the policy for this: the router tells each receiver its rank.
 //! - **Delivery**: for each field of the mask, [`crate::Hlc::observe`] its clock, remember the
-//!   rank from `receiver_ranks` (priority fields), and if [`incoming_wins`] store the value
+//!   rank from `receiver_ranks`, and if [`incoming_wins`] store the value
 //!   ([`crate::route::encode_field`]) with the incoming stamp and `pending: true`; apply the
 //!   winners to the system, clear `pending`, then acknowledge. A crash in between leaves the
 //!   fields pending, so the redelivered message is applied again.
@@ -75,13 +75,14 @@ pub enum LocalWrite {
     Unchanged,
     /// A new value: stamp it and publish it.
     Publish,
-    /// A higher-priority owner's value stands for this field: publish nothing and write that
-    /// value back to the system.
+    /// A higher-ranked owner's value stands for this field (the system does not own it, or owns it
+    /// with a lower priority): publish nothing and write that value back to the system.
     Overruled,
 }
 
 /// Classifies a local write of `value` to a field for which the replica holds `stored`.
-/// `own_rank` is the replica's merge rank for the field (0 when unknown or last-writer-wins).
+/// `own_rank` is the replica's merge rank for the field as the router last told it (0 when the
+/// system does not own the field, or before it has learned its rank).
 pub fn classify_local(
     stored: Option<&FieldState>,
     value: Option<&[u8]>,

@@ -355,10 +355,8 @@ fn try_process(
                     },
                 );
             }
-            if rule.merge == crate::MergeRule::Priority {
-                copy.receiver_ranks
-                    .insert(rule.name.clone(), rule.rank_of(target));
-            }
+            copy.receiver_ranks
+                .insert(rule.name.clone(), rule.rank_of(target));
         }
         deliveries.push(Delivery {
             system: policy.system_name(target).to_owned(),

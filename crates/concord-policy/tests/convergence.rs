@@ -12,9 +12,10 @@
 //! - A local change of a field is classified against the replica. `Unchanged` publishes
 //!   nothing. `Overruled` publishes nothing and writes the stored value back to the system.
 //!   `Publish` fields of one change are stamped with one `Hlc::tick` and published as one event;
-//!   the replica stores them **only for fields the system owns** (a non-owner's write is
-//!   rejected by the router and must not enter the replica; the system keeps its local value
-//!   until the next owner write arrives and overwrites it).
+//!   the replica stores them all, like the real adapter, which does not know the policy. A
+//!   non-owner's write is rejected by the router; the system keeps its local value until the
+//!   next owner write arrives and wins (owners' writes carry rank >= 1, the replica ranks its own
+//!   write 0). Once it holds an owner's value, a non-owner's edit is `Overruled` (written back).
 //! - On receipt: observe every clock into the HLC, learn the own merge rank from
 //!   `receiver_ranks`, record winning fields as pending, apply them to the system, clear pending,
 //!   ack. Applying a value makes the system report it as a local change (the echo), through the
@@ -70,8 +71,8 @@ struct Config {
     max_drift_ppm: i64,
     /// Make one system's clock run beyond the router's clock skew.
     runaway: bool,
-    /// Store non-owners' local writes in the replica (wrong; used to show the checker finds it).
-    store_rejected: bool,
+    /// Ignore the ranks the router sends (wrong; used to show the checker finds it).
+    ignore_receiver_ranks: bool,
 }
 
 impl Default for Config {
@@ -83,7 +84,7 @@ impl Default for Config {
             max_offset_ms: 20_000,
             max_drift_ppm: 50_000,
             runaway: false,
-            store_rejected: false,
+            ignore_receiver_ranks: false,
         }
     }
 }
@@ -261,7 +262,6 @@ impl<'p> Sim<'p> {
     ) -> Result<bool, String> {
         let mut publish = Vec::new();
         for (f, value) in values {
-            let owns = self.owns(node, f);
             let n = &mut self.nodes[node];
             n.data.insert((key, f), value.clone());
             let own_rank = n.ranks.get(f).copied().unwrap_or(0);
@@ -285,7 +285,7 @@ impl<'p> Sim<'p> {
                             self.nodes[node].name
                         ));
                     }
-                    publish.push((f, value, owns, own_rank));
+                    publish.push((f, value, own_rank));
                 }
             }
         }
@@ -311,7 +311,7 @@ impl<'p> Sim<'p> {
         };
         self.event_seq += 1;
         let mut fields = Vec::new();
-        for (f, value, owns, own_rank) in publish {
+        for (f, value, own_rank) in publish {
             if let Some(bytes) = &value {
                 let fd = field(f);
                 let v = route::decode_field(&customer(), &fd, bytes).ok_or("undecodable value")?;
@@ -326,16 +326,18 @@ impl<'p> Sim<'p> {
                     rank: own_rank,
                 },
             );
-            if owns || self.cfg.store_rejected {
-                n.replica.insert(
-                    (key, f),
-                    FieldState {
-                        value: value.clone(),
-                        stamp: Stamp::new(own_rank, hlc, n.name.clone()),
-                        pending: false,
-                    },
-                );
-            }
+            // Like the real adapter, every published local write is stored, also one the router
+            // will reject: the adapter does not know the policy. Owners' writes carry a rank of
+            // at least 1 and the replica ranks its own writes with its own rank (0 for a field it
+            // does not own), so the next owner write still replaces the rejected value.
+            n.replica.insert(
+                (key, f),
+                FieldState {
+                    value: value.clone(),
+                    stamp: Stamp::new(own_rank, hlc, n.name.clone()),
+                    pending: false,
+                },
+            );
             fields.push((f, value));
         }
         ev.record = record.encode_to_vec();
@@ -517,7 +519,11 @@ impl<'p> Sim<'p> {
             let c = ev.clocks.get(name).ok_or("delivery without a clock")?;
             let n = &mut self.nodes[t];
             n.hlc.observe(c.hlc);
-            if let Some(r) = ev.receiver_ranks.get(name) {
+            if let Some(r) = ev
+                .receiver_ranks
+                .get(name)
+                .filter(|_| !self.cfg.ignore_receiver_ranks)
+            {
                 n.ranks.insert(f, *r);
             }
             let self_rank = n.ranks.get(f).copied().unwrap_or(0);
@@ -647,8 +653,10 @@ impl<'p> Sim<'p> {
                     let at = format!("{} {key_name} {f}", n.name);
                     let held = n.replica.get(&(key, f));
                     if !self.sees(n.index, f) {
-                        if held.is_some() && !self.cfg.store_rejected {
-                            return Err(format!("{at}: replica holds a field it cannot see"));
+                        if held.is_some_and(|h| h.stamp.system != n.name) {
+                            return Err(format!(
+                                "{at}: replica holds another system's value of a field it cannot see"
+                            ));
                         }
                         continue;
                     }
@@ -691,6 +699,9 @@ impl<'p> Sim<'p> {
                                 ));
                             }
                         }
+                        // Its own write that no owner ever wrote over (the router rejected it, and
+                        // every owner's write was dead-lettered): nobody else holds anything.
+                        (Some(h), None) if h.stamp.system == n.name => {}
                         (h, b) => return Err(format!("{at}: holds {h:?}, greatest write {b:?}")),
                     }
                 }
@@ -804,25 +815,25 @@ fn runaway_clock_is_dead_lettered_and_never_wins() {
 /// writes keeps them against later owner writes stamped by a slower clock, and the simulation
 /// finds that within a few schedules.
 #[test]
-fn storing_rejected_writes_is_caught() {
+fn ignoring_receiver_ranks_is_caught() {
     let cfg = Config {
-        store_rejected: true,
+        ignore_receiver_ranks: true,
         ..Config::default()
     };
     let policy = seed_policy();
     let first = (0..200).find(|seed| Sim::new(&policy, cfg, *seed).run().is_err());
     assert!(
         first.is_some(),
-        "no schedule exposed stored rejected writes"
+        "no schedule exposed an adapter that ignores its ranks"
     );
-    eprintln!("stored rejected writes diverge first at seed {first:?}");
+    eprintln!("ignoring receiver ranks diverges first at seed {first:?}");
 }
 
 /// The non-owner case step by step, on the seed policy: support's user renames a customer
 /// (sales owns `name`) on a machine whose clock runs a minute ahead. The router rejects the
-/// change; support's system keeps its local value; sales' next write, stamped by a slower clock,
-/// still replaces it, because the adapter never stored the rejected write. Had it stored it,
-/// `incoming_wins` would keep the rejected value.
+/// change; support's adapter stored it (it does not know the policy); sales' next write, stamped
+/// by a slower clock, still replaces it: sales' write carries rank 1, and support ranks its own
+/// write with the rank the router told it for `name`, 0.
 #[test]
 fn rejected_local_write_is_overwritten_by_the_next_owner_write() {
     let policy = seed_policy();
@@ -864,15 +875,54 @@ fn rejected_local_write_is_overwritten_by_the_next_owner_write() {
     assert_eq!((r.accepted, r.deliveries.len()), (0, 0));
     assert_eq!(r.rejected[0].reason.as_str(), "not_owner");
 
-    // Sales writes the name later in real time, with a correct clock.
-    let sales = Stamp::new(0, NOW_MS << 16, "orders");
-    // The adapter model: the rejected write was not stored, so the owner's write wins.
-    assert!(incoming_wins(None, &sales, "support", 0));
-    // Storing it would have kept the rejected value against every owner write for a minute.
+    // Sales writes the name later in real time, with a correct clock: the router stamps it with
+    // sales' rank for `name` (1) and tells support its own (0).
+    let owners_write = event(
+        "orders",
+        &["name"],
+        value("Ada").encode_to_vec(),
+        NOW_MS << 16,
+    );
+    let out = route::process(
+        &policy,
+        &settings,
+        NOW_MS,
+        Input {
+            routing_key: "orders.customer",
+            body: &owners_write.encode_to_vec(),
+            user_id: Some("orders"),
+        },
+    );
+    let Outcome::Routed(r) = out else {
+        panic!("{out:?}")
+    };
+    let to_support = r.deliveries.iter().find(|d| d.system == "support").unwrap();
+    let copy = ChangeEvent::decode(to_support.body.as_slice()).unwrap();
+    let clock = &copy.clocks["name"];
+    let sales = Stamp::new(clock.rank, clock.hlc, clock.system.clone());
+    assert_eq!(sales.rank, 1);
+    let own_rank = copy.receiver_ranks["name"];
+    assert_eq!(own_rank, 0);
     let stored_rejected = FieldState {
-        value: local,
+        value: local.clone(),
         stamp: Stamp::new(0, fast, "support"),
         pending: false,
     };
-    assert!(!incoming_wins(Some(&stored_rejected), &sales, "support", 0));
+    assert!(incoming_wins(
+        Some(&stored_rejected),
+        &sales,
+        "support",
+        own_rank
+    ));
+    // Once support holds sales' value, its user's next edit of `name` is overruled locally
+    // (written back), not published.
+    let held = FieldState {
+        value: route::encode_field(&value("Ada"), &name),
+        stamp: sales,
+        pending: false,
+    };
+    assert_eq!(
+        classify_local(Some(&held), local.as_deref(), "support", own_rank),
+        LocalWrite::Overruled
+    );
 }

@@ -498,7 +498,7 @@ fn seed_scenario_routing() {
     let srec = Customer::decode(support.record.as_slice()).unwrap();
     assert_eq!(srec.amount_paid, Some(12_345));
     assert_eq!(srec.warehouse, None, "rejected fields are never delivered");
-    for copy in [support, delivery] {
+    for (copy, co_owned) in [(support, &["language", "phone"][..]), (delivery, &[][..])] {
         assert_eq!(copy.event_id, ev.event_id);
         assert_eq!(copy.origin, "orders");
         assert_eq!(copy.source, "orders");
@@ -511,14 +511,18 @@ fn seed_scenario_routing() {
             "one clock per delivered field, no more"
         );
         for c in copy.clocks.values() {
-            assert_eq!((c.hlc, c.system.as_str(), c.rank), (hlc, "orders", 0));
+            assert_eq!((c.hlc, c.system.as_str(), c.rank), (hlc, "orders", 1));
         }
         let rc = copy.record_clock.as_ref().unwrap();
         assert_eq!((rc.hlc, rc.system.as_str(), rc.rank), (hlc, "orders", 0));
-        assert!(
-            copy.receiver_ranks.is_empty(),
-            "no priority field in the projection"
-        );
+        // The receiver learns its own rank for each field: 0 = it does not own it.
+        // Support co-owns phone and language with sales (last writer wins: rank 1).
+        let expected: BTreeMap<String, u32> = copy
+            .field_mask
+            .iter()
+            .map(|f| (f.clone(), u32::from(co_owned.contains(&f.as_str()))))
+            .collect();
+        assert_eq!(copy.receiver_ranks, expected);
     }
 
     // The driver reports progress: sales sees the status but never the warehouse.
@@ -539,12 +543,18 @@ fn seed_scenario_routing() {
     // delivery_notes is merged by priority: support (rank 2) over delivery (rank 1).
     let notes = &d["support"].clocks["delivery_notes"];
     assert_eq!((notes.system.as_str(), notes.rank), ("delivery", 1));
-    assert_eq!(d["support"].clocks["delivery_status"].rank, 0);
+    assert_eq!(d["support"].clocks["delivery_status"].rank, 1);
     assert_eq!(
         d["support"].receiver_ranks,
-        BTreeMap::from([("delivery_notes".to_owned(), 2)])
+        BTreeMap::from([
+            ("delivery_notes".to_owned(), 2),
+            ("delivery_status".to_owned(), 0)
+        ])
     );
-    assert!(d["orders"].receiver_ranks.is_empty());
+    assert_eq!(
+        d["orders"].receiver_ranks,
+        BTreeMap::from([("delivery_status".to_owned(), 0)])
+    );
 
     // Support's notes reach the driver with support's rank, and the driver learns its own.
     let ev = event(
