@@ -47,7 +47,7 @@ pub use connection::{
 pub use consumer::{Consumer, Delivery, consume};
 pub use error::{AmqpError, PublishError};
 pub use publisher::{CONTENT_TYPE, MessageProps, PendingConfirm, Publisher, PublisherOptions};
-pub use topology::{QueueType, Topology, queue_message_count};
+pub use topology::{PARTITION_HASH_HEADER, QueueType, Topology, queue_message_count};
 
 /// Re-exported so that callers never need a direct `backon` dependency to drive
 /// [`backoff()`] (`backoff().build()` yields the delays).

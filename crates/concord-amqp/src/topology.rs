@@ -9,16 +9,46 @@
 //! The router's DLQ is `dlq("router")`, each system's DLQ is `dlq(system)`. Both sides
 //! (router and adapters) declare with the very same arguments (built by one private
 //! function), so declaration is idempotent from anywhere.
+//!
+//! # Partitioned router input
+//!
+//! With [`Topology::with_partitions`] `P > 1` the single router queue is replaced by `P`
+//! partition queues, so that several router replicas share the work without breaking
+//! per-record order:
+//!
+//! ```text
+//! {ns}.ingress (topic) ──#──▶ {ns}.partition (x-consistent-hash, hash-header = concord-key)
+//!     ──"1"──▶ {ns}.router.p0 … {ns}.router.p{P-1}   (x-single-active-consumer = true)
+//! ```
+//!
+//! The consistent-hash exchange (plugin `rabbitmq_consistent_hash_exchange`) hashes the
+//! [`PARTITION_HASH_HEADER`] header (`<entity>/<key>`), so every event of one record lands
+//! in the same partition queue; every queue is bound with weight `"1"` (equal shares). Each
+//! partition queue has a single active consumer: any number of routers may subscribe to it,
+//! the broker delivers to one of them at a time, and promotes the next one when the active
+//! consumer's channel or connection goes away.
+//!
+//! The exchange hashes the header's AMQP type together with its value: publish it as a
+//! (long) string, as every client does by default. A message **without** the header is
+//! hashed as "no value": every such message goes to one and the same partition (it is never
+//! dropped), but then not necessarily to the partition of the other events of its record,
+//! so publishers of a partitioned deployment must always set the header.
+//!
+//! The key → partition mapping depends on the number of partition queues and on the order
+//! in which they were bound (the broker rebuilds it from the bindings when it restarts).
+//! Changing `P`, or deleting a partition queue, re-maps keys: do it with the router input
+//! drained. Events of a record queued in two partitions around such a change may be routed
+//! out of order; the receivers' per-field clocks still make the newest value win.
 
 use lapin::{
     Channel, ExchangeKind,
     options::{
-        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-        QueueDeleteOptions,
+        ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
     },
     types::{AMQPValue, FieldTable, LongString},
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::error::{AmqpError, short};
 
@@ -28,6 +58,12 @@ pub const DEFAULT_NAMESPACE: &str = "concord";
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
 /// Dead-letter key (and DLQ suffix) of the router queue.
 pub const ROUTER_DLQ_KEY: &str = "router";
+/// The header the partition exchange hashes: `<entity>/<key>`, the canonical record key.
+pub const PARTITION_HASH_HEADER: &str = "concord-key";
+/// Largest number of router partitions (queue names stay short, the broker stays sane).
+pub const MAX_PARTITIONS: u16 = 1024;
+/// Exchange type of the partition exchange (plugin `rabbitmq_consistent_hash_exchange`).
+const CONSISTENT_HASH: &str = "x-consistent-hash";
 
 /// Kind of the work queues (router queue and inboxes). DLQs are always plain durable
 /// classic queues.
@@ -47,6 +83,7 @@ pub struct Topology {
     ns: String,
     queue_type: QueueType,
     delivery_limit: u32,
+    partitions: u16,
 }
 
 impl Default for Topology {
@@ -63,7 +100,29 @@ impl Topology {
             ns: ns.into(),
             queue_type: QueueType::default(),
             delivery_limit: DEFAULT_DELIVERY_LIMIT,
+            partitions: 1,
         }
+    }
+
+    /// Split the router input into `partitions` queues (see the module docs). `1` (the
+    /// default; `0` counts as `1`) keeps the single `{ns}.router` queue. Values above
+    /// [`MAX_PARTITIONS`] are capped.
+    #[must_use]
+    pub fn with_partitions(mut self, partitions: u16) -> Self {
+        self.partitions = partitions.clamp(1, MAX_PARTITIONS);
+        self
+    }
+
+    /// Number of router input queues (1: the single `{ns}.router` queue).
+    #[must_use]
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    /// Whether the router input is partitioned (more than one partition).
+    #[must_use]
+    pub fn is_partitioned(&self) -> bool {
+        self.partitions > 1
     }
 
     /// Choose the work queue type.
@@ -103,6 +162,32 @@ impl Topology {
     #[must_use]
     pub fn router_queue(&self) -> String {
         format!("{}.router", self.ns)
+    }
+
+    /// `{ns}.partition`: durable consistent-hash exchange bound to the ingress exchange with
+    /// `#`, hashing the [`PARTITION_HASH_HEADER`] header (partitioned topologies only).
+    #[must_use]
+    pub fn partition_exchange(&self) -> String {
+        format!("{}.partition", self.ns)
+    }
+
+    /// `{ns}.router.p{index}`: partition queue `index` (partitioned topologies only).
+    #[must_use]
+    pub fn partition_queue(&self, index: u16) -> String {
+        format!("{}.router.p{index}", self.ns)
+    }
+
+    /// The router's input queues: `[{ns}.router]`, or the `P` partition queues in partition
+    /// order (index `i` of the list is partition `i`).
+    #[must_use]
+    pub fn router_queues(&self) -> Vec<String> {
+        if self.is_partitioned() {
+            (0..self.partitions)
+                .map(|i| self.partition_queue(i))
+                .collect()
+        } else {
+            vec![self.router_queue()]
+        }
     }
 
     /// `{ns}.routed`: durable direct exchange the router publishes to; routing key =
@@ -178,18 +263,47 @@ impl Topology {
         Ok(())
     }
 
+    /// The arguments of a partition queue: those of the router queue plus a single active
+    /// consumer.
+    fn partition_queue_arguments(&self) -> FieldTable {
+        let mut args = self.queue_arguments(ROUTER_DLQ_KEY);
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        args
+    }
+
+    /// The arguments of the partition exchange.
+    fn partition_exchange_arguments() -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            "hash-header".into(),
+            AMQPValue::LongString(LongString::from(PARTITION_HASH_HEADER)),
+        );
+        args
+    }
+
     async fn declare_exchange(
         &self,
         channel: &Channel,
         name: &str,
         kind: ExchangeKind,
     ) -> Result<(), AmqpError> {
+        self.declare_exchange_with(channel, name, kind, FieldTable::default())
+            .await
+    }
+
+    async fn declare_exchange_with(
+        &self,
+        channel: &Channel,
+        name: &str,
+        kind: ExchangeKind,
+        arguments: FieldTable,
+    ) -> Result<(), AmqpError> {
         let options = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
         };
         channel
-            .exchange_declare(short(name)?, kind, options, FieldTable::default())
+            .exchange_declare(short(name)?, kind, options, arguments)
             .await?;
         Ok(())
     }
@@ -267,16 +381,63 @@ impl Topology {
         }
         self.declare_exchanges(channel).await?;
         self.declare_dlq(channel, ROUTER_DLQ_KEY).await?;
-        self.declare_bound_queue(
-            channel,
-            &self.router_queue(),
-            self.queue_arguments(ROUTER_DLQ_KEY),
-            &self.ingress_exchange(),
-            "#",
-        )
-        .await?;
+        if self.is_partitioned() {
+            self.declare_partitions(channel).await?;
+        } else {
+            self.declare_bound_queue(
+                channel,
+                &self.router_queue(),
+                self.queue_arguments(ROUTER_DLQ_KEY),
+                &self.ingress_exchange(),
+                "#",
+            )
+            .await?;
+        }
         for system in systems {
             self.declare_system(channel, system).await?;
+        }
+        Ok(())
+    }
+
+    /// The partition exchange, its binding to the ingress exchange and the partition queues
+    /// (bound in partition order, each with weight 1).
+    async fn declare_partitions(&self, channel: &Channel) -> Result<(), AmqpError> {
+        let exchange = self.partition_exchange();
+        if let Err(e) = self
+            .declare_exchange_with(
+                channel,
+                &exchange,
+                ExchangeKind::Custom(CONSISTENT_HASH.to_owned()),
+                Self::partition_exchange_arguments(),
+            )
+            .await
+        {
+            warn!(
+                exchange,
+                error = %e,
+                "declaring the partition exchange failed: is the RabbitMQ plugin \
+                 rabbitmq_consistent_hash_exchange enabled?"
+            );
+            return Err(e);
+        }
+        channel
+            .exchange_bind(
+                short(&exchange)?,
+                short(&self.ingress_exchange())?,
+                short("#")?,
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        for i in 0..self.partitions {
+            self.declare_bound_queue(
+                channel,
+                &self.partition_queue(i),
+                self.partition_queue_arguments(),
+                &exchange,
+                "1",
+            )
+            .await?;
         }
         Ok(())
     }
@@ -290,10 +451,16 @@ impl Topology {
         self.declare_system(channel, system).await
     }
 
-    /// Delete every queue and exchange of the namespace (for tests' cleanup). Missing
-    /// entities are ignored (RabbitMQ's deletes are idempotent; a 404 is also tolerated).
+    /// Delete every queue and exchange of the namespace (for tests' cleanup): the router
+    /// queue, the partition exchange and this topology's partition queues (whatever the
+    /// partition count, `{ns}.router` and `{ns}.partition` are deleted too), the router DLQ
+    /// and each system's inbox and DLQ. Missing entities are ignored (RabbitMQ's deletes are
+    /// idempotent; a 404 is also tolerated).
     pub async fn delete_all(&self, channel: &Channel, systems: &[String]) -> Result<(), AmqpError> {
         let mut queues = vec![self.router_queue(), self.router_dlq()];
+        if self.is_partitioned() {
+            queues.extend((0..self.partitions).map(|i| self.partition_queue(i)));
+        }
         for system in systems {
             queues.push(self.inbox(system));
             queues.push(self.dlq(system));
@@ -304,7 +471,12 @@ impl Topology {
                 .await;
             ignore_not_found(result.map(|_| ()))?;
         }
-        for exchange in [self.ingress_exchange(), self.routed_exchange(), self.dlx()] {
+        for exchange in [
+            self.partition_exchange(),
+            self.ingress_exchange(),
+            self.routed_exchange(),
+            self.dlx(),
+        ] {
             let result = channel
                 .exchange_delete(short(&exchange)?, ExchangeDeleteOptions::default())
                 .await;
@@ -395,6 +567,69 @@ mod tests {
                 .get("x-delivery-limit"),
             Some(&AMQPValue::LongInt(20))
         );
+    }
+
+    #[test]
+    fn partition_names() {
+        let single = Topology::new("ns");
+        assert_eq!(single.partitions(), 1);
+        assert!(!single.is_partitioned());
+        assert_eq!(single.router_queues(), vec!["ns.router".to_owned()]);
+        assert_eq!(single.clone().with_partitions(0), single);
+        assert_eq!(single.clone().with_partitions(1), single);
+
+        let t = Topology::new("ns").with_partitions(3);
+        assert!(t.is_partitioned());
+        assert_eq!(t.partition_exchange(), "ns.partition");
+        assert_eq!(t.partition_queue(2), "ns.router.p2");
+        assert_eq!(
+            t.router_queues(),
+            vec!["ns.router.p0", "ns.router.p1", "ns.router.p2"]
+        );
+        assert_eq!(
+            Topology::new("ns").with_partitions(u16::MAX).partitions(),
+            MAX_PARTITIONS
+        );
+    }
+
+    #[test]
+    fn partition_arguments() {
+        let args = Topology::new("ns")
+            .with_partitions(4)
+            .partition_queue_arguments();
+        assert_eq!(
+            arg(&args, "x-single-active-consumer"),
+            Some(&AMQPValue::Boolean(true))
+        );
+        assert_eq!(arg(&args, "x-dead-letter-exchange"), Some(&text("ns.dlx")));
+        assert_eq!(
+            arg(&args, "x-dead-letter-routing-key"),
+            Some(&text("router"))
+        );
+        assert_eq!(arg(&args, "x-queue-version"), Some(&AMQPValue::LongInt(2)));
+
+        let quorum = Topology::new("ns")
+            .with_partitions(4)
+            .with_queue_type(QueueType::Quorum)
+            .partition_queue_arguments();
+        assert_eq!(arg(&quorum, "x-queue-type"), Some(&text("quorum")));
+        assert_eq!(
+            arg(&quorum, "x-delivery-limit"),
+            Some(&AMQPValue::LongInt(20))
+        );
+        assert_eq!(
+            arg(&quorum, "x-dead-letter-strategy"),
+            Some(&text("at-least-once"))
+        );
+        assert_eq!(arg(&quorum, "x-overflow"), Some(&text("reject-publish")));
+        assert_eq!(
+            arg(&quorum, "x-single-active-consumer"),
+            Some(&AMQPValue::Boolean(true))
+        );
+
+        let exchange = Topology::partition_exchange_arguments();
+        assert_eq!(arg(&exchange, "hash-header"), Some(&text("concord-key")));
+        assert_eq!(exchange.inner().len(), 1);
     }
 
     #[test]

@@ -60,6 +60,22 @@ pub struct RouterConfig {
     pub delivery_limit: Option<u32>,
     /// Reload the policy when its file changes (it is always reloaded on SIGHUP).
     pub watch_policy: bool,
+    /// Number of router input queues. `1` (the default) is the single `{ns}.router` queue; more
+    /// partitions the input by record key (consistent-hash exchange `{ns}.partition` into
+    /// `{ns}.router.p0` … with a single active consumer each), so that several replicas share
+    /// the work without breaking per-record order. Every replica and every deployment of the
+    /// namespace must use the same value; change it only with the input drained.
+    pub partitions: u16,
+    /// Number of router replicas sharing the partitions (e.g. a StatefulSet's replica count);
+    /// set together with `replica_index`. Needs `partitions` > 1.
+    pub replicas: Option<u16>,
+    /// This replica's index, `0..replicas` (e.g. a StatefulSet ordinal). The replica takes its
+    /// preferred partitions (`i % replicas == replica_index`) at once and subscribes to the others
+    /// as a standby after `standby_delay_ms`.
+    pub replica_index: Option<u16>,
+    /// How long a replica waits before subscribing to the partitions it does not prefer, so
+    /// that replicas starting together each become the active consumer of their own share.
+    pub standby_delay_ms: u64,
 }
 
 impl Default for RouterConfig {
@@ -77,6 +93,10 @@ impl Default for RouterConfig {
             queue_type: QueueType::Classic,
             delivery_limit: None,
             watch_policy: true,
+            partitions: 1,
+            replicas: None,
+            replica_index: None,
+            standby_delay_ms: 2_000,
         }
     }
 }
@@ -169,6 +189,7 @@ impl RouterConfig {
             }
             _ => {}
         }
+        self.validate_partitions(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -176,6 +197,47 @@ impl RouterConfig {
                 file: file.to_owned(),
                 problems,
             })
+        }
+    }
+
+    fn validate_partitions(&self, problems: &mut Vec<String>) {
+        let max = concord_amqp::topology::MAX_PARTITIONS;
+        if self.partitions == 0 || self.partitions > max {
+            problems.push(format!(
+                "`partitions` must be between 1 and {max}, is {}",
+                self.partitions
+            ));
+        }
+        match (self.replicas, self.replica_index) {
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => problems
+                .push("`replicas` and `replica_index` go together: set both or neither".to_owned()),
+            (Some(0), Some(_)) => problems.push("`replicas` must be at least 1".to_owned()),
+            (Some(replicas), Some(index)) => {
+                if index >= replicas {
+                    problems.push(format!(
+                        "`replica_index` ({index}) must be less than `replicas` ({replicas})"
+                    ));
+                }
+                if replicas > 1 && self.partitions <= 1 {
+                    problems.push(format!(
+                        "`replicas` = {replicas} needs `partitions` > 1: replicas sharing the single \
+                         router queue would break per-record order"
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The partitions this replica subscribes to at once, in partition order: those with
+    /// `i % replicas == replica_index`, or every partition without replica settings.
+    pub fn preferred_partitions(&self) -> Vec<u16> {
+        let all = 0..self.partitions.max(1);
+        match (self.replicas, self.replica_index) {
+            (Some(replicas), Some(index)) if replicas > 0 => {
+                all.filter(|i| i % replicas == index).collect()
+            }
+            _ => all.collect(),
         }
     }
 
@@ -228,6 +290,10 @@ mod tests {
             queue_type = "quorum"
             delivery_limit = 5
             watch_policy = false
+            partitions = 6
+            replicas = 3
+            replica_index = 2
+            standby_delay_ms = 500
             "#,
             "router.toml",
         )
@@ -237,6 +303,58 @@ mod tests {
         assert_eq!(c.delivery_limit, Some(5));
         assert_eq!(c.settings().max_message_bytes, 4096);
         assert!(c.settings().require_user_id);
+        assert_eq!(c.partitions, 6);
+        assert_eq!((c.replicas, c.replica_index), (Some(3), Some(2)));
+        assert_eq!(c.standby_delay_ms, 500);
+        assert_eq!(c.preferred_partitions(), vec![2, 5]);
+    }
+
+    #[test]
+    fn partitions_and_replicas() {
+        let c = RouterConfig::default();
+        assert_eq!(c.partitions, 1);
+        assert_eq!(c.standby_delay_ms, 2_000);
+        assert_eq!(c.preferred_partitions(), vec![0]);
+        let c = RouterConfig::from_toml("partitions = 4\n", "r.toml").unwrap();
+        assert_eq!(c.preferred_partitions(), vec![0, 1, 2, 3]);
+        let c = RouterConfig::from_toml(
+            "partitions = 7\nreplicas = 3\nreplica_index = 0\n",
+            "r.toml",
+        )
+        .unwrap();
+        assert_eq!(c.preferred_partitions(), vec![0, 3, 6]);
+        // One replica with replica settings takes everything.
+        let c = RouterConfig::from_toml("replicas = 1\nreplica_index = 0\n", "r.toml").unwrap();
+        assert_eq!(c.preferred_partitions(), vec![0]);
+        // More replicas than partitions: some replicas are standbys only.
+        let c = RouterConfig::from_toml(
+            "partitions = 2\nreplicas = 3\nreplica_index = 2\n",
+            "r.toml",
+        )
+        .unwrap();
+        assert!(c.preferred_partitions().is_empty());
+
+        for (text, needle) in [
+            ("partitions = 0\n", "`partitions` must be between"),
+            ("partitions = 5000\n", "`partitions` must be between"),
+            ("partitions = 4\nreplicas = 2\n", "go together"),
+            ("partitions = 4\nreplica_index = 1\n", "go together"),
+            (
+                "partitions = 4\nreplicas = 0\nreplica_index = 0\n",
+                "`replicas` must be at least 1",
+            ),
+            (
+                "partitions = 4\nreplicas = 2\nreplica_index = 2\n",
+                "must be less than",
+            ),
+            (
+                "replicas = 2\nreplica_index = 0\n",
+                "needs `partitions` > 1",
+            ),
+        ] {
+            let e = RouterConfig::from_toml(text, "r.toml").unwrap_err();
+            assert!(e.to_string().contains(needle), "{text}: {e}");
+        }
     }
 
     #[test]

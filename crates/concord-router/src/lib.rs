@@ -3,6 +3,11 @@
 //! the projections out to the inboxes of the systems that may see them, with at-least-once
 //! delivery (an input is acknowledged only once every message it produced is confirmed).
 //!
+//! Several replicas share the work with a partitioned input (`partitions` > 1): the input is
+//! split by record key into partition queues with a single active consumer each, every replica
+//! subscribes to every partition (its preferred ones first), and a standby takes a partition over
+//! when its active router goes away — per-record order is kept throughout.
+//!
 //! It also serves `/healthz`, `/readyz` and `/metrics`, reloads its policy on SIGHUP and on file
 //! change, and reconnects by itself after any connection loss.
 //!

@@ -38,6 +38,11 @@ struct Reason {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Partition {
+    partition: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadResult {
     result: &'static str,
 }
@@ -80,6 +85,9 @@ pub struct Metrics {
     lag: Histogram,
     reloads: Family<ReloadResult, Counter>,
     connected: Gauge,
+    partition_events: Family<Partition, Counter>,
+    partition_subscribed: Family<Partition, Gauge>,
+    redelivered: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -107,6 +115,9 @@ impl Metrics {
             lag: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
             reloads: Family::default(),
             connected: Gauge::default(),
+            partition_events: Family::default(),
+            partition_subscribed: Family::default(),
+            redelivered: Counter::default(),
         };
         registry.register(
             "events_in",
@@ -149,6 +160,25 @@ impl Metrics {
             "connected",
             "1 while the router is connected to the broker and consuming, else 0",
             m.connected.clone(),
+        );
+        registry.register(
+            "partition_events",
+            "Input messages received from each partition queue (partitioned input only): the \
+             partitions this replica is the active consumer of",
+            m.partition_events.clone(),
+        );
+        registry.register(
+            "partition_subscribed",
+            "1 while this replica has a consumer (active or standby) on the partition queue, else 0 \
+             (partitioned input only)",
+            m.partition_subscribed.clone(),
+        );
+        registry.register(
+            "redelivered",
+            "Input messages the broker delivered again: inputs a router received but did not \
+             acknowledge before its connection was lost (after a reconnect, or taken over from \
+             another replica)",
+            m.redelivered.clone(),
         );
         // Fixed label values are created up front so that dashboards see zeros, not gaps.
         for r in [
@@ -258,6 +288,42 @@ impl Metrics {
 
     pub(crate) fn set_connected(&self, connected: bool) {
         self.connected.set(i64::from(connected));
+    }
+
+    /// The counter of inputs received from partition `partition`.
+    pub(crate) fn partition_counter(&self, partition: u16) -> Counter {
+        self.partition_events
+            .get_or_create_owned(&Partition { partition })
+    }
+
+    pub(crate) fn set_partition_subscribed(&self, partition: u16, subscribed: bool) {
+        self.partition_subscribed
+            .get_or_create(&Partition { partition })
+            .set(i64::from(subscribed));
+    }
+
+    pub(crate) fn redelivered(&self) {
+        self.redelivered.inc();
+    }
+
+    /// Current value of `concord_router_redelivered_total`.
+    pub fn redelivered_total(&self) -> u64 {
+        self.redelivered.get()
+    }
+
+    /// Current value of `concord_router_partition_events_total{partition}`.
+    pub fn partition_events_total(&self, partition: u16) -> u64 {
+        self.partition_events
+            .get(&Partition { partition })
+            .map_or(0, |c| c.get())
+    }
+
+    /// Whether this replica currently has a consumer on partition `partition`
+    /// (`concord_router_partition_subscribed{partition}`).
+    pub fn partition_subscribed(&self, partition: u16) -> bool {
+        self.partition_subscribed
+            .get(&Partition { partition })
+            .is_some_and(|g| g.get() == 1)
     }
 
     /// Current value of `concord_router_events_in_total{source,entity}`.
@@ -381,6 +447,15 @@ mod tests {
         m.dead_lettered(DeadLetterReason::Undecodable);
         m.reload(ReloadResultLabel::Invalid);
         m.set_connected(true);
+        m.partition_counter(3).inc();
+        m.redelivered();
+        assert_eq!(m.redelivered_total(), 1);
+        m.set_partition_subscribed(3, true);
+        m.set_partition_subscribed(4, false);
+        assert_eq!(m.partition_events_total(3), 1);
+        assert_eq!(m.partition_events_total(4), 0);
+        assert!(m.partition_subscribed(3));
+        assert!(!m.partition_subscribed(4));
         assert_eq!(m.events_in_total("orders", "customer"), 1);
         assert_eq!(m.events_in_total("orders", UNKNOWN), 1);
         assert_eq!(m.events_in_total(UNKNOWN, UNKNOWN), 2);
@@ -400,6 +475,10 @@ mod tests {
             "concord_router_policy_reloads_total{result=\"invalid\"} 1",
             "concord_router_policy_reloads_total{result=\"applied\"} 0",
             "concord_router_connected 1",
+            "concord_router_partition_events_total{partition=\"3\"} 1",
+            "concord_router_redelivered_total 1",
+            "concord_router_partition_subscribed{partition=\"3\"} 1",
+            "concord_router_partition_subscribed{partition=\"4\"} 0",
             "# TYPE concord_router_publish_confirm_seconds histogram",
             "# TYPE concord_router_end_to_end_lag_seconds histogram",
         ] {

@@ -218,6 +218,7 @@ impl Router {
         if let Some(limit) = config.delivery_limit {
             topology = topology.with_delivery_limit(limit);
         }
+        topology = topology.with_partitions(config.partitions);
         let role = format!("concord-router/{}", config.namespace);
         let connection_names = [
             concord_amqp::connection_name(&format!("{role}/consume")),
@@ -367,7 +368,10 @@ impl RouterHandle {
     }
 
     /// Stops consuming, settles (publishes, confirms, acks) every input already received,
-    /// closes the connections and the HTTP endpoints.
+    /// closes the connections and the HTTP endpoints. With a partitioned input, the inputs
+    /// received but not yet processed are handed back instead (the broker redelivers them, in
+    /// order, to the standby that takes the partition over), so that two replicas never work on
+    /// one partition at once.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         self.shutdown.send_replace(true);
         self.wait_stopped().await

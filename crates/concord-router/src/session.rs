@@ -1,8 +1,31 @@
 //! One connected session of the router: the consume → process → publish → confirm → ack
 //! pipeline, from connecting until the connection is lost or the router drains and stops.
+//!
+//! # Inputs
+//!
+//! The router consumes one input queue (`{ns}.router`) or, with `partitions` > 1, every
+//! partition queue `{ns}.router.p{i}`, each on its own channel with its own in-order
+//! [`AckBatcher`] (a `multiple` ack covers one channel only). All inputs share the pipeline:
+//! one publisher, one confirm window, one ordered set of inputs in flight — acks therefore go
+//! out in delivery order on every channel.
+//!
+//! Per-record order with several replicas: a record's events always hash to the same partition,
+//! and each partition queue has a single active consumer, which processes it strictly in order.
+//! A replica with `replicas`/`replica_index` subscribes to its preferred partitions at once and
+//! to the others after `standby_delay_ms`, as a standby the broker promotes when the active
+//! consumer's connection goes away (that is the takeover: its unacknowledged inputs are
+//! requeued in order and go to the standby first).
+//!
+//! A partitioned router drains without cancelling: cancelling would promote a standby while
+//! the deliveries already received were still being processed here (two routers working on one
+//! partition at once). It stops taking deliveries, settles those in flight, acks them and
+//! closes its channels; the broker requeues what was received but not processed, in order,
+//! for the next active consumer.
 
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use concord_amqp::{
@@ -23,7 +46,7 @@ use crate::service::{Control, PolicyState, Shared, now_ms};
 pub const HEADER_ORIGIN: &str = "concord-origin";
 /// Header naming the record of a routed change: `<entity>/<key>`.
 pub const HEADER_KEY: &str = "concord-key";
-/// Header of a dead-lettered message: the reason code ([`DeadLetterReason::as_str`]).
+/// Header of a dead-lettered message: the reason code ([`concord_policy::DeadLetterReason::as_str`]).
 pub const HEADER_REASON: &str = "concord-reason";
 /// Header of a dead-lettered message: what exactly was wrong.
 pub const HEADER_DETAIL: &str = "concord-detail";
@@ -55,14 +78,73 @@ pub(crate) enum SessionEnd {
 pub(crate) struct Session {
     consume_conn: Connection,
     publish_conn: Connection,
-    consumer: Consumer,
+    inputs: Inputs,
     publisher: Publisher,
     consume_events: Events,
     publish_events: Events,
 }
 
+/// One subscribed input queue: its consumer (on its own channel) and its ack batcher.
+struct InputQueue {
+    /// Index of the queue in `Topology::router_queues` (the partition).
+    index: u16,
+    consumer: Consumer,
+    batcher: AckBatcher,
+    /// Still yielding deliveries (false once the stream ended during a drain).
+    open: bool,
+    /// `concord_router_partition_events_total{partition}`; `None` for the single queue.
+    counter: Option<Counter>,
+}
+
+/// The subscribed input queues, polled round-robin.
+struct Inputs {
+    queues: Vec<InputQueue>,
+    /// Partitions not subscribed yet (standby subscriptions due at `standby_at`).
+    deferred: Vec<u16>,
+    standby_at: tokio::time::Instant,
+    /// Where the next poll starts, so that no queue starves the others.
+    next: usize,
+    partitioned: bool,
+}
+
+impl Inputs {
+    /// The next delivery of any open queue, with the queue's position; `None` in the item means
+    /// that queue's stream ended. Pending while no queue has anything.
+    async fn next(&mut self) -> (usize, Option<Result<Delivery, AmqpError>>) {
+        poll_fn(|cx| {
+            let n = self.queues.len();
+            for k in 0..n {
+                let pos = (self.next + k) % n;
+                let queue = &mut self.queues[pos];
+                if !queue.open {
+                    continue;
+                }
+                if let Poll::Ready(item) = queue.consumer.poll_next_unpin(cx) {
+                    self.next = (pos + 1) % n;
+                    return Poll::Ready((pos, item));
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn any_open(&self) -> bool {
+        self.queues.iter().any(|q| q.open)
+    }
+
+    async fn flush(&mut self) -> Result<(), AmqpError> {
+        for queue in &mut self.queues {
+            queue.batcher.flush().await?;
+        }
+        Ok(())
+    }
+}
+
 /// One input in flight: its publishes, awaited in order.
 struct Pending {
+    /// Position of its queue in [`Inputs::queues`].
+    input: usize,
     ack: AckHandle,
     confirms: Vec<(PendingConfirm, Option<Counter>)>,
     started: Instant,
@@ -70,6 +152,7 @@ struct Pending {
 
 /// The outcome of one input's publishes.
 struct Settled {
+    input: usize,
     ack: AckHandle,
     publishes: usize,
     elapsed: Option<Duration>,
@@ -94,6 +177,7 @@ async fn settle(p: Pending) -> Settled {
         }
     }
     Settled {
+        input: p.input,
         ack: p.ack,
         publishes,
         elapsed: (publishes > 0).then(|| p.started.elapsed()),
@@ -116,12 +200,12 @@ impl Session {
         };
         let opened = Session::start(shared, &consume_conn, &publish_conn).await;
         match opened {
-            Ok((consumer, publisher)) => Ok(Session {
+            Ok((inputs, publisher)) => Ok(Session {
                 consume_events: Box::pin(consume_conn.events()),
                 publish_events: Box::pin(publish_conn.events()),
                 consume_conn,
                 publish_conn,
-                consumer,
+                inputs,
                 publisher,
             }),
             Err(e) => {
@@ -136,7 +220,7 @@ impl Session {
         shared: &Shared,
         consume_conn: &Connection,
         publish_conn: &Connection,
-    ) -> Result<(Consumer, Publisher), AmqpError> {
+    ) -> Result<(Inputs, Publisher), AmqpError> {
         let state = shared.policy.load_full();
         declare(shared, publish_conn, &state).await?;
         let publisher = Publisher::open(
@@ -146,15 +230,33 @@ impl Session {
             },
         )
         .await?;
-        let channel = consume_conn.open_channel().await?;
-        let consumer = consume(
-            &channel,
-            &shared.topology.router_queue(),
-            &shared.connection_names[0],
-            shared.config.prefetch,
-        )
-        .await?;
-        Ok((consumer, publisher))
+        let config = &shared.config;
+        let partitioned = shared.topology.is_partitioned();
+        let preferred = config.preferred_partitions();
+        let deferred: Vec<u16> = (0..shared.topology.partitions())
+            .filter(|i| !preferred.contains(i))
+            .collect();
+        let mut inputs = Inputs {
+            queues: Vec::with_capacity(usize::from(shared.topology.partitions())),
+            deferred,
+            standby_at: tokio::time::Instant::now()
+                + Duration::from_millis(config.standby_delay_ms),
+            next: 0,
+            partitioned,
+        };
+        for index in preferred {
+            subscribe(shared, consume_conn, &mut inputs, index).await?;
+        }
+        if partitioned {
+            info!(
+                partitions = shared.topology.partitions(),
+                active_first = ?inputs.queues.iter().map(|q| q.index).collect::<Vec<_>>(),
+                standby_later = ?inputs.deferred,
+                standby_delay_ms = config.standby_delay_ms,
+                "subscribed to the preferred partitions"
+            );
+        }
+        Ok((inputs, publisher))
     }
 
     /// Runs the pipeline until the connection fails (`Err`) or shutdown is requested and the
@@ -166,7 +268,15 @@ impl Session {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<SessionEnd, AmqpError> {
         let result = self.pipeline(shared, control, shutdown).await;
+        let subscribed: Vec<u16> = if self.inputs.partitioned {
+            self.inputs.queues.iter().map(|q| q.index).collect()
+        } else {
+            Vec::new()
+        };
         self.teardown(result.is_ok()).await;
+        for index in subscribed {
+            shared.metrics.set_partition_subscribed(index, false);
+        }
         result
     }
 
@@ -179,7 +289,6 @@ impl Session {
         let config = &shared.config;
         let routed_exchange = shared.topology.routed_exchange();
         let dlx = shared.topology.dlx();
-        let mut batcher = AckBatcher::new(config.ack_batch);
         let mut in_flight = FuturesOrdered::new();
         // Publishes whose confirm is outstanding.
         let mut outstanding = 0usize;
@@ -189,20 +298,23 @@ impl Session {
         let mut failures = 0u32;
         let mut control_open = true;
         if *shutdown.borrow() {
-            self.consumer.cancel().await?;
             draining = true;
             drain_deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+            consuming = self.begin_drain().await?;
         }
         loop {
             if draining && !consuming && in_flight.is_empty() {
-                batcher.flush().await?;
+                self.inputs.flush().await?;
                 return Ok(SessionEnd::Drained);
             }
+            let standby_at = self.inputs.standby_at;
+            let standby_due = !draining && !self.inputs.deferred.is_empty();
             tokio::select! {
                 biased;
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                     let done: Settled = done;
                     outstanding -= done.publishes;
+                    let batcher = &mut self.inputs.queues[done.input].batcher;
                     match done.result {
                         Ok(()) => {
                             failures = 0;
@@ -241,29 +353,52 @@ impl Session {
                         }
                     }
                     if in_flight.is_empty() {
-                        batcher.flush().await?;
+                        self.inputs.flush().await?;
                     }
                 }
-                delivery = self.consumer.next(), if consuming && outstanding < config.confirm_window => {
+                (input, delivery) = self.inputs.next(), if consuming && outstanding < config.confirm_window => {
                     match delivery {
                         Some(Ok(delivery)) => {
-                            let pending =
-                                handle(&self.publisher, shared, &routed_exchange, &dlx, delivery)
-                                    .await?;
+                            if let Some(counter) = &self.inputs.queues[input].counter {
+                                counter.inc();
+                            }
+                            if delivery.redelivered {
+                                shared.metrics.redelivered();
+                            }
+                            let pending = handle(
+                                &self.publisher,
+                                shared,
+                                &routed_exchange,
+                                &dlx,
+                                input,
+                                delivery,
+                            )
+                            .await?;
                             outstanding += pending.confirms.len();
                             in_flight.push_back(settle(pending));
                         }
                         Some(Err(e)) => return Err(e),
                         None => {
-                            consuming = false;
+                            let queue = &mut self.inputs.queues[input];
+                            queue.open = false;
                             if !draining {
                                 return Err(AmqpError::ConsumerCancelled {
-                                    queue: shared.topology.router_queue(),
-                                    consumer_tag: shared.connection_names[0].clone(),
+                                    queue: queue.consumer.queue().to_owned(),
+                                    consumer_tag: queue.consumer.consumer_tag().to_owned(),
                                 });
                             }
+                            consuming = self.inputs.any_open();
                         }
                     }
+                }
+                // Lazy (an `async` block): select! builds the futures of disabled branches too,
+                // and the single-queue hot path should not pay for a timer per delivery.
+                () = async { tokio::time::sleep_until(standby_at).await }, if standby_due => {
+                    let standby = std::mem::take(&mut self.inputs.deferred);
+                    for &index in &standby {
+                        subscribe(shared, &self.consume_conn, &mut self.inputs, index).await?;
+                    }
+                    info!(partitions = ?standby, "subscribed as a standby to the other partitions");
                 }
                 cmd = control.recv(), if control_open => match cmd {
                     Some(Control::Reload(reply)) => {
@@ -278,7 +413,7 @@ impl Session {
                         if !draining {
                             draining = true;
                             drain_deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-                            self.begin_drain(&mut batcher).await?;
+                            consuming = self.begin_drain().await?;
                         }
                     }
                 },
@@ -287,7 +422,7 @@ impl Session {
                         info!(in_flight = in_flight.len(), "draining: no new inputs, settling those in flight");
                         draining = true;
                         drain_deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-                        self.begin_drain(&mut batcher).await?;
+                        consuming = self.begin_drain().await?;
                     }
                 }
                 () = tokio::time::sleep_until(drain_deadline), if draining => {
@@ -295,7 +430,7 @@ impl Session {
                         in_flight = in_flight.len(),
                         "drain timed out; the broker redelivers inputs not acknowledged"
                     );
-                    batcher.flush().await?;
+                    self.inputs.flush().await?;
                     return Ok(SessionEnd::Drained);
                 }
                 Some(event) = self.publish_events.next() => {
@@ -308,12 +443,60 @@ impl Session {
         }
     }
 
-    async fn begin_drain(&mut self, batcher: &mut AckBatcher) -> Result<(), AmqpError> {
-        batcher.flush().await?;
-        // After the cancel the broker sends nothing more; what it sent before is still
-        // yielded by the stream, which then ends.
-        self.consumer.cancel().await
+    /// Starts draining; returns whether deliveries are still to be taken from the inputs.
+    ///
+    /// The single input queue is cancelled: what the broker sent before the cancel is still
+    /// yielded (and processed), then the stream ends. Partition queues are not cancelled (that
+    /// would promote a standby while this router still processes what it received): the router
+    /// takes no more deliveries and settles those in flight; closing the channels then requeues
+    /// the rest, in order, for the next active consumer.
+    async fn begin_drain(&mut self) -> Result<bool, AmqpError> {
+        self.inputs.flush().await?;
+        self.inputs.deferred.clear();
+        if self.inputs.partitioned {
+            return Ok(false);
+        }
+        for queue in &mut self.inputs.queues {
+            queue.consumer.cancel().await?;
+        }
+        Ok(self.inputs.any_open())
     }
+}
+
+/// Subscribes to input queue `index` of the topology on a new channel of `conn`.
+async fn subscribe(
+    shared: &Shared,
+    conn: &Connection,
+    inputs: &mut Inputs,
+    index: u16,
+) -> Result<(), AmqpError> {
+    let topology = &shared.topology;
+    let (queue, tag, counter) = if inputs.partitioned {
+        (
+            topology.partition_queue(index),
+            format!("{}/p{index}", shared.connection_names[0]),
+            Some(shared.metrics.partition_counter(index)),
+        )
+    } else {
+        (
+            topology.router_queue(),
+            shared.connection_names[0].clone(),
+            None,
+        )
+    };
+    let channel = conn.open_channel().await?;
+    let consumer = consume(&channel, &queue, &tag, shared.config.prefetch).await?;
+    if inputs.partitioned {
+        shared.metrics.set_partition_subscribed(index, true);
+    }
+    inputs.queues.push(InputQueue {
+        index,
+        consumer,
+        batcher: AckBatcher::new(shared.config.ack_batch),
+        open: true,
+        counter,
+    });
+    Ok(())
 }
 
 /// Processes one input and publishes its results; returns the confirms to await.
@@ -322,6 +505,7 @@ async fn handle(
     shared: &Shared,
     routed_exchange: &str,
     dlx: &str,
+    input: usize,
     delivery: Delivery,
 ) -> Result<Pending, AmqpError> {
     let state: Arc<PolicyState> = shared.policy.load_full();
@@ -386,6 +570,7 @@ async fn handle(
         }
     }
     Ok(Pending {
+        input,
         ack: delivery.ack_handle(),
         confirms,
         started,
