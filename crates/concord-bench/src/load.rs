@@ -90,7 +90,9 @@ pub async fn publish(
         senders.push(tx);
         checkers.push(tokio::spawn(async move {
             while let Some(confirm) = rx.recv().await {
-                confirm.await.context("a published event was not confirmed")?;
+                confirm
+                    .await
+                    .context("a published event was not confirmed")?;
             }
             Ok::<_, anyhow::Error>(())
         }));
@@ -167,7 +169,6 @@ pub async fn publish(
 /// What one subscriber saw.
 #[derive(Debug)]
 pub struct SinkReport {
-    pub received: u64,
     /// When the last expected message arrived.
     pub last_at: Instant,
     /// Per delivery, microseconds from publish to receipt (latency mode only).
@@ -237,7 +238,6 @@ pub async fn spawn_sinks(
             let _ = consumer.cancel().await;
             let _ = channel.close(200, "OK".into()).await;
             Ok(SinkReport {
-                received,
                 last_at,
                 latencies_us,
             })

@@ -43,7 +43,7 @@ pub struct Cli {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub fanout: u16,
     /// Approximate encoded size of an input event in bytes (`delivery_notes` is padded);
-    /// default: the natural size of the 12-field record (about 500 bytes).
+    /// default: the natural size of the 12-field record with its 12 clocks (about 730 bytes).
     #[arg(long)]
     pub size: Option<usize>,
     /// Also measure the router's peak RSS while draining a backlog of this many events.

@@ -55,6 +55,33 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_micros((utime + stime) * 1_000_000 / ticks))
 }
 
+/// CPU time all CPUs of the machine spent busy (everything but idle and iowait) so far.
+pub fn machine_busy() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|i| fields.get(*i))
+        .sum();
+    Some(Duration::from_micros(busy * 1_000_000 / clock_ticks()))
+}
+
+/// The 1-minute load average.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// A `kB` value of `/proc/<pid>/status`, e.g. `VmRSS` or `VmHWM`.
 pub fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -68,7 +95,11 @@ pub fn status_kib(pid: u32, key: &str) -> Option<u64> {
 pub fn broker_pid() -> Option<u32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
@@ -98,6 +129,8 @@ mod tests {
         assert!(status_kib(me, "VmRSS").unwrap() > 0);
         assert!(status_kib(me, "VmHWM").unwrap() >= status_kib(me, "VmRSS").unwrap() / 2);
         assert_eq!(status_kib(me, "NoSuchKey"), None);
+        assert!(machine_busy().unwrap() >= cpu_time(me).unwrap() / 2);
+        assert!(load_average().unwrap() >= 0.0);
         let m = machine();
         assert!(m.nproc >= 1);
         assert!(!m.cpu_model.is_empty());

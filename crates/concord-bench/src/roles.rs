@@ -7,7 +7,7 @@ use std::pin::Pin;
 
 use anyhow::{Context as _, bail};
 use concord_amqp::{
-    AckBatcher, AckHandle, MessageProps, PendingConfirm, PublishError, Publisher,
+    AckBatcher, AckHandle, Consumer, MessageProps, PendingConfirm, PublishError, Publisher,
     PublisherOptions, Topology, connect, connection_name, consume,
 };
 use concord_router::{Router, RouterConfig};
@@ -152,8 +152,10 @@ pub async fn forwarder(args: ChildArgs) -> anyhow::Result<()> {
     let topology = Topology::new(args.namespace.clone());
     let targets = event::subscribers(args.fanout);
     let role = format!("concord-bench-forwarder/{}", args.namespace);
-    let consume_conn = connect(&args.amqp_uri, &connection_name(&format!("{role}/consume"))).await?;
-    let publish_conn = connect(&args.amqp_uri, &connection_name(&format!("{role}/publish"))).await?;
+    let consume_conn =
+        connect(&args.amqp_uri, &connection_name(&format!("{role}/consume"))).await?;
+    let publish_conn =
+        connect(&args.amqp_uri, &connection_name(&format!("{role}/publish"))).await?;
     let publisher = Publisher::open(
         &publish_conn,
         PublisherOptions {
@@ -162,18 +164,45 @@ pub async fn forwarder(args: ChildArgs) -> anyhow::Result<()> {
     )
     .await?;
     let channel = consume_conn.open_channel().await?;
-    let mut consumer = consume(
+    let consumer = consume(
         &channel,
         &topology.router_queue(),
         &connection_name(&role),
         args.prefetch,
     )
     .await?;
-    let mut shutdown = shutdown_signal()?;
+    let shutdown = shutdown_signal()?;
     announce_ready()?;
+    // A spawned task, like the router's pipeline (not the `block_on` future).
+    let forwarding = tokio::spawn(forward(
+        consumer,
+        publisher.clone(),
+        shutdown,
+        topology.routed_exchange(),
+        targets,
+        args.ack_batch,
+        args.confirm_window,
+    ));
+    forwarding.await.context("the forwarder task panicked")??;
+    if let Err(e) = publisher.close().await {
+        warn!(error = %e, "closing the publisher failed");
+    }
+    let _ = consume_conn.close().await;
+    let _ = publish_conn.close().await;
+    Ok(())
+}
 
-    let routed = topology.routed_exchange();
-    let mut batcher = AckBatcher::new(args.ack_batch);
+/// The forwarding loop: the router's session loop without the policy work.
+async fn forward(
+    mut consumer: Consumer,
+    publisher: Publisher,
+    mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+    routed: String,
+    targets: Vec<String>,
+    ack_batch: usize,
+    confirm_window: usize,
+) -> anyhow::Result<()> {
+    let mut batcher = AckBatcher::new(ack_batch);
     let mut in_flight = FuturesOrdered::new();
     let mut outstanding = 0usize;
     let mut consuming = true;
@@ -194,7 +223,7 @@ pub async fn forwarder(args: ChildArgs) -> anyhow::Result<()> {
                     batcher.flush().await?;
                 }
             }
-            delivery = consumer.next(), if consuming && outstanding < args.confirm_window => {
+            delivery = consumer.next(), if consuming && outstanding < confirm_window => {
                 match delivery {
                     Some(Ok(delivery)) => {
                         let origin = delivery
@@ -235,10 +264,5 @@ pub async fn forwarder(args: ChildArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if let Err(e) = publisher.close().await {
-        warn!(error = %e, "closing the publisher failed");
-    }
-    let _ = consume_conn.close().await;
-    let _ = publish_conn.close().await;
     Ok(())
 }

@@ -311,8 +311,28 @@ fn try_process(
         let accepted = AcceptedFields::encode(&record, entity, verdict.accepted);
         Some((record, accepted))
     };
-    let mut deliveries = Vec::new();
+    let mut deliveries: Vec<Delivery> = Vec::new();
+    // Targets that receive the same fields with the same own ranks get identical bytes: encode
+    // each distinct projection once (`shapes[i]` describes `deliveries[i]`).
+    let mut shapes: Vec<(FieldSet, Vec<u32>)> = Vec::new();
     for (target, fields) in verdict.deliveries(entity) {
+        let ranks: Vec<u32> = fields
+            .iter()
+            .map(|i| entity.fields.get(i).map_or(0, |rule| rule.rank_of(target)))
+            .collect();
+        if let Some(same) = shapes.iter().position(|(f, r)| *f == fields && *r == ranks) {
+            let body = deliveries
+                .get(same)
+                .map(|d| d.body.clone())
+                .unwrap_or_default();
+            deliveries.push(Delivery {
+                system: policy.system_name(target).to_owned(),
+                fields: fields.len(),
+                body,
+            });
+            shapes.push((fields, ranks));
+            continue;
+        }
         let mut copy = ChangeEvent {
             event_id: ev.event_id.clone(),
             source: ev.source.clone(),
@@ -363,6 +383,7 @@ fn try_process(
             fields: fields.len(),
             body: copy.encode_to_vec(),
         });
+        shapes.push((fields, ranks));
     }
     let dead_letter = (!unknown.is_empty()).then(|| {
         dead(
