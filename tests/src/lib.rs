@@ -14,6 +14,8 @@ use concord_adapter::{MetricsSnapshot, RunnerConfig, RunnerHandle};
 use concord_amqp::Topology;
 use concord_router::{Router, RouterConfig, RouterHandle};
 
+pub mod proxy;
+
 /// The broker the tests use (`CONCORD_AMQP_URI`, default the local guest account).
 pub fn amqp_uri() -> String {
     std::env::var("CONCORD_AMQP_URI")
@@ -189,4 +191,92 @@ pub async fn converge(
     })
     .await
     .with_context(|| format!("timed out waiting for {what}"))
+}
+
+/// `host:port` of the broker of [`amqp_uri`] (for a proxy in front of it).
+pub fn broker_addr() -> anyhow::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let uri = amqp_uri();
+    let rest = uri.split_once("://").map_or(uri.as_str(), |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host_port)| host_port);
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5672")
+    };
+    host_port
+        .to_socket_addrs()
+        .with_context(|| format!("resolving the broker address {host_port:?}"))?
+        .next()
+        .with_context(|| format!("no address for {host_port:?}"))
+}
+
+/// [`amqp_uri`] with its host and port replaced by `addr` (e.g. a proxy's).
+pub fn amqp_uri_via(addr: std::net::SocketAddr) -> String {
+    let uri = amqp_uri();
+    let (scheme, rest) = uri.split_once("://").unwrap_or(("amqp", uri.as_str()));
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let userinfo = authority
+        .rsplit_once('@')
+        .map(|(user, _)| format!("{user}@"))
+        .unwrap_or_default();
+    format!("{scheme}://{userinfo}{addr}{path}")
+}
+
+/// Settings of an in-process adapter for fault tests: broker URI (possibly a proxy's) and short
+/// reconnect and retry backoffs, so that a test is not spent waiting out a long delay.
+pub fn fault_runner_config(namespace: &str, system: &str, dir: &Path, uri: &str) -> RunnerConfig {
+    let mut config = RunnerConfig::new(
+        system,
+        uri,
+        dir.join(format!("{system}.sqlite")),
+        [("customer".to_owned(), "concord.v1.Customer".to_owned())],
+    );
+    config.namespace = namespace.to_owned();
+    config.reconnect = concord_adapter::RetryConfig {
+        min_delay_ms: 100,
+        max_delay_ms: 2_000,
+    };
+    config.retry = concord_adapter::RetryConfig {
+        min_delay_ms: 100,
+        max_delay_ms: 1_000,
+    };
+    config
+}
+
+impl Node {
+    /// Starts the SDK runner for `config.system` over `memory` and waits until it consumes.
+    pub async fn start_with(config: RunnerConfig, memory: MemorySystem) -> anyhow::Result<Node> {
+        let mut runner = concord_adapter::start(memory.clone(), config.clone());
+        tokio::time::timeout(Duration::from_secs(30), runner.wait_ready())
+            .await
+            .context("adapter not ready in 30 s")??;
+        Ok(Node {
+            system: config.system.clone(),
+            memory,
+            runner,
+            config,
+        })
+    }
+}
+
+/// Starts one node per seed system connecting to `uri`, with the settings of
+/// [`fault_runner_config`].
+pub async fn start_seed_nodes_via(
+    namespace: &str,
+    dir: &Path,
+    uri: &str,
+) -> anyhow::Result<Vec<Node>> {
+    let mut nodes = Vec::new();
+    for system in SEED_SYSTEMS {
+        let config = fault_runner_config(namespace, system, dir, uri);
+        nodes.push(Node::start_with(config, MemorySystem::new(system)).await?);
+    }
+    Ok(nodes)
 }
