@@ -21,6 +21,11 @@
 //! if the channel dies during the ack). Nothing is acked then, and the broker redelivers
 //! those messages (with `redelivered = true`) to the next consumer. The batcher logs
 //! this, counts it in [`AckBatcher::stale`], and never panics.
+//!
+//! With lapin 4.12.3 an ack that is in flight when the connection resets sometimes never
+//! resolves. Every ack, nack and reject is therefore bounded by [`ACK_TIMEOUT`]: past it the
+//! batcher returns [`AmqpError::Timeout`], which callers treat like a lost connection
+//! (reconnect; the broker redelivers whatever was not acknowledged).
 
 use std::fmt;
 
@@ -34,6 +39,19 @@ use crate::{consumer::Delivery, error::AmqpError};
 
 /// Default number of deliveries per cumulative ack (≈10% of a prefetch of 500).
 pub const DEFAULT_ACK_BATCH: usize = 50;
+
+/// Longest wait for lapin to hand an ack, nack or reject to the connection. Sending one
+/// takes microseconds on a live connection; no broker reply is awaited.
+pub const ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Bounds one ack/nack/reject by [`ACK_TIMEOUT`].
+async fn bounded(
+    send: impl std::future::Future<Output = lapin::Result<bool>>,
+) -> Result<lapin::Result<bool>, AmqpError> {
+    tokio::time::timeout(ACK_TIMEOUT, send)
+        .await
+        .map_err(|_| AmqpError::Timeout(ACK_TIMEOUT))
+}
 
 /// What an [`AckBatcher`] needs to settle one delivery: its tag and lapin's acker.
 #[derive(Clone)]
@@ -161,7 +179,7 @@ impl AckBatcher {
             return Ok(());
         };
         let count = std::mem::take(&mut self.pending_count);
-        let result = handle.acker.ack(BasicAckOptions { multiple: true }).await;
+        let result = bounded(handle.acker.ack(BasicAckOptions { multiple: true })).await;
         self.settled(result, "ack", handle.delivery_tag, count)
     }
 
@@ -175,13 +193,11 @@ impl AckBatcher {
         let handle = handle.into();
         self.check_order(&handle)?;
         self.flush().await?;
-        let result = handle
-            .acker
-            .nack(BasicNackOptions {
-                multiple: false,
-                requeue,
-            })
-            .await;
+        let result = bounded(handle.acker.nack(BasicNackOptions {
+            multiple: false,
+            requeue,
+        }))
+        .await;
         self.settled(result, "nack", handle.delivery_tag, 1)
     }
 
@@ -195,17 +211,29 @@ impl AckBatcher {
         let handle = handle.into();
         self.check_order(&handle)?;
         self.flush().await?;
-        let result = handle.acker.reject(BasicRejectOptions { requeue }).await;
+        let result = bounded(handle.acker.reject(BasicRejectOptions { requeue })).await;
         self.settled(result, "reject", handle.delivery_tag, 1)
     }
 
     fn settled(
         &mut self,
-        result: lapin::Result<bool>,
+        result: Result<lapin::Result<bool>, AmqpError>,
         what: &'static str,
         delivery_tag: u64,
         count: usize,
     ) -> Result<(), AmqpError> {
+        let result = match result {
+            Ok(r) => r,
+            Err(timeout) => {
+                self.stale += count as u64;
+                warn!(
+                    delivery_tag,
+                    count,
+                    "{what} not sent within {ACK_TIMEOUT:?}: treating the connection as lost"
+                );
+                return Err(timeout);
+            }
+        };
         match result {
             Ok(true) => Ok(()),
             Ok(false) => {
