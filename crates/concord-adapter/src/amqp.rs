@@ -149,8 +149,9 @@ impl Link for AmqpLink {
                 .map_err(conn_err)?;
             pending.push(confirm);
         }
-        // Every confirm must be positive; the first failure fails the batch (the caller
-        // republishes all of it: delivery is at-least-once, and the router deduplicates ids).
+        // Every confirm must be positive; the first failure fails the batch. The caller
+        // republishes all of it from its outbox with the same event ids and bytes: delivery is
+        // at-least-once, and receivers (the adapters' state stores) deduplicate by event id.
         for r in futures::future::join_all(pending).await {
             r.map_err(publish_err)?;
         }

@@ -354,15 +354,31 @@ impl<A: SystemAdapter> Engine<A> {
         }
     }
 
-    /// Publishes a batch of local changes (or snapshot items, published as `OP_SNAPSHOT`) and
-    /// persists their stamps and the cursor of the last one, all only once the broker confirmed
-    /// every event: if anything fails, nothing is recorded and the batch can be processed again.
-    /// Returns the number of events published.
+    /// Turns a batch of local changes (or snapshot items, published as `OP_SNAPSHOT`) into
+    /// change events and commits, in ONE transaction, the events into the outbox together with
+    /// the field states and stamps, the HLC, the id mapping and the cursor of the last change.
+    /// Then publishes the outbox (see [`Engine::flush_outbox`]). If the commit fails, nothing is
+    /// recorded and the batch can be processed again; once committed, the batch must not be
+    /// processed again: its events are republished from the outbox, byte for byte.
+    /// Returns the number of events the batch produced.
     pub(crate) async fn handle_local<L: Link>(
         &mut self,
         batch: &[LocalChange],
         snapshot: bool,
         link: &L,
+    ) -> Result<usize, EngineError> {
+        let n = self.stage_local(batch, snapshot).await?;
+        self.flush_outbox(link).await?;
+        Ok(n)
+    }
+
+    /// The first half of [`Engine::handle_local`]: commits the batch's events to the outbox (and
+    /// writes back corrections). Publishes nothing. An error means nothing was committed.
+    /// Returns the number of events staged.
+    pub(crate) async fn stage_local(
+        &mut self,
+        batch: &[LocalChange],
+        snapshot: bool,
     ) -> Result<usize, EngineError> {
         let mut tx = self.store.begin().await?;
         let mut out = Vec::new();
@@ -376,25 +392,46 @@ impl<A: SystemAdapter> Engine<A> {
             self.prepare_local(&mut tx, ch, snapshot, &mut out, &mut corrections)
                 .await?;
         }
-        if !out.is_empty() {
-            link.publish(&out).await?;
+        for ev in &out {
+            store::push_outbox(&mut tx, ev).await?;
         }
         if !snapshot && let Some(c) = cursor {
             store::set_meta(&mut tx, store::CURSOR, &c).await?;
         }
         tx.commit().await.map_err(StoreError::from)?;
-        Metrics::add(&self.metrics.published, out.len() as u64);
         self.metrics.touch();
         for c in corrections {
             match self.adapter.apply(&c).await {
                 Ok(_) => {
                     Metrics::inc(&self.metrics.corrections);
-                    self.expect_echoes(&c).await?;
+                    // Committed already: a failure here must not make the caller process the
+                    // batch again.
+                    if let Err(e) = self.expect_echoes(&c).await {
+                        warn!(entity = %c.entity, key = %c.key, error = %e,
+                            "could not record the echoes of a correction");
+                    }
                 }
                 Err(e) => warn!(entity = %c.entity, key = %c.key, error = %e,
                     "could not write back the value of a higher-priority owner"),
             }
         }
+        Ok(out.len())
+    }
+
+    /// Publishes every outbox entry, in insertion order, with the bytes committed (same event
+    /// ids, same stamps), and removes them once the broker confirmed them. Counts them as
+    /// `published` only then. Returns the number published.
+    pub(crate) async fn flush_outbox<L: Link>(&mut self, link: &L) -> Result<usize, EngineError> {
+        let entries = self.store.outbox().await?;
+        let Some((last, _)) = entries.last() else {
+            return Ok(0);
+        };
+        let last = *last;
+        let out: Vec<Outgoing> = entries.into_iter().map(|(_, ev)| ev).collect();
+        link.publish(&out).await?;
+        self.store.outbox_done(last).await?;
+        Metrics::add(&self.metrics.published, out.len() as u64);
+        self.metrics.touch();
         Ok(out.len())
     }
 

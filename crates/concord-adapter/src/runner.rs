@@ -21,8 +21,12 @@
 //!
 //! **Connection loss**: the runner waits for the next reconnect delay, reconnects, declares its
 //! inbox again and carries on. Unacknowledged messages are redelivered by the broker and
-//! deduplicated by event id; a batch of local changes that was not confirmed is published again
-//! (its cursor was not persisted).
+//! deduplicated by event id. Local changes go through a transactional outbox: a batch's events
+//! are committed together with their stamps and the cursor, then published, and removed only
+//! once confirmed. Events whose confirms were lost (with the connection, or because the process
+//! died) are republished first on the next session, byte for byte: same event ids, same stamps,
+//! in order, so receivers deduplicate them and a stale write never gets a newer stamp. A batch
+//! whose commit failed is processed again (nothing of it was recorded).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -326,6 +330,11 @@ async fn session<A: SystemAdapter, L: Link>(
     open: &(impl Fn(Option<String>) -> Changes + Sync),
     shutdown: &mut Shutdown,
 ) -> Stop {
+    // Events committed but not confirmed before the connection was lost (or the process
+    // stopped) go first, identical, before anything else is published.
+    if let Err(e) = engine.flush_outbox(link).await {
+        return engine_stop(e);
+    }
     if *snapshot_pending {
         match snapshot(engine, link, config.publish_batch).await {
             Ok(n) => {
@@ -343,7 +352,7 @@ async fn session<A: SystemAdapter, L: Link>(
             Err(e) => return Stop::Fatal(e.into()),
         }
     }
-    // A batch read but not confirmed before the connection was lost goes first.
+    // A batch read but not committed before the connection was lost goes next.
     if let Some(batch) = unpublished.take()
         && let Err(stop) = publish(engine, link, batch, unpublished).await
     {
@@ -447,27 +456,36 @@ async fn next_chunk(
     }
 }
 
-/// Publishes a batch; on failure keeps it in `unpublished` for the next session.
+/// Commits a batch to the outbox and publishes the outbox. If the commit fails, keeps the batch
+/// in `unpublished` for the next session; once committed, the batch lives in the outbox and is
+/// republished from there (never rebuilt from the change feed).
 async fn publish<A: SystemAdapter, L: Link>(
     engine: &mut Engine<A>,
     link: &L,
     batch: Vec<LocalChange>,
     unpublished: &mut Option<Vec<LocalChange>>,
 ) -> Result<(), Stop> {
-    match engine.handle_local(&batch, false, link).await {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            *unpublished = Some(batch);
-            Err(match e {
-                EngineError::Transport(e) => Stop::Transport(e),
-                // The state store failed (disk full, I/O): treat it like a lost connection, so
-                // the batch is retried after a backoff rather than dropped.
-                EngineError::Store(e) => {
-                    Stop::Transport(TransportError::connection(format!("state store: {e}")))
-                }
-                other => Stop::Fatal(other.into()),
-            })
+    if let Err(e) = engine.stage_local(&batch, false).await {
+        *unpublished = Some(batch);
+        return Err(engine_stop(e));
+    }
+    engine
+        .flush_outbox(link)
+        .await
+        .map(drop)
+        .map_err(engine_stop)
+}
+
+/// How the session ends after an engine failure.
+fn engine_stop(e: EngineError) -> Stop {
+    match e {
+        EngineError::Transport(e) => Stop::Transport(e),
+        // The state store failed (disk full, I/O): treat it like a lost connection, so the work
+        // is retried after a backoff rather than dropped.
+        EngineError::Store(e) => {
+            Stop::Transport(TransportError::connection(format!("state store: {e}")))
         }
+        other => Stop::Fatal(other.into()),
     }
 }
 

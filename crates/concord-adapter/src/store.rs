@@ -2,7 +2,9 @@
 //!
 //! It holds, per (entity, key, field), the value and stamp this replica keeps; the mapping
 //! between canonical keys and the system's local ids; tombstones; the merge rank of this system
-//! per field; the ids of processed incoming events; and the change-feed cursor.
+//! per field; the ids of processed incoming events; the change-feed cursor; and the outbox:
+//! change events committed together with the stamps and cursor they stand for, kept until the
+//! broker confirmed them (so a retry republishes the identical bytes, never a rebuilt event).
 
 use std::path::Path;
 use std::str::FromStr;
@@ -12,6 +14,8 @@ use concord_policy::Stamp;
 use concord_policy::replica::FieldState;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqliteConnection, SqlitePool};
+
+use crate::transport::Outgoing;
 
 /// A state store failure.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,9 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS ranks (
         entity TEXT NOT NULL, field TEXT NOT NULL, rank INTEGER NOT NULL,
         PRIMARY KEY (entity, field))",
+    "CREATE TABLE IF NOT EXISTS outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, routing_key TEXT NOT NULL,
+        body BLOB NOT NULL, concord_key TEXT NOT NULL, user_id TEXT)",
 ];
 
 /// What the store knows about one record.
@@ -85,7 +92,7 @@ impl Store {
     }
 
     async fn with_options(opts: SqliteConnectOptions) -> Result<Store, StoreError> {
-        // One connection: the engine works sequentially, and transactions span a publish.
+        // One connection: the engine works sequentially.
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -187,6 +194,39 @@ impl Store {
             .map(|r| r.key))
     }
 
+    /// The outbox: events committed but not yet confirmed by the broker, in insertion order,
+    /// each with its sequence number.
+    pub async fn outbox(&self) -> Result<Vec<(i64, Outgoing)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, event_id, routing_key, body, concord_key, user_id FROM outbox ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<i64, _>(0)?,
+                    Outgoing {
+                        event_id: r.try_get(1)?,
+                        routing_key: r.try_get(2)?,
+                        body: r.try_get(3)?,
+                        concord_key: r.try_get(4)?,
+                        user_id: r.try_get(5)?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Removes the outbox entries up to and including `seq` (the broker confirmed them).
+    pub async fn outbox_done(&self, seq: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query("DELETE FROM outbox WHERE seq <= ?")
+            .bind(seq)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
     /// This system's merge rank for a field, as the router last told it.
     pub async fn rank(&self, entity: &str, field: &str) -> Result<u32, StoreError> {
         let mut c = self.pool.acquire().await?;
@@ -195,6 +235,21 @@ impl Store {
 }
 
 pub(crate) const CURSOR: &str = "cursor";
+
+/// Adds an event to the outbox (in the caller's transaction).
+pub(crate) async fn push_outbox(c: &mut SqliteConnection, ev: &Outgoing) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO outbox (event_id, routing_key, body, concord_key, user_id) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(&ev.event_id)
+    .bind(&ev.routing_key)
+    .bind(&ev.body)
+    .bind(&ev.concord_key)
+    .bind(ev.user_id.as_deref())
+    .execute(&mut *c)
+    .await?;
+    Ok(())
+}
 pub(crate) const SNAPSHOT_DONE: &str = "snapshot_done";
 
 pub(crate) async fn get_meta(
