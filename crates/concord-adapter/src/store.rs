@@ -407,14 +407,7 @@ pub(crate) async fn record_by_key(
     entity: &str,
     key: &str,
 ) -> Result<Option<RecordRow>, StoreError> {
-    let row = sqlx::query(
-        "SELECT key, local_id, live, tomb_hlc, tomb_system FROM records WHERE entity = ? AND key = ?",
-    )
-    .bind(entity)
-    .bind(key)
-    .fetch_optional(&mut *c)
-    .await?;
-    row.as_ref().map(record_row).transpose()
+    record_where(c, entity, "key", key).await
 }
 
 pub(crate) async fn record_by_local(
@@ -422,13 +415,24 @@ pub(crate) async fn record_by_local(
     entity: &str,
     local_id: &str,
 ) -> Result<Option<RecordRow>, StoreError> {
-    let row = sqlx::query(
-        "SELECT key, local_id, live, tomb_hlc, tomb_system FROM records WHERE entity = ? AND local_id = ?",
-    )
-    .bind(entity)
-    .bind(local_id)
-    .fetch_optional(&mut *c)
-    .await?;
+    record_where(c, entity, "local_id", local_id).await
+}
+
+/// The record of `entity` whose `column` (`key` or `local_id`) equals `value`.
+async fn record_where(
+    c: &mut SqliteConnection,
+    entity: &str,
+    column: &'static str,
+    value: &str,
+) -> Result<Option<RecordRow>, StoreError> {
+    let sql = format!(
+        "SELECT key, local_id, live, tomb_hlc, tomb_system FROM records WHERE entity = ? AND {column} = ?"
+    );
+    let row = sqlx::query(&sql)
+        .bind(entity)
+        .bind(value)
+        .fetch_optional(&mut *c)
+        .await?;
     row.as_ref().map(record_row).transpose()
 }
 
