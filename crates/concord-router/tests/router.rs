@@ -5,12 +5,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashSet;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use concord_amqp::{
     AckBatcher, Connection, Consumer, Delivery, MessageProps, Publisher, PublisherOptions,
@@ -21,48 +23,9 @@ use concord_proto::v1::{ChangeEvent, Customer, FieldClock, Op};
 use concord_router::{ReloadOutcome, ReloadResultLabel, RouterConfig, RouterHandle};
 use futures::{FutureExt, StreamExt};
 use prost::Message;
+
+use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const SAFETY_NET: Duration = Duration::from_secs(30);
-const SEED_SYSTEMS: [&str; 3] = ["orders", "support", "delivery"];
-
-fn uri() -> String {
-    std::env::var("CONCORD_AMQP_URI")
-        .or_else(|_| std::env::var("AMQP_URI"))
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn unique_ns(test: &str) -> String {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "it-router-{}-{}-{test}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    match tokio::time::timeout(SAFETY_NET, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("timed out: {what}"),
-    }
-}
-
-/// Polls `cond` until it holds (for state that has no event to await).
-async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + SAFETY_NET;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 fn seed_policy() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed/policy.toml");
