@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use concord_adapter::testkit::MemorySystem;
+use concord_adapter::testkit::{MemorySystem, text};
 use concord_adapter::{MetricsSnapshot, RunnerConfig, RunnerHandle};
 use concord_amqp::Topology;
 use concord_router::{Router, RouterConfig, RouterHandle};
@@ -279,4 +279,75 @@ pub async fn start_seed_nodes_via(
         nodes.push(Node::start_with(config, MemorySystem::new(system)).await?);
     }
     Ok(nodes)
+}
+
+/// A router running as its own process (the package's `it-router` binary, whose path only the
+/// test targets know: pass `env!("CARGO_BIN_EXE_it-router")`). Killed when dropped, so a failing
+/// test leaves no router behind.
+#[derive(Debug)]
+pub struct RouterProcess(pub std::process::Child);
+
+impl RouterProcess {
+    pub fn spawn(exe: &str, policy: &Path, config: &Path) -> anyhow::Result<RouterProcess> {
+        let child = std::process::Command::new(exe)
+            .arg(policy)
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawn {exe}"))?;
+        Ok(RouterProcess(child))
+    }
+}
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The name orders gives customer `r` in round `round` (never used twice: one value, one change).
+pub fn name_of(r: usize, round: usize) -> String {
+    format!("c{r}-v{round}")
+}
+
+/// The email orders gives customer `r` in round `round`.
+pub fn email_of(r: usize, round: usize) -> String {
+    format!("{r}@{round}")
+}
+
+/// Orders' side of a stream of changes: customers created in round 0, then renamed and given a
+/// new email in every round.
+#[derive(Debug)]
+pub struct EditStream {
+    pub ids: Vec<String>,
+}
+
+impl EditStream {
+    /// Round 0: orders creates `records` customers (name only).
+    pub fn create(orders: &Node, records: usize) -> EditStream {
+        let ids = (0..records)
+            .map(|r| {
+                orders
+                    .memory
+                    .create("customer", [("name", text(&name_of(r, 0)))])
+            })
+            .collect();
+        EditStream { ids }
+    }
+
+    /// One round of edits: every customer gets a new name and email.
+    pub fn round(&self, orders: &Node, round: usize) {
+        for (r, id) in self.ids.iter().enumerate() {
+            orders.memory.edit(
+                "customer",
+                id,
+                [
+                    ("name", text(&name_of(r, round))),
+                    ("email", text(&email_of(r, round))),
+                ],
+            );
+        }
+    }
 }

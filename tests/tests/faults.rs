@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use concord_adapter::AdapterError;
-use concord_adapter::testkit::{MemorySystem, text};
+use concord_adapter::testkit::MemorySystem;
 use concord_amqp::{MessageProps, Publisher, PublisherOptions};
 use concord_it::proxy::Proxy;
 use concord_it::*;
@@ -166,47 +166,6 @@ impl Drop for BrokerGuard {
 
 const RECORDS: usize = 20;
 const ROUNDS: usize = 15;
-
-fn name_of(r: usize, round: usize) -> String {
-    format!("c{r}-v{round}")
-}
-
-fn email_of(r: usize, round: usize) -> String {
-    format!("{r}@{round}")
-}
-
-/// The orders side of the stream.
-struct Stream {
-    ids: Vec<String>,
-}
-
-impl Stream {
-    /// Round 0: orders creates the customers (name only).
-    fn create(orders: &Node) -> Stream {
-        let ids = (0..RECORDS)
-            .map(|r| {
-                orders
-                    .memory
-                    .create("customer", [("name", text(&name_of(r, 0)))])
-            })
-            .collect();
-        Stream { ids }
-    }
-
-    /// One round of edits: every customer gets a new name and email.
-    fn round(&self, orders: &Node, round: usize) {
-        for (r, id) in self.ids.iter().enumerate() {
-            orders.memory.edit(
-                "customer",
-                id,
-                [
-                    ("name", text(&name_of(r, round))),
-                    ("email", text(&email_of(r, round))),
-                ],
-            );
-        }
-    }
-}
 
 /// Makes every apply of `node`'s system fail (transiently) until `node.memory.clear_failures()`:
 /// the runner retries the change in place, holding its inbox.
@@ -489,7 +448,7 @@ async fn adapter_killed_mid_stream_loses_nothing_and_applies_each_change_once() 
     let replays_file = out.join("replays.jsonl");
     let sink = Sink::spawn(&ns, "support", &state, &out).await?;
 
-    let stream = Stream::create(&orders);
+    let stream = EditStream::create(&orders, RECORDS);
     for round in 1..=ROUNDS / 2 {
         stream.round(&orders, round);
     }
@@ -631,7 +590,7 @@ async fn connections_cut_by_a_proxy_recover_without_loss_or_duplicates() -> anyh
     ensure!(router_proxy.open() == 2, "the router has two connections");
     ensure!(adapter_proxy.open() == 3, "each adapter has one connection");
 
-    let stream = Stream::create(orders);
+    let stream = EditStream::create(orders, RECORDS);
     for round in 1..=4 {
         stream.round(orders, round);
     }
@@ -748,7 +707,7 @@ async fn connections_cut_at_arbitrary_moments_lose_nothing() -> anyhow::Result<(
     let nodes = start_seed_nodes_via(&ns, dir.path(), &amqp_uri_via(adapter_proxy.addr())).await?;
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
 
-    let stream = Stream::create(orders);
+    let stream = EditStream::create(orders, RECORDS);
     // Three cuts, each of every connection at once, while edits are being published, routed,
     // applied and acknowledged: no waiting for confirms, acks or a quiet moment.
     let mut round = 1;
@@ -803,7 +762,7 @@ async fn broker_restart_mid_stream_loses_nothing() -> anyhow::Result<()> {
     let delivery = nodes.remove(0);
     let [orders, support] = [&nodes[0], &nodes[1]];
 
-    let stream = Stream::create(orders);
+    let stream = EditStream::create(orders, RECORDS);
     for round in 1..=5 {
         stream.round(orders, round);
     }
@@ -957,7 +916,7 @@ async fn memory_alarm_blocks_publishers_and_nothing_is_lost() -> anyhow::Result<
         .to_string();
     let probe_publisher = Publisher::open(&probe, PublisherOptions::default()).await?;
 
-    let stream = Stream::create(&orders);
+    let stream = EditStream::create(&orders, RECORDS);
     for round in 1..=4 {
         stream.round(&orders, round);
     }

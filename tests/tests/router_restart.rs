@@ -4,28 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
 
-use concord_adapter::testkit::text;
 use concord_it::*;
-
-fn spawn_router(policy: &std::path::Path, config: &std::path::Path) -> anyhow::Result<Child> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_it-router"))
-        .arg(policy)
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()?)
-}
-
-/// Kills the child when dropped, so a failing test leaves no router behind.
-struct Killer(Child);
-impl Drop for Killer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_killed_mid_stream_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
@@ -43,33 +23,16 @@ async fn router_killed_mid_stream_loses_nothing_and_applies_nothing_twice() -> a
             amqp_uri()
         ),
     )?;
-    let mut router = Killer(spawn_router(&seed_policy(), &config)?);
+    let mut router =
+        RouterProcess::spawn(env!("CARGO_BIN_EXE_it-router"), &seed_policy(), &config)?;
     let nodes = start_seed_nodes(&ns, dir.path()).await?;
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
 
     const RECORDS: usize = 20;
     const ROUNDS: usize = 15;
-    let ids: Vec<String> = (0..RECORDS)
-        .map(|r| {
-            orders
-                .memory
-                .create("customer", [("name", text(&format!("c{r}-v0")))])
-        })
-        .collect();
-    let edit_round = |round: usize| {
-        for (r, id) in ids.iter().enumerate() {
-            orders.memory.edit(
-                "customer",
-                id,
-                [
-                    ("name", text(&format!("c{r}-v{round}"))),
-                    ("email", text(&format!("{r}@{round}"))),
-                ],
-            );
-        }
-    };
+    let stream = EditStream::create(orders, RECORDS);
     for round in 1..=ROUNDS / 2 {
-        edit_round(round);
+        stream.round(orders, round);
     }
     // Kill the router once it is visibly in the middle of the stream.
     support
@@ -79,9 +42,9 @@ async fn router_killed_mid_stream_loses_nothing_and_applies_nothing_twice() -> a
     router.0.wait()?;
     // Edits keep coming while no router runs: they wait in its durable input queue.
     for round in ROUNDS / 2 + 1..=ROUNDS {
-        edit_round(round);
+        stream.round(orders, round);
     }
-    let _router2 = Killer(spawn_router(&seed_policy(), &config)?);
+    let _router2 = RouterProcess::spawn(env!("CARGO_BIN_EXE_it-router"), &seed_policy(), &config)?;
 
     let last = |r: usize| format!("c{r}-v{ROUNDS}");
     let all_final = |node: &Node| {

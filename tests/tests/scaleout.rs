@@ -6,11 +6,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use concord_adapter::testkit::text;
 use concord_amqp::Topology;
 use concord_it::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,24 +20,6 @@ const REPLICAS: usize = 3;
 const VICTIM: usize = 1;
 const RECORDS: usize = 30;
 const ROUNDS: usize = 20;
-
-fn spawn_router(policy: &std::path::Path, config: &std::path::Path) -> anyhow::Result<Child> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_it-router"))
-        .arg(policy)
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()?)
-}
-
-/// Kills the child when dropped, so a failing test leaves no router behind.
-struct Killer(Child);
-impl Drop for Killer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Deletes the partition exchange and queues (the harness' [`Cleanup`] knows the single
 /// router queue only).
@@ -202,7 +183,11 @@ async fn three_routers_share_partitions_and_survive_a_kill() -> anyhow::Result<(
                 amqp_uri()
             ),
         )?;
-        routers.push(Killer(spawn_router(&seed_policy(), &config)?));
+        routers.push(RouterProcess::spawn(
+            env!("CARGO_BIN_EXE_it-router"),
+            &seed_policy(),
+            &config,
+        )?);
     }
     // Ready = connected, topology declared, preferred partitions subscribed. Adapters publish
     // only after that (before the partition exchange exists, events would be unroutable).
@@ -218,28 +203,10 @@ async fn three_routers_share_partitions_and_survive_a_kill() -> anyhow::Result<(
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
     eprintln!("scaleout: routers and adapters up after {:?}", t0.elapsed());
 
-    let ids: Vec<String> = (0..RECORDS)
-        .map(|r| {
-            orders
-                .memory
-                .create("customer", [("name", text(&format!("c{r}-v0")))])
-        })
-        .collect();
-    let edit_round = |round: usize| {
-        for (r, id) in ids.iter().enumerate() {
-            orders.memory.edit(
-                "customer",
-                id,
-                [
-                    ("name", text(&format!("c{r}-v{round}"))),
-                    ("email", text(&format!("{r}@{round}"))),
-                ],
-            );
-        }
-    };
+    let stream = EditStream::create(orders, RECORDS);
     // Phase 1: the routers start working.
     for round in 1..=ROUNDS / 4 {
-        edit_round(round);
+        stream.round(orders, round);
     }
 
     // Before the kill: every router works (on its own partitions), and every router has
@@ -280,7 +247,7 @@ async fn three_routers_share_partitions_and_survive_a_kill() -> anyhow::Result<(
 
     // Phase 2: a burst of edits. The victim hangs (SIGSTOP) while it works through it...
     for round in ROUNDS / 4 + 1..=3 * ROUNDS / 4 {
-        edit_round(round);
+        stream.round(orders, round);
     }
     let victim_port = ports[VICTIM];
     let victim_before = before[VICTIM].total();
@@ -303,7 +270,7 @@ async fn three_routers_share_partitions_and_survive_a_kill() -> anyhow::Result<(
     // Phase 3: the stream goes on. The broker keeps pushing the hung router's partitions to it
     // (up to its prefetch, unacknowledged) while the others route theirs.
     for round in 3 * ROUNDS / 4 + 1..=ROUNDS {
-        edit_round(round);
+        stream.round(orders, round);
     }
     let total_events = RECORDS * (ROUNDS + 1);
     orders
