@@ -3,28 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use concord_amqp::{Topology, connect, queue_message_count};
 use concord_router::RouterConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const SAFETY_NET: Duration = Duration::from_secs(30);
-
-fn uri() -> String {
-    std::env::var("CONCORD_AMQP_URI")
-        .or_else(|_| std::env::var("AMQP_URI"))
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + SAFETY_NET;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use common::*;
 
 async fn status(addr: &str, path: &str) -> Option<u16> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
