@@ -351,3 +351,43 @@ impl EditStream {
         }
     }
 }
+
+/// The seed scenario running in a fresh namespace: an in-process router and one node per seed
+/// system (`nodes` in the order of [`SEED_SYSTEMS`]: delivery, orders, support). The namespace
+/// is deleted when the run is dropped, also when the test fails.
+#[derive(Debug)]
+pub struct SeedRun {
+    pub namespace: String,
+    pub router: RouterHandle,
+    pub nodes: Vec<Node>,
+    _state: tempfile::TempDir,
+    _cleanup: Cleanup,
+}
+
+impl SeedRun {
+    pub async fn start(test: &str) -> anyhow::Result<SeedRun> {
+        let namespace = unique_namespace(test);
+        let cleanup = Cleanup {
+            namespace: namespace.clone(),
+            systems: SEED_SYSTEMS.to_vec(),
+        };
+        let state = tempfile::tempdir()?;
+        let router = start_router(&namespace, &seed_policy()).await?;
+        let nodes = start_seed_nodes(&namespace, state.path()).await?;
+        Ok(SeedRun {
+            namespace,
+            router,
+            nodes,
+            _state: state,
+            _cleanup: cleanup,
+        })
+    }
+
+    /// Stops the adapters, then the router, gracefully.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        for n in self.nodes {
+            n.runner.shutdown().await?;
+        }
+        self.router.shutdown().await
+    }
+}

@@ -13,14 +13,8 @@ use prost::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_are_dead_lettered_with_their_reason() -> anyhow::Result<()> {
-    let ns = unique_namespace("poison");
-    let _cleanup = Cleanup {
-        namespace: ns.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
-    let dir = tempfile::tempdir()?;
-    let router = start_router(&ns, &seed_policy()).await?;
-    let nodes = start_seed_nodes(&ns, dir.path()).await?;
+    let run = SeedRun::start("poison").await?;
+    let (ns, nodes) = (&run.namespace, &run.nodes);
     let [_, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
     let topo = Topology::new(ns.clone());
 
@@ -91,9 +85,5 @@ async fn poison_messages_are_dead_lettered_with_their_reason() -> anyhow::Result
             .find("customer", "name", "After the poison")
             .is_some()
     );
-    for n in nodes {
-        n.runner.shutdown().await?;
-    }
-    router.shutdown().await?;
-    Ok(())
+    run.shutdown().await
 }

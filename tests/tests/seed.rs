@@ -10,14 +10,8 @@ use prost_reflect::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_scenario_ownership_visibility_and_no_echo() -> anyhow::Result<()> {
-    let ns = unique_namespace("seed");
-    let _cleanup = Cleanup {
-        namespace: ns.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
-    let dir = tempfile::tempdir()?;
-    let router = start_router(&ns, &seed_policy()).await?;
-    let nodes = start_seed_nodes(&ns, dir.path()).await?;
+    let run = SeedRun::start("seed").await?;
+    let (router, nodes) = (&run.router, &run.nodes);
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
 
     // The salesperson signs up a customer.
@@ -184,23 +178,13 @@ async fn seed_scenario_ownership_visibility_and_no_echo() -> anyhow::Result<()> 
     );
     assert_eq!(router.metrics().events_in_sum(), 5);
 
-    for n in nodes {
-        n.runner.shutdown().await?;
-    }
-    router.shutdown().await?;
-    Ok(())
+    run.shutdown().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_edits_of_a_shared_field_converge() -> anyhow::Result<()> {
-    let ns = unique_namespace("lww");
-    let _cleanup = Cleanup {
-        namespace: ns.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
-    let dir = tempfile::tempdir()?;
-    let router = start_router(&ns, &seed_policy()).await?;
-    let nodes = start_seed_nodes(&ns, dir.path()).await?;
+    let run = SeedRun::start("lww").await?;
+    let nodes = &run.nodes;
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
     let oid = orders
         .memory
@@ -254,9 +238,5 @@ async fn concurrent_edits_of_a_shared_field_converge() -> anyhow::Result<()> {
         winner.ends_with("-19"),
         "the last writer's value wins: {winner}"
     );
-    for n in nodes {
-        n.runner.shutdown().await?;
-    }
-    router.shutdown().await?;
-    Ok(())
+    run.shutdown().await
 }
