@@ -567,6 +567,35 @@ async fn adapter_killed_mid_stream_loses_nothing_and_applies_each_change_once() 
     Ok(())
 }
 
+/// A router and the seed adapters, each side connected through its own TCP proxy.
+struct Proxied {
+    router_proxy: Proxy,
+    adapter_proxy: Proxy,
+    router: RouterHandle,
+    nodes: Vec<Node>,
+}
+
+impl Proxied {
+    async fn start(ns: &str, state: &Path) -> anyhow::Result<Proxied> {
+        let broker = broker_addr()?;
+        let router_proxy = Proxy::start(broker).await?;
+        let adapter_proxy = Proxy::start(broker).await?;
+        let mut config = router_config(ns);
+        config.amqp_uri = amqp_uri_via(router_proxy.addr());
+        let router = Router::start(config, seed_policy()).await?;
+        tokio::time::timeout(Duration::from_secs(30), router.wait_ready())
+            .await
+            .context("router not ready")??;
+        let nodes = start_seed_nodes_via(ns, state, &amqp_uri_via(adapter_proxy.addr())).await?;
+        Ok(Proxied {
+            router_proxy,
+            adapter_proxy,
+            router,
+            nodes,
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_cut_by_a_proxy_recover_without_loss_or_duplicates() -> anyhow::Result<()> {
     let _serial = serial().await;
@@ -576,16 +605,12 @@ async fn connections_cut_by_a_proxy_recover_without_loss_or_duplicates() -> anyh
         systems: SEED_SYSTEMS.to_vec(),
     };
     let dir = tempfile::tempdir()?;
-    let broker = broker_addr()?;
-    let router_proxy = Proxy::start(broker).await?;
-    let adapter_proxy = Proxy::start(broker).await?;
-    let mut config = router_config(&ns);
-    config.amqp_uri = amqp_uri_via(router_proxy.addr());
-    let router = Router::start(config, seed_policy()).await?;
-    tokio::time::timeout(Duration::from_secs(30), router.wait_ready())
-        .await
-        .context("router not ready")??;
-    let nodes = start_seed_nodes_via(&ns, dir.path(), &amqp_uri_via(adapter_proxy.addr())).await?;
+    let Proxied {
+        router_proxy,
+        adapter_proxy,
+        router,
+        nodes,
+    } = Proxied::start(&ns, dir.path()).await?;
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
     ensure!(router_proxy.open() == 2, "the router has two connections");
     ensure!(adapter_proxy.open() == 3, "each adapter has one connection");
@@ -695,16 +720,12 @@ async fn connections_cut_at_arbitrary_moments_lose_nothing() -> anyhow::Result<(
         systems: SEED_SYSTEMS.to_vec(),
     };
     let dir = tempfile::tempdir()?;
-    let broker = broker_addr()?;
-    let router_proxy = Proxy::start(broker).await?;
-    let adapter_proxy = Proxy::start(broker).await?;
-    let mut config = router_config(&ns);
-    config.amqp_uri = amqp_uri_via(router_proxy.addr());
-    let router = Router::start(config, seed_policy()).await?;
-    tokio::time::timeout(Duration::from_secs(30), router.wait_ready())
-        .await
-        .context("router not ready")??;
-    let nodes = start_seed_nodes_via(&ns, dir.path(), &amqp_uri_via(adapter_proxy.addr())).await?;
+    let Proxied {
+        router_proxy,
+        adapter_proxy,
+        router,
+        nodes,
+    } = Proxied::start(&ns, dir.path()).await?;
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
 
     let stream = EditStream::create(orders, RECORDS);
