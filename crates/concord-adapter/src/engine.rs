@@ -202,8 +202,11 @@ impl<A: SystemAdapter> Engine<A> {
         }
         .clone();
         let mut tx = self.store.begin().await?;
-        for (field, rank) in &ev.receiver_ranks {
-            store::set_rank(&mut tx, &ev.entity, field, *rank).await?;
+        // The router lists the receiver's non-zero ranks; a field of the mask without an entry
+        // has rank 0 (this system does not own it, or no longer does).
+        for field in &ev.field_mask {
+            let rank = ev.receiver_ranks.get(field).copied().unwrap_or(0);
+            store::set_rank(&mut tx, &ev.entity, field, rank).await?;
         }
         let rec = store::record_by_key(&mut tx, &ev.entity, &ev.key).await?;
         let live_id = rec

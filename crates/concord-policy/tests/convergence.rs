@@ -519,12 +519,10 @@ impl<'p> Sim<'p> {
             let c = ev.clocks.get(name).ok_or("delivery without a clock")?;
             let n = &mut self.nodes[t];
             n.hlc.observe(c.hlc);
-            if let Some(r) = ev
-                .receiver_ranks
-                .get(name)
-                .filter(|_| !self.cfg.ignore_receiver_ranks)
-            {
-                n.ranks.insert(f, *r);
+            if !self.cfg.ignore_receiver_ranks {
+                // A field of the mask without an entry has rank 0.
+                let r = ev.receiver_ranks.get(name).copied().unwrap_or(0);
+                n.ranks.insert(f, r);
             }
             let self_rank = n.ranks.get(f).copied().unwrap_or(0);
             let incoming = Stamp::new(c.rank, c.hlc, c.system.clone());
@@ -901,7 +899,7 @@ fn rejected_local_write_is_overwritten_by_the_next_owner_write() {
     let clock = &copy.clocks["name"];
     let sales = Stamp::new(clock.rank, clock.hlc, clock.system.clone());
     assert_eq!(sales.rank, 1);
-    let own_rank = copy.receiver_ranks["name"];
+    let own_rank = copy.receiver_ranks.get("name").copied().unwrap_or(0);
     assert_eq!(own_rank, 0);
     let stored_rejected = FieldState {
         value: local.clone(),

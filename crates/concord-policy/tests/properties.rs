@@ -315,8 +315,13 @@ fn check(spec: &PolicySpec, e: &EventSpec) -> Result<(), TestCaseError> {
             };
             prop_assert_eq!(c, &expect);
         }
-        // Every delivered field tells the receiver its own rank (0 = not an owner).
-        let ranked: Vec<&str> = expect_mask.to_vec();
+        // Every delivered field the receiver owns tells it its own rank; absent means 0
+        // (not an owner), and nothing outside the mask is ranked.
+        let ranked: Vec<&str> = expect_mask
+            .iter()
+            .copied()
+            .filter(|f| o.rank(t, f) != 0)
+            .collect();
         let got: Vec<&str> = copy.receiver_ranks.keys().map(String::as_str).collect();
         prop_assert_eq!(&got, &ranked);
         for (f, rank) in &copy.receiver_ranks {
