@@ -48,6 +48,9 @@ pub struct Report {
     pub baseline_max_ms: f64,
     /// Router p99 − baseline p99.
     pub p99_added_ms: f64,
+    /// Median over rounds of the router's p99 − median of the baseline's: less sensitive than
+    /// the best round to one lucky round of either kind.
+    pub p99_added_median_ms: f64,
     /// Half the router's measured maximum.
     pub offered_rate_per_s: f64,
     pub latency_events: u64,
@@ -75,6 +78,8 @@ pub struct Report {
     pub prefetch: u16,
     pub confirm_window: usize,
     pub ack_batch: usize,
+    /// Async runtime worker threads of the router and the forwarder.
+    pub worker_threads: usize,
     pub machine: Machine,
     /// 1-minute load average when the run started.
     pub load_avg_at_start: Option<f64>,
@@ -177,6 +182,7 @@ impl Ctx {
             prefetch: self.tuning.prefetch,
             confirm_window: self.tuning.confirm_window,
             ack_batch: self.tuning.ack_batch,
+            worker_threads: self.tuning.worker_threads,
         }
         .to_args()
     }
@@ -360,6 +366,21 @@ fn best_throughput(rounds: &[Round]) -> Option<&Round> {
         .max_by(|a, b| a.events_per_s.total_cmp(&b.events_per_s))
 }
 
+/// The median of the rounds' p99 (the mean of the middle two for an even count).
+fn median_p99(rounds: &[Round]) -> f64 {
+    let mut p99: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| r.latency)
+        .map(|l| l.p99_ms)
+        .collect();
+    p99.sort_by(f64::total_cmp);
+    match p99.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => p99[n / 2],
+        n => (p99[n / 2 - 1] + p99[n / 2]) / 2.0,
+    }
+}
+
 fn best_latency(rounds: &[Round]) -> Percentiles {
     rounds
         .iter()
@@ -457,11 +478,13 @@ async fn run_inner(
     };
     eprintln!(
         "concord-bench: {n} events, fanout {fanout}, {message_bytes} B/event, {} publishers, \
-         prefetch {}, confirm window {}, ack batch {}; {} × {} core(s); load average {:.2}; namespace {base}",
+         prefetch {}, confirm window {}, ack batch {}, {} worker thread(s); {} × {} core(s); \
+         load average {:.2}; namespace {base}",
         cli.publishers,
         tuning.prefetch,
         tuning.confirm_window,
         tuning.ack_batch,
+        tuning.worker_threads,
         machine.cpu_model,
         machine.nproc,
         load_avg_at_start.unwrap_or(f64::NAN)
@@ -540,10 +563,13 @@ async fn run_inner(
     let router_p = best_latency(&router_lat);
     let baseline_p = best_latency(&baseline_lat);
     eprintln!(
-        "latency (best): router p99 {:.2} ms, baseline p99 {:.2} ms, added {:.2} ms",
+        "latency (best): router p99 {:.2} ms, baseline p99 {:.2} ms, added {:.2} ms; \
+         median of rounds: router {:.2} ms, baseline {:.2} ms",
         router_p.p99_ms,
         baseline_p.p99_ms,
-        router_p.p99_ms - baseline_p.p99_ms
+        router_p.p99_ms - baseline_p.p99_ms,
+        median_p99(&router_lat),
+        median_p99(&baseline_lat)
     );
 
     // Phase 3: backlog.
@@ -586,6 +612,7 @@ async fn run_inner(
         baseline_p99_ms: baseline_p.p99_ms,
         baseline_max_ms: baseline_p.max_ms,
         p99_added_ms: round2(router_p.p99_ms - baseline_p.p99_ms),
+        p99_added_median_ms: round2(median_p99(&router_lat) - median_p99(&baseline_lat)),
         offered_rate_per_s: offered.round(),
         latency_events: latency_n,
         router_peak_rss_mib: peak(&[&router_tp, &router_lat]),
@@ -613,6 +640,7 @@ async fn run_inner(
         prefetch: tuning.prefetch,
         confirm_window: tuning.confirm_window,
         ack_batch: tuning.ack_batch,
+        worker_threads: tuning.worker_threads,
         machine,
         load_avg_at_start,
         background_cpu_cores_max: round2(

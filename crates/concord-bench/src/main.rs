@@ -73,6 +73,9 @@ pub struct Cli {
     /// Deliveries per cumulative ack, everywhere (default: the router's).
     #[arg(long)]
     pub ack_batch: Option<usize>,
+    /// Async runtime worker threads of the router and the forwarder (default: the router's).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub worker_threads: Option<u16>,
 
     /// Internal: run as a measured child process.
     #[arg(long, hide = true)]
@@ -91,6 +94,7 @@ pub struct Tuning {
     pub prefetch: u16,
     pub confirm_window: usize,
     pub ack_batch: usize,
+    pub worker_threads: usize,
 }
 
 impl Cli {
@@ -100,6 +104,9 @@ impl Cli {
             prefetch: self.prefetch.unwrap_or(defaults.prefetch),
             confirm_window: self.confirm_window.unwrap_or(defaults.confirm_window),
             ack_batch: self.ack_batch.unwrap_or(defaults.ack_batch),
+            worker_threads: self
+                .worker_threads
+                .map_or(defaults.worker_threads, usize::from),
         }
     }
 }
@@ -119,9 +126,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    // The same runtime `concord router` builds.
-    tokio::runtime::Builder::new_multi_thread()
+/// The runtime `concord router` builds with `worker_threads` (children), or tokio's default
+/// (the load generator).
+fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n);
+    }
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")
@@ -146,8 +158,9 @@ fn run_child(role: Role, cli: &Cli) -> anyhow::Result<()> {
         prefetch: tuning.prefetch,
         confirm_window: tuning.confirm_window,
         ack_batch: tuning.ack_batch,
+        worker_threads: tuning.worker_threads,
     };
-    let rt = runtime()?;
+    let rt = runtime(Some(tuning.worker_threads))?;
     match role {
         Role::Router => rt.block_on(roles::router(args)),
         Role::Forwarder => rt.block_on(roles::forwarder(args)),
@@ -165,7 +178,7 @@ fn run_parent(cli: Cli) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let tuning = cli.tuning();
-    let rt = runtime()?;
+    let rt = runtime(None)?;
     let report = rt.block_on(bench::run(&cli, tuning))?;
     let json = serde_json::to_string(&report).context("encoding the report")?;
     println!("{json}");

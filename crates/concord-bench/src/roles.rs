@@ -28,6 +28,8 @@ pub struct ChildArgs {
     pub prefetch: u16,
     pub confirm_window: usize,
     pub ack_batch: usize,
+    /// Worker threads of the child's runtime (`RouterConfig::worker_threads`).
+    pub worker_threads: usize,
 }
 
 impl ChildArgs {
@@ -46,6 +48,8 @@ impl ChildArgs {
             self.confirm_window.to_string(),
             "--ack-batch".to_owned(),
             self.ack_batch.to_string(),
+            "--worker-threads".to_owned(),
+            self.worker_threads.to_string(),
             // Children never run the parent's workload; clap still wants --events.
             "--events".to_owned(),
             "0".to_owned(),
@@ -99,6 +103,7 @@ pub async fn router(args: ChildArgs) -> anyhow::Result<()> {
         prefetch: args.prefetch,
         confirm_window: args.confirm_window,
         ack_batch: args.ack_batch,
+        worker_threads: args.worker_threads,
         http_listen: "127.0.0.1:0".to_owned(),
         ..RouterConfig::default()
     };

@@ -32,6 +32,9 @@ impl QueueType {
     }
 }
 
+/// Most runtime worker threads `worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 64;
+
 /// The configuration of one router process.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -76,6 +79,11 @@ pub struct RouterConfig {
     /// How long a replica waits before subscribing to the partitions it does not prefer, so
     /// that replicas starting together each become the active consumer of their own share.
     pub standby_delay_ms: u64,
+    /// Threads of the async runtime `concord router` runs on. The pipeline is one task and the
+    /// AMQP client does its socket I/O on its own thread, so one worker (the default) is enough
+    /// for what one broker can take; more threads only add wake-ups and contend with the broker
+    /// for cores on a small machine. Scale out with `partitions` and replicas instead.
+    pub worker_threads: usize,
 }
 
 impl Default for RouterConfig {
@@ -97,6 +105,7 @@ impl Default for RouterConfig {
             replicas: None,
             replica_index: None,
             standby_delay_ms: 2_000,
+            worker_threads: 1,
         }
     }
 }
@@ -188,6 +197,12 @@ impl RouterConfig {
                 problems.push("`delivery_limit` must be at least 1".to_owned());
             }
             _ => {}
+        }
+        if self.worker_threads == 0 || self.worker_threads > MAX_WORKER_THREADS {
+            problems.push(format!(
+                "`worker_threads` must be between 1 and {MAX_WORKER_THREADS}, is {}",
+                self.worker_threads
+            ));
         }
         self.validate_partitions(&mut problems);
         if problems.is_empty() {

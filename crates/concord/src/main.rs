@@ -132,6 +132,7 @@ fn run_router(
         cfg.amqp_uri = uri;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
