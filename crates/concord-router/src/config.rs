@@ -309,6 +309,7 @@ mod tests {
             replicas = 3
             replica_index = 2
             standby_delay_ms = 500
+            worker_threads = 4
             "#,
             "router.toml",
         )
@@ -321,6 +322,7 @@ mod tests {
         assert_eq!(c.partitions, 6);
         assert_eq!((c.replicas, c.replica_index), (Some(3), Some(2)));
         assert_eq!(c.standby_delay_ms, 500);
+        assert_eq!(c.worker_threads, 4);
         assert_eq!(c.preferred_partitions(), vec![2, 5]);
     }
 
@@ -393,6 +395,7 @@ mod tests {
             http_listen = "localhost"
             max_message_bytes = 0
             delivery_limit = 3
+            worker_threads = 0
             "#,
             "router.toml",
         )
@@ -407,6 +410,7 @@ mod tests {
             "`http_listen`",
             "`max_message_bytes`",
             "`delivery_limit` needs",
+            "`worker_threads` must be between 1 and 64, is 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
