@@ -1,6 +1,7 @@
 //! Benchmarks of the router's hot path: the decision for a 12-field Customer change from `orders`
 //! with three subscribers (as bit sets and by field names), `route::process` end to end (decode,
-//! validate, decide, project and re-encode three deliveries) and the `ChangeEvent` codec.
+//! validate, decide, project and re-encode three deliveries), the record projection (reflective
+//! against the wire-level fast path) and the `ChangeEvent` codec.
 //!
 //! Run with `cargo bench -p concord-policy`; throughput is reported in decisions (events) per
 //! second on one core.
@@ -12,6 +13,7 @@ use concord_policy::{EntityPolicy, FieldSet, Op, Policy, SystemId};
 use concord_proto::v1::{Address, ChangeEvent, Customer, FieldClock};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message;
+use prost_reflect::DynamicMessage;
 
 /// Four systems: `orders` owns (or co-owns) all twelve Customer fields; the three others
 /// subscribe to most of them.
@@ -196,6 +198,28 @@ fn benches(c: &mut Criterion) {
                 black_box(input),
             ))
         });
+    });
+    g.finish();
+
+    // The record projection alone: the reflective path (decode, project, re-encode) against
+    // the wire-level fast path, on the accepted fields of the 12-field Customer.
+    let record = s.event.record.as_slice();
+    let accepted = v.accepted;
+    let reflective = || {
+        DynamicMessage::decode(e.message.clone(), black_box(record))
+            .map(|m| route::project(&m, e, accepted).encode_to_vec())
+            .ok()
+    };
+    assert_eq!(
+        concord_policy::bench_filter(e, record, accepted),
+        reflective(),
+        "the fast path must answer, with the reflective path's bytes"
+    );
+    let mut g = c.benchmark_group("wire");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("reflective", |b| b.iter(|| black_box(reflective())));
+    g.bench_function("filter", |b| {
+        b.iter(|| black_box(concord_policy::bench_filter(e, black_box(record), accepted)))
     });
     g.finish();
 

@@ -13,12 +13,15 @@ pub mod model;
 pub mod replica;
 pub mod route;
 pub mod sets;
+pub(crate) mod wire;
 
 pub use clock::{Hlc, Stamp};
 pub use decide::{RejectReason, Rejection, Verdict};
 pub use model::{EntityPolicy, FieldRule, MergeRule, Policy, PolicyError, Problem};
 pub use route::{DeadLetter, DeadLetterReason, Outcome, Routed, RouterSettings};
 pub use sets::{FieldSet, SystemId, SystemSet};
+#[doc(hidden)]
+pub use wire::bench_filter;
 
 /// The operation of a change, as the pure core sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

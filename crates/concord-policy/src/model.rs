@@ -174,6 +174,8 @@ pub struct EntityPolicy {
     pub delete: SystemSet,
     /// Systems that see at least one field of the entity.
     pub readers: SystemSet,
+    /// How the router cuts the entity's records at the wire level (see [`crate::wire`]).
+    pub(crate) record_plan: crate::wire::RecordPlan,
 }
 
 impl EntityPolicy {
@@ -446,6 +448,7 @@ impl Builder {
                     visible,
                 });
             }
+            let record_plan = crate::wire::RecordPlan::new(&message, &fields);
             entity_index.insert(ename.clone(), entities.len());
             entities.push(EntityPolicy {
                 name: ename.clone(),
@@ -457,6 +460,7 @@ impl Builder {
                 create,
                 delete,
                 readers,
+                record_plan,
             });
         }
         if self.problems.is_empty() {

@@ -5,8 +5,6 @@
 //! the input bytes, so no hidden field and no protobuf unknown field ever reaches a system that
 //! may not see it.
 
-use std::ops::Range;
-
 use concord_proto::v1::{ChangeEvent, FieldClock};
 use prost::Message;
 use prost_reflect::{DynamicMessage, FieldDescriptor, MessageDescriptor, ReflectMessage, Value};
@@ -16,6 +14,7 @@ use crate::clock::physical_ms;
 use crate::decide::Rejection;
 use crate::model::{EntityPolicy, Policy};
 use crate::sets::{FieldSet, SystemId};
+use crate::wire::{self, WireFields};
 
 /// Limits the router enforces on every input.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -299,16 +298,7 @@ fn try_process(
     let record = if verdict.accepted.is_empty() {
         None
     } else {
-        let record =
-            DynamicMessage::decode(entity.message.clone(), ev.record.as_slice()).map_err(|e| {
-                dead(
-                    R::InvalidRecord,
-                    format!("record is not a valid {}: {e}", entity.message.full_name()),
-                )
-            })?;
-        // The accepted fields, re-encoded once; each projection is cut from these bytes.
-        let accepted = AcceptedFields::encode(&record, entity, verdict.accepted);
-        Some((record, accepted))
+        Some(Projector::new(entity, &ev.record, verdict.accepted)?)
     };
     // The clocks of the changed fields in name order (the order the copies' maps encode in),
     // with their field index: shared by every copy.
@@ -335,11 +325,10 @@ fn try_process(
                 .map(|d| d.body.clone())
                 .unwrap_or_default(),
             None => {
-                let record = match &record {
-                    Some((_, Some(accepted))) => accepted.projection(fields),
-                    Some((record, None)) => project(record, entity, fields).encode_to_vec(),
-                    None => Vec::new(),
-                };
+                let record = record
+                    .as_ref()
+                    .map(|r| r.projection(entity, fields))
+                    .unwrap_or_default();
                 let copy = Copy {
                     ev: &ev,
                     entity,
@@ -513,60 +502,73 @@ impl Copy<'_> {
     }
 }
 
-/// The accepted fields of a record encoded once, with unknown fields stripped at every depth,
-/// and the byte range of each encoded field: a projection is the concatenation of its fields'
-/// ranges, in field-number order, which is exactly how the projected message encodes.
-struct AcceptedFields {
-    bytes: Vec<u8>,
-    /// Per encoded field (a repeated field may occur several times): its position in the
-    /// entity's field list and its bytes (key and value).
-    parts: Vec<(usize, Range<usize>)>,
+/// Cuts the projections of one record.
+enum Projector {
+    /// The accepted fields encoded once, with unknown fields stripped at every depth, and the
+    /// byte range of each: a projection is the concatenation of its fields' ranges.
+    Cut(WireFields),
+    /// The decoded record, projected and encoded field by field (never expected: only when the
+    /// reflective encoding could not be split).
+    Reflect(DynamicMessage),
 }
 
-impl AcceptedFields {
-    /// `None` if the re-encoded bytes cannot be split (never expected: they are our own
-    /// encoding); the caller then projects field by field.
-    fn encode(
-        record: &DynamicMessage,
-        entity: &EntityPolicy,
-        accepted: FieldSet,
-    ) -> Option<AcceptedFields> {
-        let bytes = project(record, entity, accepted).encode_to_vec();
-        let mut parts = Vec::with_capacity(accepted.len());
-        let mut pos = 0;
-        while pos < bytes.len() {
-            let start = pos;
-            let key = read_varint(&bytes, &mut pos)?;
-            let number = u32::try_from(key >> 3).ok()?;
-            let len = match key & 7 {
-                0 => read_varint(&bytes, &mut pos).map(|_| 0)?,
-                1 => 8,
-                2 => usize::try_from(read_varint(&bytes, &mut pos)?).ok()?,
-                5 => 4,
-                _ => return None,
-            };
-            pos = pos.checked_add(len).filter(|end| *end <= bytes.len())?;
-            let index = accepted.iter().find(|i| {
-                entity
-                    .fields
-                    .get(*i)
-                    .is_some_and(|f| f.descriptor.number() == number)
-            })?;
-            parts.push((index, start..pos));
+impl Projector {
+    /// The accepted fields of `record`: cut straight from its bytes on the wire-level fast path
+    /// ([`wire::filter`], which answers only when its result is identical), otherwise decoded,
+    /// projected and re-encoded through the descriptor, which also reports an invalid record.
+    fn new(entity: &EntityPolicy, record: &[u8], accepted: FieldSet) -> Result<Self, DeadLetter> {
+        if let Some(cut) = wire::filter(&entity.record_plan, record, accepted) {
+            return Ok(Projector::Cut(cut));
         }
-        Some(AcceptedFields { bytes, parts })
+        let decoded = DynamicMessage::decode(entity.message.clone(), record).map_err(|e| {
+            dead(
+                DeadLetterReason::InvalidRecord,
+                format!("record is not a valid {}: {e}", entity.message.full_name()),
+            )
+        })?;
+        Ok(match split(&decoded, entity, accepted) {
+            Some(cut) => Projector::Cut(cut),
+            None => Projector::Reflect(decoded),
+        })
     }
 
     /// The encoded record holding only `fields` (a subset of the accepted fields).
-    fn projection(&self, fields: FieldSet) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.bytes.len());
-        for (i, range) in &self.parts {
-            if fields.contains(*i) {
-                out.extend_from_slice(self.bytes.get(range.clone()).unwrap_or_default());
-            }
+    fn projection(&self, entity: &EntityPolicy, fields: FieldSet) -> Vec<u8> {
+        match self {
+            Projector::Cut(cut) => cut.projection(fields),
+            Projector::Reflect(record) => project(record, entity, fields).encode_to_vec(),
         }
-        out
     }
+}
+
+/// The accepted fields of a decoded record, encoded once and split into one byte range per
+/// encoded field (in field-number order, which is exactly how any projection encodes). `None`
+/// if the bytes cannot be split (never expected: they are our own encoding).
+fn split(record: &DynamicMessage, entity: &EntityPolicy, accepted: FieldSet) -> Option<WireFields> {
+    let bytes = project(record, entity, accepted).encode_to_vec();
+    let mut parts = Vec::with_capacity(accepted.len());
+    let mut pos = 0;
+    while pos < bytes.len() {
+        let start = pos;
+        let key = read_varint(&bytes, &mut pos)?;
+        let number = u32::try_from(key >> 3).ok()?;
+        let len = match key & 7 {
+            0 => read_varint(&bytes, &mut pos).map(|_| 0)?,
+            1 => 8,
+            2 => usize::try_from(read_varint(&bytes, &mut pos)?).ok()?,
+            5 => 4,
+            _ => return None,
+        };
+        pos = pos.checked_add(len).filter(|end| *end <= bytes.len())?;
+        let index = accepted.iter().find(|i| {
+            entity
+                .fields
+                .get(*i)
+                .is_some_and(|f| f.descriptor.number() == number)
+        })?;
+        parts.push((index, start..pos));
+    }
+    Some(WireFields { bytes, parts })
 }
 
 fn read_varint(bytes: &[u8], pos: &mut usize) -> Option<u64> {
