@@ -439,8 +439,21 @@ pub async fn run(
         .await
 }
 
+/// Builds the async runtime the configuration asks for (`worker_threads`) and runs
+/// [`run_until_signalled`] on it: the whole `concord router` command once the configuration is
+/// read. Validates the configuration first (the runtime is built before the router starts).
+pub fn run_blocking(config: RouterConfig, policy_path: PathBuf) -> anyhow::Result<()> {
+    config.validate("router configuration")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run_until_signalled(config, policy_path))
+}
+
 /// Runs a router until SIGTERM or SIGINT (then drains and returns `Ok`); SIGHUP reloads
-/// the policy. This is the whole `concord router` command once the configuration is read.
+/// the policy.
 pub async fn run_until_signalled(config: RouterConfig, policy_path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

@@ -131,13 +131,5 @@ fn run_router(
     if let Some(uri) = amqp_uri {
         cfg.amqp_uri = uri;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.worker_threads)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(concord_router::run_until_signalled(
-        cfg,
-        policy.to_path_buf(),
-    ))
+    concord_router::run_blocking(cfg, policy.to_path_buf())
 }

@@ -9,8 +9,5 @@ fn main() -> anyhow::Result<()> {
     let config = args.next().context("usage: it-router POLICY CONFIG")?;
     let text = std::fs::read_to_string(&config).with_context(|| format!("read {config}"))?;
     let cfg = concord_router::RouterConfig::from_toml(&text, &config)?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(concord_router::run_until_signalled(cfg, policy.into()))
+    concord_router::run_blocking(cfg, policy.into())
 }
