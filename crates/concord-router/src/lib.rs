@@ -26,7 +26,9 @@ mod session;
 pub use config::{ConfigError, QueueType, RouterConfig};
 pub use metrics::{Metrics, ReloadResultLabel};
 pub use policy_file::PolicyLoadError;
-pub use service::{ReloadOutcome, Router, RouterError, RouterHandle, run, run_blocking, run_until_signalled};
+pub use service::{
+    ReloadOutcome, Router, RouterError, RouterHandle, run, run_blocking, run_until_signalled,
+};
 pub use session::{
     DEAD_LETTER_KEY, HEADER_DETAIL, HEADER_KEY, HEADER_ORIGIN, HEADER_REASON, HEADER_ROUTING_KEY,
 };
