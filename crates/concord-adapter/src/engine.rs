@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use concord_policy::replica::{FieldState, LocalWrite, classify_local, incoming_wins};
+use concord_policy::replica::{
+    Deletion, FieldState, LocalWrite, buried, classify_local, incoming_wins, on_delete,
+};
 use concord_policy::route::{decode_field, encode_field};
 use concord_policy::{Hlc, Op, Stamp};
 use concord_proto::v1::{ChangeEvent, FieldClock};
@@ -218,18 +220,33 @@ impl<A: SystemAdapter> Engine<A> {
             let Some(rc) = ev.record_clock.as_ref() else {
                 return Err(permanent("missing_clock", "a delete needs record_clock"));
             };
-            let newer = match rec.as_ref().and_then(|r| r.tombstone.as_ref()) {
-                Some((h, s)) => (rc.hlc, rc.system.as_str()) > (*h, s.as_str()),
-                None => true,
-            };
-            if !newer {
+            let stored = store::fields_of(&mut tx, &ev.entity, &ev.key).await?;
+            let tomb = rec.as_ref().and_then(|r| r.tombstone.as_ref());
+            let deletion = on_delete(
+                tomb.map(|(h, s)| (*h, s.as_str())),
+                (rc.hlc, rc.system.as_str()),
+                stored.iter().map(|(name, f)| (name.as_str(), &f.stamp)),
+            );
+            let Some(deletion) = deletion else {
                 store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
                 tx.commit().await.map_err(StoreError::from)?;
                 return Ok(Processed::Stale);
-            }
-            let Some(local_id) = live_id else {
-                store::set_tombstone(&mut tx, &ev.entity, &ev.key, rc.hlc, &rc.system).await?;
-                store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
+            };
+            // Fields written after the delete keep the record: only the older ones are cleared.
+            let clear: Fields = stored
+                .iter()
+                .filter(|(name, f)| f.value.is_some() && deletion.cleared.contains(name))
+                .map(|(name, _)| (name.clone(), None))
+                .collect();
+            let apply = match live_id {
+                Some(local_id) if deletion.remove_record => {
+                    Some((local_id, ApplyOp::Delete, Fields::new()))
+                }
+                Some(local_id) if !clear.is_empty() => Some((local_id, ApplyOp::Upsert, clear)),
+                _ => None,
+            };
+            let Some((local_id, apply_op, fields)) = apply else {
+                self.bury(&mut tx, &ev, rc, &deletion).await?;
                 tx.commit().await.map_err(StoreError::from)?;
                 return Ok(Processed::Recorded);
             };
@@ -238,16 +255,15 @@ impl<A: SystemAdapter> Engine<A> {
                 entity: ev.entity.clone(),
                 key: ev.key.clone(),
                 local_id: Some(local_id),
-                op: ApplyOp::Delete,
-                fields: Fields::new(),
+                op: apply_op,
+                fields,
                 event_id: ev.event_id.clone(),
                 origin,
             };
             return match self.adapter.apply(&apply).await {
                 Ok(_) => {
                     let mut tx = self.store.begin().await?;
-                    store::set_tombstone(&mut tx, &ev.entity, &ev.key, rc.hlc, &rc.system).await?;
-                    store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
+                    self.bury(&mut tx, &ev, rc, &deletion).await?;
                     tx.commit().await.map_err(StoreError::from)?;
                     Ok(Processed::Applied)
                 }
@@ -274,10 +290,12 @@ impl<A: SystemAdapter> Engine<A> {
                 warn!(event_id = %ev.event_id, field = %name, "ignoring field without clock");
                 continue;
             };
-            if let Some((th, ts)) = &tomb
-                && (clock.hlc, clock.system.as_str()) <= (*th, ts.as_str())
-            {
-                continue; // older than the delete of the record
+            if buried(
+                clock.hlc,
+                &clock.system,
+                tomb.as_ref().map(|(h, s)| (*h, s.as_str())),
+            ) {
+                continue; // written before the record's delete
             }
             let stamp = Stamp::new(clock.rank, clock.hlc, clock.system.clone());
             let stored = store::get_field(&mut tx, &ev.entity, &ev.key, name).await?;
@@ -355,6 +373,26 @@ impl<A: SystemAdapter> Engine<A> {
             // Pending fields stay: the retry applies them again.
             Err(e) => Err(IncomingError::Transient(e.to_string())),
         }
+    }
+
+    /// Records an applied (or nothing-to-apply) delete: the tombstone, the cleared fields gone
+    /// from the replica, the record gone too unless later fields keep it; the event seen.
+    async fn bury(
+        &self,
+        tx: &mut SqliteConnection,
+        ev: &ChangeEvent,
+        rc: &FieldClock,
+        deletion: &Deletion,
+    ) -> Result<(), StoreError> {
+        if deletion.remove_record {
+            store::set_tombstone(tx, &ev.entity, &ev.key, rc.hlc, &rc.system).await?;
+        } else {
+            store::set_tombstone_keep(tx, &ev.entity, &ev.key, rc.hlc, &rc.system).await?;
+        }
+        for name in &deletion.cleared {
+            store::delete_field(tx, &ev.entity, &ev.key, name).await?;
+        }
+        store::mark_seen(tx, &ev.event_id, now_ms()).await
     }
 
     /// Turns a batch of local changes (or snapshot items, published as `OP_SNAPSHOT`) into
@@ -488,6 +526,9 @@ impl<A: SystemAdapter> Engine<A> {
             }
             let hlc = self.hlc.tick(now);
             store::set_tombstone(c, entity, &rec.key, hlc, &self.system).await?;
+            // Every stored field was written before this delete (the clock just ticked past
+            // all of them): the replica forgets them, as every receiver of the delete does.
+            store::delete_fields_of(c, entity, &rec.key).await?;
             let clock = FieldClock {
                 hlc,
                 system: self.system.clone(),

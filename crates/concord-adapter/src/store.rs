@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use concord_policy::Stamp;
 use concord_policy::replica::FieldState;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use crate::transport::Outgoing;
@@ -313,15 +315,40 @@ pub(crate) async fn get_field(
     .fetch_optional(&mut *c)
     .await?;
     let Some(r) = row else { return Ok(None) };
-    Ok(Some(FieldState {
-        value: r.try_get::<Option<Vec<u8>>, _>(0)?,
+    Ok(Some(field_state(&r, 0)?))
+}
+
+/// The field state in columns `first..first + 5` (value, rank, hlc, system, pending) of `r`.
+fn field_state(r: &SqliteRow, first: usize) -> Result<FieldState, sqlx::Error> {
+    Ok(FieldState {
+        value: r.try_get::<Option<Vec<u8>>, _>(first)?,
         stamp: Stamp {
-            rank: u32::try_from(r.try_get::<i64, _>(1)?).unwrap_or(0),
-            hlc: to_u64(r.try_get::<i64, _>(2)?),
-            system: r.try_get::<String, _>(3)?,
+            rank: u32::try_from(r.try_get::<i64, _>(first + 1)?).unwrap_or(0),
+            hlc: to_u64(r.try_get::<i64, _>(first + 2)?),
+            system: r.try_get::<String, _>(first + 3)?,
         },
-        pending: r.try_get::<i64, _>(4)? != 0,
-    }))
+        pending: r.try_get::<i64, _>(first + 4)? != 0,
+    })
+}
+
+/// Every stored field of a record, by name.
+pub(crate) async fn fields_of(
+    c: &mut SqliteConnection,
+    entity: &str,
+    key: &str,
+) -> Result<Vec<(String, FieldState)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT field, value, rank, hlc, system, pending FROM fields WHERE entity = ? AND key = ?",
+    )
+    .bind(entity)
+    .bind(key)
+    .fetch_all(&mut *c)
+    .await?;
+    let mut fields = Vec::with_capacity(rows.len());
+    for r in &rows {
+        fields.push((r.try_get::<String, _>(0)?, field_state(r, 1)?));
+    }
+    Ok(fields)
 }
 
 pub(crate) async fn put_field(
@@ -360,6 +387,20 @@ pub(crate) async fn delete_field(
         .bind(entity)
         .bind(key)
         .bind(field)
+        .execute(&mut *c)
+        .await?;
+    Ok(())
+}
+
+/// Forgets every stored field of a record.
+pub(crate) async fn delete_fields_of(
+    c: &mut SqliteConnection,
+    entity: &str,
+    key: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM fields WHERE entity = ? AND key = ?")
+        .bind(entity)
+        .bind(key)
         .execute(&mut *c)
         .await?;
     Ok(())
@@ -475,6 +516,29 @@ pub(crate) async fn set_tombstone(
     sqlx::query(
         "INSERT INTO records (entity, key, local_id, live, tomb_hlc, tomb_system) VALUES (?, ?, NULL, 0, ?, ?)
          ON CONFLICT(entity, key) DO UPDATE SET live = 0, tomb_hlc = excluded.tomb_hlc,
+           tomb_system = excluded.tomb_system",
+    )
+    .bind(entity)
+    .bind(key)
+    .bind(to_i64(hlc))
+    .bind(system)
+    .execute(&mut *c)
+    .await?;
+    Ok(())
+}
+
+/// Records a delete of `key` stamped `(hlc, system)` that leaves the record in place (fields
+/// were written after it): only the tombstone changes.
+pub(crate) async fn set_tombstone_keep(
+    c: &mut SqliteConnection,
+    entity: &str,
+    key: &str,
+    hlc: u64,
+    system: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO records (entity, key, local_id, live, tomb_hlc, tomb_system) VALUES (?, ?, NULL, 0, ?, ?)
+         ON CONFLICT(entity, key) DO UPDATE SET tomb_hlc = excluded.tomb_hlc,
            tomb_system = excluded.tomb_system",
     )
     .bind(entity)

@@ -675,3 +675,97 @@ async fn a_local_edit_overwritten_by_an_apply_before_the_feed_saw_it_converges_o
     assert_eq!(stored.value, orders_stored.value);
     assert_eq!(stored.stamp, orders_stored.stamp);
 }
+
+/// What `system` shows for `entity`: every record's fields (local ids left out, they differ
+/// between runs).
+fn shown(system: &MemorySystem) -> Vec<Vec<(String, Value)>> {
+    system
+        .ids(CUSTOMER)
+        .iter()
+        .filter_map(|id| system.get(CUSTOMER, id))
+        .map(|r| r.into_iter().collect())
+        .collect()
+}
+
+/// The signed-up customer's delete by orders stamped `delete_at`, and delivery's concurrent
+/// `delivery_status` update stamped `update_at`, as support receives them (routed copies), in
+/// the order given; returns what support then shows.
+async fn delete_and_update(
+    delete_at: u64,
+    update_at: u64,
+    delete_first: bool,
+) -> Vec<Vec<(String, Value)>> {
+    let mut t = seed().await;
+    let key = t.sign_up().await;
+    let signed_up = t.bus.published("orders").last().unwrap().clone();
+    let base = signed_up.clocks["name"].hlc;
+    let delete = ChangeEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        source: "orders".into(),
+        origin: "orders".into(),
+        entity: CUSTOMER.into(),
+        key: key.clone(),
+        op: Op::Delete as i32,
+        record_clock: Some(FieldClock {
+            hlc: base + delete_at,
+            system: "orders".into(),
+            rank: 0,
+        }),
+        schema_version: concord_proto::SCHEMA_VERSION,
+        ..Default::default()
+    };
+    let update = ChangeEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        source: "delivery".into(),
+        origin: "delivery".into(),
+        entity: CUSTOMER.into(),
+        key,
+        op: Op::Upsert as i32,
+        record: concord_proto::v1::Customer {
+            delivery_status: Some("out_for_delivery".into()),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        field_mask: vec!["delivery_status".into()],
+        clocks: [(
+            "delivery_status".to_owned(),
+            FieldClock {
+                hlc: base + update_at,
+                system: "delivery".into(),
+                rank: 1,
+            },
+        )]
+        .into(),
+        schema_version: concord_proto::SCHEMA_VERSION,
+        ..Default::default()
+    };
+    let order = if delete_first {
+        [&delete, &update]
+    } else {
+        [&update, &delete]
+    };
+    for ev in order {
+        t.bus.inject("support", ev).unwrap();
+        t.bus.run_until_quiet().await.unwrap();
+    }
+    shown(&t.support)
+}
+
+#[tokio::test]
+async fn a_delete_and_a_concurrent_update_converge_whatever_arrives_first() {
+    // The update was made after the delete (a later clock): the record stays, holding only the
+    // update, whichever the replica received first.
+    let update_first = delete_and_update(100, 200, false).await;
+    let delete_first = delete_and_update(100, 200, true).await;
+    assert_eq!(update_first, delete_first);
+    assert_eq!(
+        update_first,
+        [vec![(
+            "delivery_status".to_owned(),
+            Value::String("out_for_delivery".into())
+        )]]
+    );
+    // The update was made before the delete: the record goes, whichever came first.
+    assert!(delete_and_update(200, 100, false).await.is_empty());
+    assert!(delete_and_update(200, 100, true).await.is_empty());
+}

@@ -26,6 +26,13 @@
 //!   ([`crate::route::encode_field`]) with the incoming stamp and `pending: true`; apply the
 //!   winners to the system, clear `pending`, then acknowledge. A crash in between leaves the
 //!   fields pending, so the redelivered message is applied again.
+//! - **Deletes** order against field writes by their clocks alone (`(hlc, system)`, ranks play no
+//!   part): a record exists as long as one of its fields was written after its last delete.
+//!   A field write not newer than the tombstone is [`buried`] and ignored; [`on_delete`] says
+//!   which stored fields a delete clears (those written before it) and whether the record goes
+//!   (no field was written after it) or stays with the later fields only. A local delete clears
+//!   every stored field (its clock is newer than all of them). So a delete and a concurrent later
+//!   update leave every copy with the same record, whichever arrives first.
 //! - **Echoes**: the system reports applied values back as local changes; they classify as
 //!   [`LocalWrite::Unchanged`] provided they are reported before a newer value of the same
 //!   field is applied. An echo that arrives after a newer value was applied no longer equals
@@ -100,9 +107,196 @@ pub fn classify_local(
     }
 }
 
+/// Whether a field write stamped `(hlc, system)` is not newer than the record's delete
+/// `tombstone`: it was made before the delete and must be ignored.
+pub fn buried(hlc: u64, system: &str, tombstone: Option<(u64, &str)>) -> bool {
+    tombstone.is_some_and(|t| (hlc, system) <= t)
+}
+
+/// What a delete does to a replica's record (see [`on_delete`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deletion {
+    /// Stored fields written before the delete: cleared (from the system and the replica).
+    pub cleared: Vec<String>,
+    /// Whether the record itself goes: no stored field was written after the delete. Otherwise
+    /// it stays, holding only the later fields.
+    pub remove_record: bool,
+}
+
+/// A delete stamped `delete` (its record clock, `(hlc, system)`) reaching a replica that holds
+/// `tombstone` (the newest delete it has seen) and the stored `fields` of the record. `None`
+/// when the delete is not newer than the tombstone (stale: nothing to do); the caller records
+/// the new tombstone otherwise.
+pub fn on_delete<'a>(
+    tombstone: Option<(u64, &str)>,
+    delete: (u64, &str),
+    fields: impl IntoIterator<Item = (&'a str, &'a Stamp)>,
+) -> Option<Deletion> {
+    if tombstone.is_some_and(|t| delete <= t) {
+        return None;
+    }
+    let mut cleared = Vec::new();
+    let mut later = 0usize;
+    for (name, stamp) in fields {
+        if buried(stamp.hlc, &stamp.system, Some(delete)) {
+            cleared.push(name.to_owned());
+        } else {
+            later += 1;
+        }
+    }
+    Some(Deletion {
+        cleared,
+        remove_record: later == 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// One replica's record under the rules above: what it holds and what the system shows.
+    #[derive(Debug, Default)]
+    struct Replica {
+        fields: BTreeMap<String, FieldState>,
+        tombstone: Option<(u64, String)>,
+        live: bool,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Change {
+        Write {
+            field: String,
+            value: Vec<u8>,
+            hlc: u64,
+            system: String,
+        },
+        Delete {
+            hlc: u64,
+            system: String,
+        },
+    }
+
+    impl Replica {
+        fn receive(&mut self, change: &Change) {
+            let tomb = self.tombstone.as_ref().map(|(h, s)| (*h, s.as_str()));
+            match change {
+                Change::Write {
+                    field,
+                    value,
+                    hlc,
+                    system,
+                } => {
+                    if buried(*hlc, system, tomb) {
+                        return;
+                    }
+                    let stamp = Stamp::new(1, *hlc, system.clone());
+                    if incoming_wins(self.fields.get(field), &stamp, "replica", 0) {
+                        self.fields.insert(
+                            field.clone(),
+                            FieldState {
+                                value: Some(value.clone()),
+                                stamp,
+                                pending: false,
+                            },
+                        );
+                        self.live = true;
+                    }
+                }
+                Change::Delete { hlc, system } => {
+                    let fields = self.fields.iter().map(|(n, f)| (n.as_str(), &f.stamp));
+                    let Some(d) = on_delete(tomb, (*hlc, system), fields) else {
+                        return;
+                    };
+                    for name in &d.cleared {
+                        self.fields.remove(name);
+                    }
+                    if d.remove_record {
+                        self.live = false;
+                    }
+                    self.tombstone = Some((*hlc, system.clone()));
+                }
+            }
+        }
+
+        /// What the system shows: whether the record exists and its values.
+        fn shown(&self) -> (bool, BTreeMap<String, Vec<u8>>) {
+            let values = self
+                .fields
+                .iter()
+                .filter_map(|(n, f)| Some((n.clone(), f.value.clone()?)))
+                .collect();
+            (self.live, values)
+        }
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        let system = prop_oneof![Just("a".to_owned()), Just("b".to_owned())];
+        prop_oneof![
+            // A stamp identifies one write: the value follows from it.
+            3 => ("[xyz]", 1u64..8, system.clone()).prop_map(|(field, hlc, system)| {
+                let value = vec![u8::try_from(hlc).unwrap_or(0), system.as_bytes()[0]];
+                Change::Write { field, value, hlc, system }
+            }),
+            1 => (1u64..8, system).prop_map(|(hlc, system)| Change::Delete { hlc, system }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+        /// Whatever the order (and duplication) of writes and deletes, a replica ends with the
+        /// same record: every copy converges.
+        #[test]
+        fn deletes_and_writes_commute(
+            changes in proptest::collection::vec(change(), 1..8),
+            order in Just(()).prop_perturb(|_, mut rng| rng.random::<u64>()),
+        ) {
+            // A system's clock ticks for every change: a delete never shares a write's stamp.
+            let stamp = |c: &Change| match c {
+                Change::Write { hlc, system, .. } | Change::Delete { hlc, system } => (*hlc, system.clone()),
+            };
+            let deletes: Vec<_> = changes.iter().filter(|c| matches!(c, Change::Delete { .. })).map(stamp).collect();
+            prop_assume!(!changes.iter().any(|c| matches!(c, Change::Write { .. }) && deletes.contains(&stamp(c))));
+            let mut in_order = Replica::default();
+            for c in &changes {
+                in_order.receive(c);
+            }
+            // Another arrival order, with every change delivered twice.
+            let mut shuffled: Vec<&Change> = changes.iter().chain(changes.iter()).collect();
+            let mut seed = order;
+            for i in (1..shuffled.len()).rev() {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                let j = usize::try_from(seed >> 33).unwrap_or(0) % (i + 1);
+                shuffled.swap(i, j);
+            }
+            let mut other = Replica::default();
+            for c in shuffled {
+                other.receive(c);
+            }
+            prop_assert_eq!(in_order.shown(), other.shown());
+        }
+    }
+
+    #[test]
+    fn a_delete_clears_older_fields_and_keeps_the_record_for_later_ones() {
+        let older = Stamp::new(1, 3, "a");
+        let later = Stamp::new(1, 5, "b");
+        let d = on_delete(None, (4, "a"), [("x", &older), ("y", &later)]).unwrap();
+        assert_eq!(d.cleared, ["x"]);
+        assert!(!d.remove_record);
+        let d = on_delete(None, (6, "a"), [("x", &older), ("y", &later)]).unwrap();
+        assert_eq!(d.cleared, ["x", "y"]);
+        assert!(d.remove_record);
+        // Not newer than the tombstone: stale.
+        assert_eq!(on_delete(Some((6, "a")), (6, "a"), [("y", &later)]), None);
+        assert_eq!(on_delete(Some((6, "b")), (6, "a"), [("y", &later)]), None);
+        assert!(buried(4, "a", Some((4, "a"))));
+        assert!(!buried(4, "b", Some((4, "a"))));
+        assert!(!buried(9, "a", None));
+    }
 
     fn st(value: &str, rank: u32, hlc: u64, system: &str) -> FieldState {
         FieldState {
