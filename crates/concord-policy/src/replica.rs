@@ -32,7 +32,11 @@
 //!   which stored fields a delete clears (those written before it) and whether the record goes
 //!   (no field was written after it) or stays with the later fields only. A local delete clears
 //!   every stored field (its clock is newer than all of them). So a delete and a concurrent later
-//!   update leave every copy with the same record, whichever arrives first.
+//!   update leave every copy with the same record, whichever arrives first — for fields whose
+//!   accepted writes all carry one rank (single-owner and `lww` fields). For a `priority` field a
+//!   replica keeps only the highest-ranked write, so a lower-priority write made after a delete
+//!   but received before it (and lost to an earlier higher-priority value) is not restored when
+//!   the delete clears that value; exactness there needs the latest write per rank.
 //! - **Echoes**: the system reports applied values back as local changes; they classify as
 //!   [`LocalWrite::Unchanged`] provided they are reported before a newer value of the same
 //!   field is applied. An echo that arrives after a newer value was applied no longer equals
@@ -248,7 +252,8 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2_000))]
         /// Whatever the order (and duplication) of writes and deletes, a replica ends with the
-        /// same record: every copy converges.
+        /// same record: every copy converges. Every write carries one rank, as for single-owner
+        /// and `lww` fields (see the module docs for `priority` fields).
         #[test]
         fn deletes_and_writes_commute(
             changes in proptest::collection::vec(change(), 1..8),
