@@ -330,6 +330,8 @@ impl<'p> Filter<'p> {
         let mut pos = 0;
         let mut last_number = 0;
         let mut sorted = true;
+        // Per oneof seen in this message: the member it holds (a message has few oneofs).
+        let mut oneofs: Vec<(usize, u32)> = Vec::new();
         while pos < bytes.len() {
             let start = pos;
             let (number, wire_type) = read_key(bytes, &mut pos)?;
@@ -342,12 +344,10 @@ impl<'p> Filter<'p> {
             let (value_start, default) = read_value(field, wire_type, bytes, &mut pos)?;
             if let Some(oneof) = field.oneof {
                 // Two members of one oneof: the decoder keeps the last one only.
-                let clash = self.occurrences.get(base..)?.iter().any(|o| {
-                    o.number != number
-                        && message.fields.get(o.field).and_then(|f| f.oneof) == Some(oneof)
-                });
-                if clash {
-                    return None;
+                match oneofs.iter().find(|(o, _)| *o == oneof) {
+                    Some((_, member)) if *member != number => return None,
+                    Some(_) => {}
+                    None => oneofs.push((oneof, number)),
                 }
             }
             sorted &= number >= last_number;
