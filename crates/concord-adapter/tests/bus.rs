@@ -744,10 +744,17 @@ async fn delete_and_update(
     } else {
         [&update, &delete]
     };
+    let published = t.bus.published("support").len();
     for ev in order {
         t.bus.inject("support", ev).unwrap();
         t.bus.run_until_quiet().await.unwrap();
     }
+    // Applying the delete (or the clears) is not reported back as support's own change.
+    assert_eq!(
+        t.bus.published("support").len(),
+        published,
+        "echo published"
+    );
     shown(&t.support)
 }
 
