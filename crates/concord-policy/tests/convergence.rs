@@ -34,6 +34,15 @@
 //!   event is published after the last local edit, and each input yields at most one delivery
 //!   per other system.
 //!
+//! With deletes (`delete_per_mille`), systems allowed to delete records also delete them: the
+//! deleter's replica forgets the record's fields and records the tombstone; a replica receiving
+//! the delete applies `replica::on_delete` (clearing the fields written before it, from the
+//! replica and the system, whose report of the clears must classify as unchanged) and ignores
+//! field writes `replica::buried` under its tombstone. Those schedules skip the final round, so
+//! records stay deleted or partly cleared, and the check expects, per field, the greatest write
+//! unless it was made before the record's newest delete (then nothing), except for `priority`
+//! fields of deleted records (a replica keeps only their top-ranked write; see `replica`).
+//!
 //! In the runaway case one system's clock is beyond the router's `clock_skew_ms`: all its events
 //! are dead-lettered (`clock_skew`), its writes reach no other system, and every other system
 //! converges as above. (The runaway system itself keeps its own unroutable values locally.)
@@ -47,7 +56,9 @@ use std::collections::BTreeMap;
 
 use common::*;
 use concord_policy::clock::Hlc;
-use concord_policy::replica::{FieldState, LocalWrite, classify_local, incoming_wins};
+use concord_policy::replica::{
+    FieldState, LocalWrite, buried, classify_local, incoming_wins, on_delete,
+};
 use concord_policy::route::{self, DeadLetterReason, Input, Outcome, RouterSettings};
 use concord_policy::{EntityPolicy, FieldSet, Policy, Stamp};
 use concord_proto::v1::{ChangeEvent, FieldClock};
@@ -73,6 +84,12 @@ struct Config {
     runaway: bool,
     /// Ignore the ranks the router sends (wrong; used to show the checker finds it).
     ignore_receiver_ranks: bool,
+    /// Probability (per mille) that an edit by a system allowed to delete records is a delete.
+    delete_per_mille: u64,
+    /// End with the round in which every owner writes every field (which recreates every
+    /// deleted record). Without it, the check also covers records left deleted or partly
+    /// cleared by deletes.
+    final_round: bool,
 }
 
 impl Default for Config {
@@ -85,6 +102,8 @@ impl Default for Config {
             max_drift_ppm: 50_000,
             runaway: false,
             ignore_receiver_ranks: false,
+            delete_per_mille: 0,
+            final_round: true,
         }
     }
 }
@@ -106,6 +125,10 @@ struct Stats {
     crashes: u64,
     overruled: u64,
     rejected_fields: u64,
+    /// Deletes published.
+    deletes: u64,
+    /// Fields a delivered delete cleared.
+    cleared: u64,
 }
 
 /// One adapter and the system behind it.
@@ -114,6 +137,8 @@ struct Node {
     index: usize,
     owns: FieldSet,
     sees: FieldSet,
+    /// May delete records.
+    deletes: bool,
     hlc: Hlc,
     offset_ms: i64,
     drift_ppm: i64,
@@ -123,6 +148,8 @@ struct Node {
     data: BTreeMap<(usize, &'static str), Option<Vec<u8>>>,
     /// Merge ranks learned from `receiver_ranks`.
     ranks: BTreeMap<&'static str, u32>,
+    /// Per key, the newest delete the replica has seen: `(hlc, system)`.
+    tombstones: BTreeMap<usize, (u64, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +160,8 @@ struct Ingress {
     hlc: u64,
     /// The published fields and their encoded values.
     fields: Vec<(&'static str, Option<Vec<u8>>)>,
+    /// A delete of the record (stamped `hlc`).
+    delete: bool,
     duplicate: bool,
 }
 
@@ -159,6 +188,8 @@ struct Sim<'p> {
     inbox: Vec<InboxMsg>,
     /// The greatest accepted write per (key, field): stamp with the policy's rank, and value.
     best: BTreeMap<(usize, &'static str), Write>,
+    /// The newest accepted delete per key: `(hlc, system)`.
+    deleted: BTreeMap<usize, (u64, String)>,
     tag: u64,
     event_seq: u128,
     runaway: Option<usize>,
@@ -186,12 +217,14 @@ impl<'p> Sim<'p> {
                 index: id.index(),
                 owns: entity.owned_by(id),
                 sees: entity.visible_to(id),
+                deletes: entity.delete.contains(id),
                 hlc: Hlc::default(),
                 offset_ms: rng.range_i64(-cfg.max_offset_ms, cfg.max_offset_ms),
                 drift_ppm: rng.range_i64(-cfg.max_drift_ppm, cfg.max_drift_ppm),
                 replica: BTreeMap::new(),
                 data: BTreeMap::new(),
                 ranks: BTreeMap::new(),
+                tombstones: BTreeMap::new(),
             })
             .collect();
         let mut sim = Sim {
@@ -205,6 +238,7 @@ impl<'p> Sim<'p> {
             ingress: Vec::new(),
             inbox: Vec::new(),
             best: BTreeMap::new(),
+            deleted: BTreeMap::new(),
             tag: 0,
             event_seq: 0,
             runaway: None,
@@ -230,6 +264,11 @@ impl<'p> Sim<'p> {
 
     fn index_in_policy(&self, f: &str) -> Option<usize> {
         self.entity.field_index(f)
+    }
+
+    fn is_priority(&self, f: &str) -> bool {
+        self.index_in_policy(f)
+            .is_some_and(|i| self.entity.fields[i].merge == concord_policy::MergeRule::Priority)
     }
 
     fn owns(&self, node: usize, f: &str) -> bool {
@@ -347,6 +386,7 @@ impl<'p> Sim<'p> {
             body: ev.encode_to_vec(),
             hlc,
             fields,
+            delete: false,
             duplicate: false,
         });
         self.stats.published += 1;
@@ -359,9 +399,59 @@ impl<'p> Sim<'p> {
         Ok(true)
     }
 
-    /// A user of `node` edits 1..=3 fields of a random record.
+    /// A user of `node` deletes record `key`: the adapter's local delete path. The system
+    /// drops the record; the replica forgets every field (all written before this delete) and
+    /// records the tombstone; the delete is published with its record clock.
+    fn local_delete(&mut self, node: usize, key: usize) {
+        let wall = self.wall(node);
+        let n = &mut self.nodes[node];
+        let hlc = n.hlc.tick(wall);
+        n.replica.retain(|(k, _), _| *k != key);
+        for ((k, _), value) in n.data.iter_mut() {
+            if *k == key {
+                *value = None;
+            }
+        }
+        n.tombstones.insert(key, (hlc, n.name.clone()));
+        let ev = ChangeEvent {
+            event_id: uuid::Uuid::from_u128(
+                0x0190_0000_0000_7000_8000_0000_0000_0000 | self.event_seq,
+            )
+            .to_string(),
+            source: n.name.clone(),
+            entity: "customer".into(),
+            key: KEYS[key].into(),
+            op: concord_proto::v1::Op::Delete as i32,
+            schema_version: concord_proto::SCHEMA_VERSION,
+            observed_at_ms: wall,
+            record_clock: Some(FieldClock {
+                hlc,
+                system: n.name.clone(),
+                rank: 0,
+            }),
+            ..Default::default()
+        };
+        self.event_seq += 1;
+        self.ingress.push(Ingress {
+            source: node,
+            key,
+            body: ev.encode_to_vec(),
+            hlc,
+            fields: Vec::new(),
+            delete: true,
+            duplicate: false,
+        });
+        self.stats.published += 1;
+        self.stats.deletes += 1;
+    }
+
+    /// A user of `node` edits 1..=3 fields of a random record, or deletes it.
     fn random_edit(&mut self, node: usize) -> Result<(), String> {
         let key = self.rng.below(KEYS.len());
+        if self.nodes[node].deletes && self.rng.chance(self.cfg.delete_per_mille, 1000) {
+            self.local_delete(node, key);
+            return Ok(());
+        }
         let owned: Vec<&'static str> = CUSTOMER_FIELDS
             .iter()
             .copied()
@@ -441,6 +531,13 @@ impl<'p> Sim<'p> {
         {
             return Err(format!("the runaway {src}'s event was routed"));
         }
+        if msg.delete {
+            let stamp = (msg.hlc, src.clone());
+            let newest = self.deleted.entry(msg.key).or_insert_with(|| stamp.clone());
+            if stamp > *newest {
+                *newest = stamp;
+            }
+        }
         let mut accepted = 0;
         for (f, value) in &msg.fields {
             let Some(i) = self.index_in_policy(f) else {
@@ -507,6 +604,10 @@ impl<'p> Sim<'p> {
             .iter()
             .position(|k| *k == ev.key)
             .ok_or("unknown key")?;
+        if ev.op == concord_proto::v1::Op::Delete as i32 {
+            return self.deliver_delete(t, key, &ev);
+        }
+        let tombstone = self.nodes[t].tombstones.get(&key).cloned();
         let mut winners = Vec::new();
         for name in &ev.field_mask {
             let f = field_of(name);
@@ -526,6 +627,13 @@ impl<'p> Sim<'p> {
             }
             let self_rank = n.ranks.get(f).copied().unwrap_or(0);
             let incoming = Stamp::new(c.rank, c.hlc, c.system.clone());
+            if buried(
+                c.hlc,
+                &c.system,
+                tombstone.as_ref().map(|(h, s)| (*h, s.as_str())),
+            ) {
+                continue; // written before the record's delete
+            }
             if incoming_wins(n.replica.get(&(key, f)), &incoming, &n.name, self_rank) {
                 let value = route::encode_field(&record, &field(f));
                 n.replica.insert(
@@ -557,6 +665,39 @@ impl<'p> Sim<'p> {
         // Apply to the system, which reports the change back like any local change.
         if !winners.is_empty() && self.local_change(t, key, winners, true)? {
             return Err("applying a routed change published an event".into());
+        }
+        Ok(())
+    }
+
+    /// A routed delete reaches `t`: the fields written before it are cleared (from the replica
+    /// and the system, which reports the clears back like any local change: they must classify
+    /// as unchanged), the record stays only with the fields written after it.
+    fn deliver_delete(&mut self, t: usize, key: usize, ev: &ChangeEvent) -> Result<(), String> {
+        let rc = ev
+            .record_clock
+            .as_ref()
+            .ok_or("a delete without record_clock")?;
+        let n = &mut self.nodes[t];
+        n.hlc.observe(rc.hlc);
+        let tombstone = n.tombstones.get(&key).map(|(h, s)| (*h, s.as_str()));
+        let fields = n
+            .replica
+            .iter()
+            .filter(|((k, _), _)| *k == key)
+            .map(|((_, f), state)| (*f, &state.stamp));
+        let Some(deletion) = on_delete(tombstone, (rc.hlc, rc.system.as_str()), fields) else {
+            return Ok(());
+        };
+        n.tombstones.insert(key, (rc.hlc, rc.system.clone()));
+        let mut clears = Vec::new();
+        for name in &deletion.cleared {
+            let f = field_of(name);
+            n.replica.remove(&(key, f));
+            clears.push((f, None));
+        }
+        self.stats.cleared += clears.len() as u64;
+        if self.local_change(t, key, clears, true)? {
+            return Err("applying a routed delete published an event".into());
         }
         Ok(())
     }
@@ -595,7 +736,19 @@ impl<'p> Sim<'p> {
                 self.pump()?;
             }
         }
-        // The final round: every owner writes every declared field of every record once.
+        if self.cfg.final_round {
+            self.final_round()?;
+        }
+        // Quiet: no more local edits; drain the broker.
+        self.quiet = true;
+        while self.pump()? {
+            self.tick_time();
+        }
+        self.check()
+    }
+
+    /// Every owner writes every declared field of every record once.
+    fn final_round(&mut self) -> Result<(), String> {
         let mut finals = Vec::new();
         for key in 0..KEYS.len() {
             for rule in &self.entity.fields {
@@ -613,12 +766,7 @@ impl<'p> Sim<'p> {
             let v = self.next_value(f, false);
             self.local_change(node, key, vec![(f, v)], false)?;
         }
-        // Quiet: no more local edits; drain the broker.
-        self.quiet = true;
-        while self.pump()? {
-            self.tick_time();
-        }
-        self.check()
+        Ok(())
     }
 
     fn check(&self) -> Result<(), String> {
@@ -658,7 +806,18 @@ impl<'p> Sim<'p> {
                         }
                         continue;
                     }
-                    let best = self.best.get(&(key, f));
+                    let deleted = self.deleted.get(&key).map(|(h, s)| (*h, s.as_str()));
+                    if deleted.is_some() && self.is_priority(f) {
+                        // A replica keeps only the top-ranked write of a priority field, so a
+                        // delete cannot bring back a lower-ranked later one (see `replica`).
+                        continue;
+                    }
+                    // The greatest write, unless it was made before the record's newest delete
+                    // (then every write of this single-rank field was: the field is cleared).
+                    let best = self
+                        .best
+                        .get(&(key, f))
+                        .filter(|(stamp, _)| !buried(stamp.hlc, &stamp.system, deleted));
                     if Some(n.index) == self.runaway
                         && held.is_some_and(|h| h.stamp.system == n.name)
                     {
@@ -666,7 +825,15 @@ impl<'p> Sim<'p> {
                         continue;
                     }
                     match (held, best) {
-                        (None, None) => {}
+                        (None, None) => {
+                            let data = n.data.get(&(key, f)).cloned().flatten();
+                            if data.is_some() {
+                                return Err(format!(
+                                    "{at}: the system holds {}, the replica nothing",
+                                    show(&data)
+                                ));
+                            }
+                        }
                         (Some(h), Some((stamp, value))) => {
                             if h.value != *value
                                 || h.stamp.hlc != stamp.hlc
@@ -755,6 +922,8 @@ fn run_many(
         total.crashes += s.crashes;
         total.overruled += s.overruled;
         total.rejected_fields += s.rejected_fields;
+        total.deletes += s.deletes;
+        total.cleared += s.cleared;
     }
     eprintln!("{count} schedules from seed {first_seed}: {total:?}");
     total
@@ -795,6 +964,22 @@ fn random_policies_converge() {
     let s = run_many(1_000_000, 1_000, Config::default(), random_policy_for);
     assert_exercised(&s);
     assert_eq!(s.dead_letters, 0);
+}
+
+/// Deletes interleaved with concurrent edits, delayed, reordered and duplicated, and no final
+/// round to paper over them: every replica ends with the same records (those deleted stay
+/// deleted, or hold only what was written after the delete).
+#[test]
+fn deletes_and_concurrent_edits_converge() {
+    let cfg = Config {
+        delete_per_mille: 150,
+        final_round: false,
+        ..Config::default()
+    };
+    let s = run_many(4_000_000, 1_000, cfg, seed_policy_for);
+    assert!(s.deletes > 0 && s.cleared > 0, "{s:?}");
+    let s = run_many(5_000_000, 1_000, cfg, random_policy_for);
+    assert!(s.deletes > 0 && s.cleared > 0, "{s:?}");
 }
 
 #[test]
