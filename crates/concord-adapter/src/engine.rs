@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use concord_policy::replica::{
-    Deletion, FieldState, LocalWrite, buried, classify_local, incoming_wins, on_delete,
+    FieldState, Held, LocalWrite, buried, classify_local, delete_is_new,
 };
 use concord_policy::route::{decode_field, encode_field};
 use concord_policy::{Hlc, Op, Stamp};
@@ -87,7 +87,35 @@ fn permanent(reason: &'static str, detail: impl Into<String>) -> IncomingError {
 struct Winner {
     name: String,
     new: FieldState,
-    old: Option<FieldState>,
+    /// What the replica kept of the field before (restored if the system refuses the change).
+    old: Held,
+}
+
+/// What a delete leaves of a record in the replica.
+struct Buried {
+    /// Whether no field keeps a write made after the delete.
+    remove_record: bool,
+    /// The fields whose state changed, with what each keeps now.
+    changed: Vec<(String, Held)>,
+}
+
+impl Default for Buried {
+    fn default() -> Self {
+        Buried {
+            remove_record: true,
+            changed: Vec::new(),
+        }
+    }
+}
+
+/// A stored field value (see `route::encode_field`) as the system receives it.
+fn decoded(
+    desc: &MessageDescriptor,
+    name: &str,
+    value: Option<&[u8]>,
+) -> Option<prost_reflect::Value> {
+    let fd = desc.get_field_by_name(name)?;
+    decode_field(desc, &fd, value?)
 }
 
 /// The engine of one system.
@@ -220,33 +248,42 @@ impl<A: SystemAdapter> Engine<A> {
             let Some(rc) = ev.record_clock.as_ref() else {
                 return Err(permanent("missing_clock", "a delete needs record_clock"));
             };
-            let stored = store::fields_of(&mut tx, &ev.entity, &ev.key).await?;
             let tomb = rec.as_ref().and_then(|r| r.tombstone.as_ref());
-            let deletion = on_delete(
-                tomb.map(|(h, s)| (*h, s.as_str())),
-                (rc.hlc, rc.system.as_str()),
-                stored.iter().map(|(name, f)| (name.as_str(), &f.stamp)),
-            );
-            let Some(deletion) = deletion else {
+            let delete = (rc.hlc, rc.system.as_str());
+            if !delete_is_new(tomb.map(|(h, s)| (*h, s.as_str())), delete) {
                 store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
                 tx.commit().await.map_err(StoreError::from)?;
                 return Ok(Processed::Stale);
-            };
-            // Fields written after the delete keep the record: only the older ones are cleared.
-            let clear: Fields = stored
-                .iter()
-                .filter(|(name, f)| f.value.is_some() && deletion.cleared.contains(name))
-                .map(|(name, _)| (name.clone(), None))
-                .collect();
+            }
+            // Every field drops the writes made before the delete; the greatest later write (if
+            // any) wins, and the record goes only if no field keeps one.
+            let mut buried = Buried::default();
+            let mut shown = Fields::new();
+            for name in store::field_names_of(&mut tx, &ev.entity, &ev.key).await? {
+                let mut held = store::held(&mut tx, &ev.entity, &ev.key, &name).await?;
+                let before = held.clone();
+                let own_rank = store::get_rank(&mut tx, &ev.entity, &name).await?;
+                if held.bury(delete, &self.system, own_rank) {
+                    let value = held.winner.as_ref().and_then(|w| w.value.as_deref());
+                    if value.is_some() || before.winner.as_ref().is_some_and(|w| w.value.is_some())
+                    {
+                        shown.insert(name.clone(), decoded(&desc, &name, value));
+                    }
+                }
+                buried.remove_record &= held.winner.is_none();
+                if held != before {
+                    buried.changed.push((name, held));
+                }
+            }
             let apply = match live_id {
-                Some(local_id) if deletion.remove_record => {
+                Some(local_id) if buried.remove_record => {
                     Some((local_id, ApplyOp::Delete, Fields::new()))
                 }
-                Some(local_id) if !clear.is_empty() => Some((local_id, ApplyOp::Upsert, clear)),
+                Some(local_id) if !shown.is_empty() => Some((local_id, ApplyOp::Upsert, shown)),
                 _ => None,
             };
             let Some((local_id, apply_op, fields)) = apply else {
-                self.bury(&mut tx, &ev, rc, &deletion).await?;
+                self.bury(&mut tx, &ev, rc, &buried).await?;
                 tx.commit().await.map_err(StoreError::from)?;
                 return Ok(Processed::Recorded);
             };
@@ -263,7 +300,7 @@ impl<A: SystemAdapter> Engine<A> {
             return match self.adapter.apply(&apply).await {
                 Ok(_) => {
                     let mut tx = self.store.begin().await?;
-                    self.bury(&mut tx, &ev, rc, &deletion).await?;
+                    self.bury(&mut tx, &ev, rc, &buried).await?;
                     tx.commit().await.map_err(StoreError::from)?;
                     Ok(Processed::Applied)
                 }
@@ -298,21 +335,28 @@ impl<A: SystemAdapter> Engine<A> {
                 continue; // written before the record's delete
             }
             let stamp = Stamp::new(clock.rank, clock.hlc, clock.system.clone());
-            let stored = store::get_field(&mut tx, &ev.entity, &ev.key, name).await?;
+            let mut held = store::held(&mut tx, &ev.entity, &ev.key, name).await?;
+            let old = held.clone();
             let own_rank = store::get_rank(&mut tx, &ev.entity, name).await?;
-            if incoming_wins(stored.as_ref(), &stamp, &self.system, own_rank) {
+            let new = FieldState {
+                value: encode_field(&record, &fd),
+                stamp,
+                pending: true,
+            };
+            // A losing write may still be kept below the winner (a delete can bring it back).
+            let won = held.receive(new.clone(), &self.system, own_rank);
+            if held != old {
+                store::keep(&mut tx, &ev.entity, &ev.key, name, &held).await?;
+            }
+            if won {
                 let value = record
                     .has_field(&fd)
                     .then(|| record.get_field(&fd).into_owned());
                 fields.insert(name.clone(), value);
                 winners.push(Winner {
                     name: name.clone(),
-                    new: FieldState {
-                        value: encode_field(&record, &fd),
-                        stamp,
-                        pending: true,
-                    },
-                    old: stored,
+                    new,
+                    old,
                 });
             }
         }
@@ -320,9 +364,6 @@ impl<A: SystemAdapter> Engine<A> {
             store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
             tx.commit().await.map_err(StoreError::from)?;
             return Ok(Processed::Stale);
-        }
-        for w in &winners {
-            store::put_field(&mut tx, &ev.entity, &ev.key, &w.name, &w.new).await?;
         }
         tx.commit().await.map_err(StoreError::from)?;
         let apply = Apply {
@@ -360,12 +401,7 @@ impl<A: SystemAdapter> Engine<A> {
                 // The system refused it: hold what it holds again.
                 let mut tx = self.store.begin().await?;
                 for w in &winners {
-                    match &w.old {
-                        Some(old) => {
-                            store::put_field(&mut tx, &ev.entity, &ev.key, &w.name, old).await?
-                        }
-                        None => store::delete_field(&mut tx, &ev.entity, &ev.key, &w.name).await?,
-                    }
+                    store::keep(&mut tx, &ev.entity, &ev.key, &w.name, &w.old).await?;
                 }
                 tx.commit().await.map_err(StoreError::from)?;
                 Err(permanent("apply_failed", e))
@@ -375,22 +411,22 @@ impl<A: SystemAdapter> Engine<A> {
         }
     }
 
-    /// Records an applied (or nothing-to-apply) delete: the tombstone, the cleared fields gone
-    /// from the replica, the record gone too unless later fields keep it; the event seen.
+    /// Records an applied (or nothing-to-apply) delete: the tombstone, what each field keeps
+    /// now, the record gone too unless later writes keep it; the event seen.
     async fn bury(
         &self,
         tx: &mut SqliteConnection,
         ev: &ChangeEvent,
         rc: &FieldClock,
-        deletion: &Deletion,
+        buried: &Buried,
     ) -> Result<(), StoreError> {
-        if deletion.remove_record {
+        if buried.remove_record {
             store::set_tombstone(tx, &ev.entity, &ev.key, rc.hlc, &rc.system).await?;
         } else {
             store::set_tombstone_keep(tx, &ev.entity, &ev.key, rc.hlc, &rc.system).await?;
         }
-        for name in &deletion.cleared {
-            store::delete_field(tx, &ev.entity, &ev.key, name).await?;
+        for (name, held) in &buried.changed {
+            store::keep(tx, &ev.entity, &ev.key, name, held).await?;
         }
         store::mark_seen(tx, &ev.event_id, now_ms()).await
     }
@@ -598,7 +634,10 @@ impl<A: SystemAdapter> Engine<A> {
                         stamp: Stamp::new(own_rank, h, self.system.clone()),
                         pending: false,
                     };
-                    store::put_field(c, entity, &key, name, &state).await?;
+                    // A local write is the newest: nothing below it can come back.
+                    let mut held = Held::default();
+                    held.local(state);
+                    store::keep(c, entity, &key, name, &held).await?;
                     store::clear_echoes(c, entity, &key, name).await?;
                     if let Some(v) = value {
                         // Checked by `single` above.

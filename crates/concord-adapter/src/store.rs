@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use concord_policy::Stamp;
-use concord_policy::replica::FieldState;
+use concord_policy::replica::{FieldState, Held};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
@@ -33,6 +33,11 @@ const SCHEMA: &[&str] = &[
         value BLOB, rank INTEGER NOT NULL, hlc INTEGER NOT NULL, system TEXT NOT NULL,
         pending INTEGER NOT NULL,
         PRIMARY KEY (entity, key, field)) WITHOUT ROWID",
+    // Below a field's winner, the latest later write of each lower rank (`replica::Held`).
+    "CREATE TABLE IF NOT EXISTS shadows (
+        entity TEXT NOT NULL, key TEXT NOT NULL, field TEXT NOT NULL, rank INTEGER NOT NULL,
+        value BLOB, hlc INTEGER NOT NULL, system TEXT NOT NULL,
+        PRIMARY KEY (entity, key, field, rank)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS records (
         entity TEXT NOT NULL, key TEXT NOT NULL, local_id TEXT, live INTEGER NOT NULL,
         tomb_hlc INTEGER, tomb_system TEXT,
@@ -331,26 +336,6 @@ fn field_state(r: &SqliteRow, first: usize) -> Result<FieldState, sqlx::Error> {
     })
 }
 
-/// Every stored field of a record, by name.
-pub(crate) async fn fields_of(
-    c: &mut SqliteConnection,
-    entity: &str,
-    key: &str,
-) -> Result<Vec<(String, FieldState)>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT field, value, rank, hlc, system, pending FROM fields WHERE entity = ? AND key = ?",
-    )
-    .bind(entity)
-    .bind(key)
-    .fetch_all(&mut *c)
-    .await?;
-    let mut fields = Vec::with_capacity(rows.len());
-    for r in &rows {
-        fields.push((r.try_get::<String, _>(0)?, field_state(r, 1)?));
-    }
-    Ok(fields)
-}
-
 pub(crate) async fn put_field(
     c: &mut SqliteConnection,
     entity: &str,
@@ -392,17 +377,116 @@ pub(crate) async fn delete_field(
     Ok(())
 }
 
-/// Forgets every stored field of a record.
+/// Forgets every stored field (and shadow) of a record.
 pub(crate) async fn delete_fields_of(
     c: &mut SqliteConnection,
     entity: &str,
     key: &str,
 ) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM fields WHERE entity = ? AND key = ?")
+    for table in [
+        "DELETE FROM fields WHERE entity = ? AND key = ?",
+        "DELETE FROM shadows WHERE entity = ? AND key = ?",
+    ] {
+        sqlx::query(table)
+            .bind(entity)
+            .bind(key)
+            .execute(&mut *c)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Names of the fields of a record the replica holds anything for (a winner or shadows).
+pub(crate) async fn field_names_of(
+    c: &mut SqliteConnection,
+    entity: &str,
+    key: &str,
+) -> Result<Vec<String>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT field FROM fields WHERE entity = ? AND key = ?
+         UNION SELECT field FROM shadows WHERE entity = ? AND key = ?",
+    )
+    .bind(entity)
+    .bind(key)
+    .bind(entity)
+    .bind(key)
+    .fetch_all(&mut *c)
+    .await?;
+    let mut names = Vec::with_capacity(rows.len());
+    for r in &rows {
+        names.push(r.try_get::<String, _>(0)?);
+    }
+    Ok(names)
+}
+
+/// What the replica keeps of one field: its winner and shadows.
+pub(crate) async fn held(
+    c: &mut SqliteConnection,
+    entity: &str,
+    key: &str,
+    field: &str,
+) -> Result<Held, StoreError> {
+    let winner = get_field(c, entity, key, field).await?;
+    let rows = sqlx::query(
+        "SELECT value, rank, hlc, system, 0 FROM shadows
+         WHERE entity = ? AND key = ? AND field = ? ORDER BY rank DESC",
+    )
+    .bind(entity)
+    .bind(key)
+    .bind(field)
+    .fetch_all(&mut *c)
+    .await?;
+    let mut shadows = Vec::with_capacity(rows.len());
+    for r in &rows {
+        shadows.push(field_state(r, 0)?);
+    }
+    Ok(Held { winner, shadows })
+}
+
+/// Stores what the replica keeps of one field (winner and shadows), replacing what it held.
+pub(crate) async fn keep(
+    c: &mut SqliteConnection,
+    entity: &str,
+    key: &str,
+    field: &str,
+    held: &Held,
+) -> Result<(), StoreError> {
+    match &held.winner {
+        Some(w) => put_field(c, entity, key, field, w).await?,
+        None => delete_field(c, entity, key, field).await?,
+    }
+    set_shadows(c, entity, key, field, &held.shadows).await
+}
+
+/// Replaces the shadows of one field.
+pub(crate) async fn set_shadows(
+    c: &mut SqliteConnection,
+    entity: &str,
+    key: &str,
+    field: &str,
+    shadows: &[FieldState],
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM shadows WHERE entity = ? AND key = ? AND field = ?")
         .bind(entity)
         .bind(key)
+        .bind(field)
         .execute(&mut *c)
         .await?;
+    for s in shadows {
+        sqlx::query(
+            "INSERT OR REPLACE INTO shadows (entity, key, field, rank, value, hlc, system)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(entity)
+        .bind(key)
+        .bind(field)
+        .bind(i64::from(s.stamp.rank))
+        .bind(s.value.as_deref())
+        .bind(to_i64(s.stamp.hlc))
+        .bind(&s.stamp.system)
+        .execute(&mut *c)
+        .await?;
+    }
     Ok(())
 }
 

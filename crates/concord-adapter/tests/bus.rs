@@ -776,3 +776,85 @@ async fn a_delete_and_a_concurrent_update_converge_whatever_arrives_first() {
     assert!(delete_and_update(200, 100, false).await.is_empty());
     assert!(delete_and_update(200, 100, true).await.is_empty());
 }
+
+/// support (first priority for `delivery_notes`) writes a note; then delivery's later note
+/// (second priority) and orders' delete made between the two reach support, in the order
+/// given; returns what support then shows.
+async fn delete_between_priority_writes(delete_first: bool) -> Vec<Vec<(String, Value)>> {
+    let mut t = seed().await;
+    let key = t.sign_up().await;
+    let sup = t.local("support", &key).await;
+    t.support
+        .edit(CUSTOMER, &sup, [("delivery_notes", text("ring twice"))]);
+    t.bus.run_until_quiet().await.unwrap();
+    let own = t.bus.published("support").last().unwrap().clone();
+    let at = own.clocks["delivery_notes"].hlc;
+    let delete = ChangeEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        source: "orders".into(),
+        origin: "orders".into(),
+        entity: CUSTOMER.into(),
+        key: key.clone(),
+        op: Op::Delete as i32,
+        record_clock: Some(FieldClock {
+            hlc: at + 10,
+            system: "orders".into(),
+            rank: 0,
+        }),
+        schema_version: concord_proto::SCHEMA_VERSION,
+        ..Default::default()
+    };
+    let note = ChangeEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        source: "delivery".into(),
+        origin: "delivery".into(),
+        entity: CUSTOMER.into(),
+        key,
+        op: Op::Upsert as i32,
+        record: concord_proto::v1::Customer {
+            delivery_notes: Some("leave at the door".into()),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        field_mask: vec!["delivery_notes".into()],
+        clocks: [(
+            "delivery_notes".to_owned(),
+            FieldClock {
+                hlc: at + 20,
+                system: "delivery".into(),
+                rank: 1,
+            },
+        )]
+        .into(),
+        receiver_ranks: [("delivery_notes".to_owned(), 2)].into(),
+        schema_version: concord_proto::SCHEMA_VERSION,
+        ..Default::default()
+    };
+    let order = if delete_first {
+        [&delete, &note]
+    } else {
+        [&note, &delete]
+    };
+    for ev in order {
+        t.bus.inject("support", ev).unwrap();
+        t.bus.run_until_quiet().await.unwrap();
+    }
+    shown(&t.support)
+}
+
+#[tokio::test]
+async fn a_delete_brings_back_a_later_lower_priority_value_whatever_arrives_first() {
+    // support's own note (priority 1) predates the delete; delivery's (priority 2) follows it:
+    // delivery's note is what remains, whether it arrived before the delete (while support's
+    // note still won) or after.
+    let note_first = delete_between_priority_writes(false).await;
+    let delete_first = delete_between_priority_writes(true).await;
+    assert_eq!(note_first, delete_first);
+    assert_eq!(
+        note_first,
+        [vec![(
+            "delivery_notes".to_owned(),
+            Value::String("leave at the door".into())
+        )]]
+    );
+}

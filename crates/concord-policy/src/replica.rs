@@ -28,15 +28,13 @@
 //!   fields pending, so the redelivered message is applied again.
 //! - **Deletes** order against field writes by their clocks alone (`(hlc, system)`, ranks play no
 //!   part): a record exists as long as one of its fields was written after its last delete.
-//!   A field write not newer than the tombstone is [`buried`] and ignored; [`on_delete`] says
-//!   which stored fields a delete clears (those written before it) and whether the record goes
-//!   (no field was written after it) or stays with the later fields only. A local delete clears
-//!   every stored field (its clock is newer than all of them). So a delete and a concurrent later
-//!   update leave every copy with the same record, whichever arrives first — for fields whose
-//!   accepted writes all carry one rank (single-owner and `lww` fields). For a `priority` field a
-//!   replica keeps only the highest-ranked write, so a lower-priority write made after a delete
-//!   but received before it (and lost to an earlier higher-priority value) is not restored when
-//!   the delete clears that value; exactness there needs the latest write per rank.
+//!   A field write not newer than the tombstone is [`buried`] and ignored; a delete that is
+//!   [`delete_is_new`] makes every field drop the writes made before it ([`Held::bury`]): the
+//!   greatest write made after it wins, and the record goes only if no field has one left. For
+//!   that a replica keeps, per field, the winner and the latest later write of each lower rank
+//!   ([`Held`]; only `priority` fields have any). A local delete clears every stored field (its
+//!   clock is newer than all of them). So a delete and concurrent edits leave every copy with the
+//!   same record, whichever arrives first.
 //! - **Echoes**: the system reports applied values back as local changes; they classify as
 //!   [`LocalWrite::Unchanged`] provided they are reported before a newer value of the same
 //!   field is applied. An echo that arrives after a newer value was applied no longer equals
@@ -117,41 +115,116 @@ pub fn buried(hlc: u64, system: &str, tombstone: Option<(u64, &str)>) -> bool {
     tombstone.is_some_and(|t| (hlc, system) <= t)
 }
 
-/// What a delete does to a replica's record (see [`on_delete`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Deletion {
-    /// Stored fields written before the delete: cleared (from the system and the replica).
-    pub cleared: Vec<String>,
-    /// Whether the record itself goes: no stored field was written after the delete. Otherwise
-    /// it stays, holding only the later fields.
-    pub remove_record: bool,
+/// Whether a delete stamped `delete` (its record clock, `(hlc, system)`) is newer than the
+/// `tombstone` a replica holds for the record; an older one changes nothing.
+pub fn delete_is_new(tombstone: Option<(u64, &str)>, delete: (u64, &str)) -> bool {
+    tombstone.is_none_or(|t| delete > t)
 }
 
-/// A delete stamped `delete` (its record clock, `(hlc, system)`) reaching a replica that holds
-/// `tombstone` (the newest delete it has seen) and the stored `fields` of the record. `None`
-/// when the delete is not newer than the tombstone (stale: nothing to do); the caller records
-/// the new tombstone otherwise.
-pub fn on_delete<'a>(
-    tombstone: Option<(u64, &str)>,
-    delete: (u64, &str),
-    fields: impl IntoIterator<Item = (&'a str, &'a Stamp)>,
-) -> Option<Deletion> {
-    if tombstone.is_some_and(|t| delete <= t) {
-        return None;
-    }
-    let mut cleared = Vec::new();
-    let mut later = 0usize;
-    for (name, stamp) in fields {
-        if buried(stamp.hlc, &stamp.system, Some(delete)) {
-            cleared.push(name.to_owned());
+/// What a replica keeps of one field of one record: the winning write and, below it, the
+/// latest write of each lower rank made after the winner (`shadows`). Only a `priority` field
+/// has writers of different ranks, so only it ever has shadows. They are the writes a delete
+/// can bring back: a delete clears the winner when it was made before the delete, and the
+/// greatest write made after the delete must then win. Any other write is beaten by the winner
+/// whenever it survives a delete (an older one of a lower rank, or one of the winner's rank),
+/// so nothing else needs keeping.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    pub winner: Option<FieldState>,
+    /// Highest rank first; each of a rank below the winner's and later than the winner.
+    pub shadows: Vec<FieldState>,
+}
+
+impl Held {
+    /// A routed write that is not [`buried`]; returns whether it became the winner (then it is
+    /// stored with `incoming.pending`, to be applied).
+    pub fn receive(&mut self, incoming: FieldState, self_system: &str, self_rank: u32) -> bool {
+        let won = incoming_wins(
+            self.winner.as_ref(),
+            &incoming.stamp,
+            self_system,
+            self_rank,
+        );
+        // A shadow is not applied to the system: it is never pending.
+        if won {
+            if let Some(old) = self.winner.replace(incoming) {
+                self.shadows.push(FieldState {
+                    pending: false,
+                    ..effective(old, self_system, self_rank)
+                });
+            }
         } else {
-            later += 1;
+            self.shadows.push(FieldState {
+                pending: false,
+                ..incoming
+            });
         }
+        self.prune(self_system, self_rank);
+        won
     }
-    Some(Deletion {
-        cleared,
-        remove_record: later == 0,
-    })
+
+    /// A local write this system publishes: it replaces the winner, and every shadow is older.
+    pub fn local(&mut self, state: FieldState) {
+        self.winner = Some(state);
+        self.shadows.clear();
+    }
+
+    /// A delete stamped `delete`: every write made before it goes, and the greatest write made
+    /// after it (if any) wins. Returns whether the winner changed (to apply to the system; a
+    /// write brought back from the shadows is not pending: the caller marks it if it needs to).
+    pub fn bury(&mut self, delete: (u64, &str), self_system: &str, self_rank: u32) -> bool {
+        let before = self.winner.clone();
+        let mut left: Vec<FieldState> = self
+            .winner
+            .take()
+            .into_iter()
+            .chain(self.shadows.drain(..))
+            .filter(|w| !buried(w.stamp.hlc, &w.stamp.system, Some(delete)))
+            .map(|w| effective(w, self_system, self_rank))
+            .collect();
+        left.sort_by(|a, b| b.stamp.cmp(&a.stamp));
+        let mut left = left.into_iter();
+        self.winner = left.next();
+        self.shadows = left.collect();
+        self.prune(self_system, self_rank);
+        self.winner != before
+    }
+
+    /// Keeps only the shadows a delete could bring back: routed writes (rank at least 1; a
+    /// replica's own rank-0 write was rejected by the router) of a rank below the winner's,
+    /// made after it, the latest of each rank.
+    fn prune(&mut self, self_system: &str, self_rank: u32) {
+        let Some(w) = self
+            .winner
+            .as_ref()
+            .map(|w| effective_stamp(w, self_system, self_rank))
+        else {
+            self.shadows.clear();
+            return;
+        };
+        self.shadows.retain(|s| {
+            s.stamp.rank >= 1
+                && s.stamp.rank < w.rank
+                && (s.stamp.hlc, s.stamp.system.as_str()) > (w.hlc, w.system.as_str())
+        });
+        self.shadows.sort_by(|a, b| b.stamp.cmp(&a.stamp));
+        self.shadows
+            .dedup_by(|later, earlier| later.stamp.rank == earlier.stamp.rank);
+    }
+}
+
+/// The stamp a replica compares a held write by: its own writes carry its current rank.
+fn effective_stamp(state: &FieldState, self_system: &str, self_rank: u32) -> Stamp {
+    let mut stamp = state.stamp.clone();
+    if stamp.system == self_system {
+        stamp.rank = self_rank;
+    }
+    stamp
+}
+
+fn effective(mut state: FieldState, self_system: &str, self_rank: u32) -> FieldState {
+    state.stamp = effective_stamp(&state, self_system, self_rank);
+    state
 }
 
 #[cfg(test)]
@@ -165,9 +238,8 @@ mod tests {
     /// One replica's record under the rules above: what it holds and what the system shows.
     #[derive(Debug, Default)]
     struct Replica {
-        fields: BTreeMap<String, FieldState>,
+        fields: BTreeMap<String, Held>,
         tombstone: Option<(u64, String)>,
-        live: bool,
     }
 
     #[derive(Debug, Clone)]
@@ -175,6 +247,7 @@ mod tests {
         Write {
             field: String,
             value: Vec<u8>,
+            rank: u32,
             hlc: u64,
             system: String,
         },
@@ -191,72 +264,111 @@ mod tests {
                 Change::Write {
                     field,
                     value,
+                    rank,
                     hlc,
                     system,
                 } => {
                     if buried(*hlc, system, tomb) {
                         return;
                     }
-                    let stamp = Stamp::new(1, *hlc, system.clone());
-                    if incoming_wins(self.fields.get(field), &stamp, "replica", 0) {
-                        self.fields.insert(
-                            field.clone(),
-                            FieldState {
-                                value: Some(value.clone()),
-                                stamp,
-                                pending: false,
-                            },
-                        );
-                        self.live = true;
-                    }
+                    let incoming = FieldState {
+                        value: Some(value.clone()),
+                        stamp: Stamp::new(*rank, *hlc, system.clone()),
+                        pending: false,
+                    };
+                    self.fields
+                        .entry(field.clone())
+                        .or_default()
+                        .receive(incoming, "replica", 0);
                 }
                 Change::Delete { hlc, system } => {
-                    let fields = self.fields.iter().map(|(n, f)| (n.as_str(), &f.stamp));
-                    let Some(d) = on_delete(tomb, (*hlc, system), fields) else {
+                    if !delete_is_new(tomb, (*hlc, system)) {
                         return;
-                    };
-                    for name in &d.cleared {
-                        self.fields.remove(name);
                     }
-                    if d.remove_record {
-                        self.live = false;
+                    for held in self.fields.values_mut() {
+                        held.bury((*hlc, system), "replica", 0);
                     }
                     self.tombstone = Some((*hlc, system.clone()));
                 }
             }
         }
 
-        /// What the system shows: whether the record exists and its values.
+        /// What the system shows: whether the record exists (a field has a winner) and its
+        /// values.
         fn shown(&self) -> (bool, BTreeMap<String, Vec<u8>>) {
+            let live = self.fields.values().any(|h| h.winner.is_some());
             let values = self
                 .fields
                 .iter()
-                .filter_map(|(n, f)| Some((n.clone(), f.value.clone()?)))
+                .filter_map(|(n, h)| Some((n.clone(), h.winner.as_ref()?.value.clone()?)))
                 .collect();
-            (self.live, values)
+            (live, values)
         }
     }
 
+    /// What every copy must show: per field, the greatest write (by rank, then clock) made
+    /// after the newest delete.
+    fn expected(changes: &[Change]) -> BTreeMap<String, Vec<u8>> {
+        let newest_delete = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Delete { hlc, system } => Some((*hlc, system.as_str())),
+                Change::Write { .. } => None,
+            })
+            .max();
+        let mut best: BTreeMap<String, (Stamp, Vec<u8>)> = BTreeMap::new();
+        for c in changes {
+            let Change::Write {
+                field,
+                value,
+                rank,
+                hlc,
+                system,
+            } = c
+            else {
+                continue;
+            };
+            if buried(*hlc, system, newest_delete) {
+                continue;
+            }
+            let stamp = Stamp::new(*rank, *hlc, system.clone());
+            match best.get(field) {
+                Some((held, _)) if *held >= stamp => {}
+                _ => {
+                    best.insert(field.clone(), (stamp, value.clone()));
+                }
+            }
+        }
+        best.into_iter().map(|(f, (_, v))| (f, v)).collect()
+    }
+
     fn change() -> impl Strategy<Value = Change> {
-        let system = prop_oneof![Just("a".to_owned()), Just("b".to_owned())];
+        let system = prop_oneof![
+            Just("a".to_owned()),
+            Just("b".to_owned()),
+            Just("c".to_owned())
+        ];
         prop_oneof![
-            // A stamp identifies one write: the value follows from it.
+            // A stamp identifies one write: the value follows from it, and a system writes a
+            // field with one rank (as a priority owner does).
             3 => ("[xyz]", 1u64..8, system.clone()).prop_map(|(field, hlc, system)| {
-                let value = vec![u8::try_from(hlc).unwrap_or(0), system.as_bytes()[0]];
-                Change::Write { field, value, hlc, system }
+                let (f, s) = (field.as_bytes()[0], system.as_bytes()[0]);
+                let value = vec![u8::try_from(hlc).unwrap_or(0), s];
+                let rank = 1 + u32::from(f.wrapping_add(s) % 3);
+                Change::Write { field, value, rank, hlc, system }
             }),
             1 => (1u64..8, system).prop_map(|(hlc, system)| Change::Delete { hlc, system }),
         ]
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2_000))]
+        #![proptest_config(ProptestConfig::with_cases(3_000))]
         /// Whatever the order (and duplication) of writes and deletes, a replica ends with the
-        /// same record: every copy converges. Every write carries one rank, as for single-owner
-        /// and `lww` fields (see the module docs for `priority` fields).
+        /// same record, and it shows per field the greatest write made after the newest delete:
+        /// every copy converges, also for fields whose writers have different ranks.
         #[test]
         fn deletes_and_writes_commute(
-            changes in proptest::collection::vec(change(), 1..8),
+            changes in proptest::collection::vec(change(), 1..10),
             order in Just(()).prop_perturb(|_, mut rng| rng.random::<u64>()),
         ) {
             // A system's clock ticks for every change: a delete never shares a write's stamp.
@@ -282,25 +394,8 @@ mod tests {
                 other.receive(c);
             }
             prop_assert_eq!(in_order.shown(), other.shown());
+            prop_assert_eq!(in_order.shown().1, expected(&changes));
         }
-    }
-
-    #[test]
-    fn a_delete_clears_older_fields_and_keeps_the_record_for_later_ones() {
-        let older = Stamp::new(1, 3, "a");
-        let later = Stamp::new(1, 5, "b");
-        let d = on_delete(None, (4, "a"), [("x", &older), ("y", &later)]).unwrap();
-        assert_eq!(d.cleared, ["x"]);
-        assert!(!d.remove_record);
-        let d = on_delete(None, (6, "a"), [("x", &older), ("y", &later)]).unwrap();
-        assert_eq!(d.cleared, ["x", "y"]);
-        assert!(d.remove_record);
-        // Not newer than the tombstone: stale.
-        assert_eq!(on_delete(Some((6, "a")), (6, "a"), [("y", &later)]), None);
-        assert_eq!(on_delete(Some((6, "b")), (6, "a"), [("y", &later)]), None);
-        assert!(buried(4, "a", Some((4, "a"))));
-        assert!(!buried(4, "b", Some((4, "a"))));
-        assert!(!buried(9, "a", None));
     }
 
     fn st(value: &str, rank: u32, hlc: u64, system: &str) -> FieldState {
@@ -309,6 +404,34 @@ mod tests {
             stamp: Stamp::new(rank, hlc, system),
             pending: false,
         }
+    }
+
+    #[test]
+    fn a_delete_brings_back_a_later_lower_priority_write() {
+        // support (priority 2) wrote at 3, delivery (priority 1) at 5: support's value wins.
+        let mut held = Held::default();
+        assert!(held.receive(st("support's", 2, 3, "support"), "orders", 0));
+        assert!(!held.receive(st("delivery's", 1, 5, "delivery"), "orders", 0));
+        assert_eq!(held.shadows.len(), 1);
+        // A delete at 4 clears support's value; delivery's, made after it, now wins.
+        assert!(held.bury((4, "orders"), "orders", 0));
+        assert_eq!(held.winner, Some(st("delivery's", 1, 5, "delivery")));
+        assert!(held.shadows.is_empty());
+        // A delete at 6 clears everything.
+        assert!(held.bury((6, "orders"), "orders", 0));
+        assert_eq!(held, Held::default());
+        // An older lower-priority write is never kept: the winner beats it whatever a delete
+        // leaves.
+        let mut held = Held::default();
+        held.receive(st("support's", 2, 5, "support"), "orders", 0);
+        held.receive(st("delivery's", 1, 3, "delivery"), "orders", 0);
+        assert!(held.shadows.is_empty());
+        assert!(delete_is_new(None, (1, "a")));
+        assert!(delete_is_new(Some((1, "a")), (1, "b")));
+        assert!(!delete_is_new(Some((1, "b")), (1, "b")));
+        assert!(buried(4, "a", Some((4, "a"))));
+        assert!(!buried(4, "b", Some((4, "a"))));
+        assert!(!buried(9, "a", None));
     }
 
     #[test]

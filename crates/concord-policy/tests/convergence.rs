@@ -36,12 +36,12 @@
 //!
 //! With deletes (`delete_per_mille`), systems allowed to delete records also delete them: the
 //! deleter's replica forgets the record's fields and records the tombstone; a replica receiving
-//! the delete applies `replica::on_delete` (clearing the fields written before it, from the
-//! replica and the system, whose report of the clears must classify as unchanged) and ignores
-//! field writes `replica::buried` under its tombstone. Those schedules skip the final round, so
-//! records stay deleted or partly cleared, and the check expects, per field, the greatest write
-//! unless it was made before the record's newest delete (then nothing), except for `priority`
-//! fields of deleted records (a replica keeps only their top-ranked write; see `replica`).
+//! the delete applies `replica::Held::bury` to every field (dropping the writes made before it;
+//! the system shows the greatest later write, or the field cleared, and its report of that must
+//! classify as unchanged) and ignores field writes `replica::buried` under its tombstone.
+//! Replicas keep `Held` shadows for every field. Those schedules skip the final round, so
+//! records stay deleted or partly cleared, and the check expects, per field, the greatest
+//! accepted write made after the record's newest delete (or nothing).
 //!
 //! In the runaway case one system's clock is beyond the router's `clock_skew_ms`: all its events
 //! are dead-lettered (`clock_skew`), its writes reach no other system, and every other system
@@ -57,7 +57,7 @@ use std::collections::BTreeMap;
 use common::*;
 use concord_policy::clock::Hlc;
 use concord_policy::replica::{
-    FieldState, LocalWrite, buried, classify_local, incoming_wins, on_delete,
+    FieldState, Held, LocalWrite, buried, classify_local, delete_is_new, incoming_wins,
 };
 use concord_policy::route::{self, DeadLetterReason, Input, Outcome, RouterSettings};
 use concord_policy::{EntityPolicy, FieldSet, Policy, Stamp};
@@ -150,6 +150,34 @@ struct Node {
     ranks: BTreeMap<&'static str, u32>,
     /// Per key, the newest delete the replica has seen: `(hlc, system)`.
     tombstones: BTreeMap<usize, (u64, String)>,
+    /// The replica's shadows per (key, field) (see `replica::Held`).
+    shadows: BTreeMap<(usize, &'static str), Vec<FieldState>>,
+}
+
+impl Node {
+    /// What the replica keeps of one field.
+    fn held(&self, key: usize, f: &'static str) -> Held {
+        Held {
+            winner: self.replica.get(&(key, f)).cloned(),
+            shadows: self.shadows.get(&(key, f)).cloned().unwrap_or_default(),
+        }
+    }
+
+    fn keep(&mut self, key: usize, f: &'static str, held: Held) {
+        match held.winner {
+            Some(w) => self.replica.insert((key, f), w),
+            None => self.replica.remove(&(key, f)),
+        };
+        if held.shadows.is_empty() {
+            self.shadows.remove(&(key, f));
+        } else {
+            self.shadows.insert((key, f), held.shadows);
+        }
+    }
+
+    fn rank(&self, f: &str) -> u32 {
+        self.ranks.get(f).copied().unwrap_or(0)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -190,6 +218,8 @@ struct Sim<'p> {
     best: BTreeMap<(usize, &'static str), Write>,
     /// The newest accepted delete per key: `(hlc, system)`.
     deleted: BTreeMap<usize, (u64, String)>,
+    /// Every accepted write per (key, field).
+    writes: BTreeMap<(usize, &'static str), Vec<Write>>,
     tag: u64,
     event_seq: u128,
     runaway: Option<usize>,
@@ -225,6 +255,7 @@ impl<'p> Sim<'p> {
                 data: BTreeMap::new(),
                 ranks: BTreeMap::new(),
                 tombstones: BTreeMap::new(),
+                shadows: BTreeMap::new(),
             })
             .collect();
         let mut sim = Sim {
@@ -239,6 +270,7 @@ impl<'p> Sim<'p> {
             inbox: Vec::new(),
             best: BTreeMap::new(),
             deleted: BTreeMap::new(),
+            writes: BTreeMap::new(),
             tag: 0,
             event_seq: 0,
             runaway: None,
@@ -264,11 +296,6 @@ impl<'p> Sim<'p> {
 
     fn index_in_policy(&self, f: &str) -> Option<usize> {
         self.entity.field_index(f)
-    }
-
-    fn is_priority(&self, f: &str) -> bool {
-        self.index_in_policy(f)
-            .is_some_and(|i| self.entity.fields[i].merge == concord_policy::MergeRule::Priority)
     }
 
     fn owns(&self, node: usize, f: &str) -> bool {
@@ -369,14 +396,13 @@ impl<'p> Sim<'p> {
             // will reject: the adapter does not know the policy. Owners' writes carry a rank of
             // at least 1 and the replica ranks its own writes with its own rank (0 for a field it
             // does not own), so the next owner write still replaces the rejected value.
-            n.replica.insert(
-                (key, f),
-                FieldState {
-                    value: value.clone(),
-                    stamp: Stamp::new(own_rank, hlc, n.name.clone()),
-                    pending: false,
-                },
-            );
+            let mut held = n.held(key, f);
+            held.local(FieldState {
+                value: value.clone(),
+                stamp: Stamp::new(own_rank, hlc, n.name.clone()),
+                pending: false,
+            });
+            n.keep(key, f, held);
             fields.push((f, value));
         }
         ev.record = record.encode_to_vec();
@@ -407,6 +433,7 @@ impl<'p> Sim<'p> {
         let n = &mut self.nodes[node];
         let hlc = n.hlc.tick(wall);
         n.replica.retain(|(k, _), _| *k != key);
+        n.shadows.retain(|(k, _), _| *k != key);
         for ((k, _), value) in n.data.iter_mut() {
             if *k == key {
                 *value = None;
@@ -550,6 +577,10 @@ impl<'p> Sim<'p> {
             accepted += 1;
             let rank = self.entity.fields[i].rank_of(self.policy.system_id(src).unwrap());
             let stamp = Stamp::new(rank, msg.hlc, src.clone());
+            self.writes
+                .entry((msg.key, *f))
+                .or_default()
+                .push((stamp.clone(), value.clone()));
             let slot = self
                 .best
                 .entry((msg.key, *f))
@@ -634,18 +665,17 @@ impl<'p> Sim<'p> {
             ) {
                 continue; // written before the record's delete
             }
-            if incoming_wins(n.replica.get(&(key, f)), &incoming, &n.name, self_rank) {
-                let value = route::encode_field(&record, &field(f));
-                n.replica.insert(
-                    (key, f),
-                    FieldState {
-                        value: value.clone(),
-                        stamp: incoming,
-                        pending: true,
-                    },
-                );
+            let value = route::encode_field(&record, &field(f));
+            let mut held = n.held(key, f);
+            let incoming = FieldState {
+                value: value.clone(),
+                stamp: incoming,
+                pending: true,
+            };
+            if held.receive(incoming, &n.name, self_rank) {
                 winners.push((f, value));
             }
+            n.keep(key, f, held);
         }
         if !winners.is_empty() && msg.crashes < 2 && self.rng.chance(self.cfg.crash_per_mille, 1000)
         {
@@ -669,9 +699,9 @@ impl<'p> Sim<'p> {
         Ok(())
     }
 
-    /// A routed delete reaches `t`: the fields written before it are cleared (from the replica
-    /// and the system, which reports the clears back like any local change: they must classify
-    /// as unchanged), the record stays only with the fields written after it.
+    /// A routed delete reaches `t`: every field drops the writes made before it; the system
+    /// shows what each changed field keeps (the greatest later write, or nothing) and reports it
+    /// back like any local change, which must classify as unchanged.
     fn deliver_delete(&mut self, t: usize, key: usize, ev: &ChangeEvent) -> Result<(), String> {
         let rc = ev
             .record_clock
@@ -680,21 +710,30 @@ impl<'p> Sim<'p> {
         let n = &mut self.nodes[t];
         n.hlc.observe(rc.hlc);
         let tombstone = n.tombstones.get(&key).map(|(h, s)| (*h, s.as_str()));
-        let fields = n
-            .replica
-            .iter()
-            .filter(|((k, _), _)| *k == key)
-            .map(|((_, f), state)| (*f, &state.stamp));
-        let Some(deletion) = on_delete(tombstone, (rc.hlc, rc.system.as_str()), fields) else {
+        let delete = (rc.hlc, rc.system.as_str());
+        if !delete_is_new(tombstone, delete) {
             return Ok(());
-        };
-        n.tombstones.insert(key, (rc.hlc, rc.system.clone()));
-        let mut clears = Vec::new();
-        for name in &deletion.cleared {
-            let f = field_of(name);
-            n.replica.remove(&(key, f));
-            clears.push((f, None));
         }
+        let mut fields: Vec<&'static str> = n
+            .replica
+            .keys()
+            .chain(n.shadows.keys())
+            .filter(|(k, _)| *k == key)
+            .map(|(_, f)| *f)
+            .collect();
+        fields.sort_unstable();
+        fields.dedup();
+        // What the system now shows for each field whose winner changed: cleared, or a later
+        // write the delete brought back.
+        let mut clears = Vec::new();
+        for f in fields {
+            let mut held = n.held(key, f);
+            if held.bury(delete, &n.name, n.rank(f)) {
+                clears.push((f, held.winner.as_ref().and_then(|w| w.value.clone())));
+            }
+            n.keep(key, f, held);
+        }
+        n.tombstones.insert(key, (rc.hlc, rc.system.clone()));
         self.stats.cleared += clears.len() as u64;
         if self.local_change(t, key, clears, true)? {
             return Err("applying a routed delete published an event".into());
@@ -806,18 +845,14 @@ impl<'p> Sim<'p> {
                         }
                         continue;
                     }
+                    // The greatest write made after the record's newest delete.
                     let deleted = self.deleted.get(&key).map(|(h, s)| (*h, s.as_str()));
-                    if deleted.is_some() && self.is_priority(f) {
-                        // A replica keeps only the top-ranked write of a priority field, so a
-                        // delete cannot bring back a lower-ranked later one (see `replica`).
-                        continue;
-                    }
-                    // The greatest write, unless it was made before the record's newest delete
-                    // (then every write of this single-rank field was: the field is cleared).
-                    let best = self
-                        .best
-                        .get(&(key, f))
-                        .filter(|(stamp, _)| !buried(stamp.hlc, &stamp.system, deleted));
+                    let best = self.writes.get(&(key, f)).and_then(|writes| {
+                        writes
+                            .iter()
+                            .filter(|(stamp, _)| !buried(stamp.hlc, &stamp.system, deleted))
+                            .max_by(|a, b| a.0.cmp(&b.0))
+                    });
                     if Some(n.index) == self.runaway
                         && held.is_some_and(|h| h.stamp.system == n.name)
                     {
