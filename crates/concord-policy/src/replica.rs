@@ -22,8 +22,9 @@
 //!   for the field (0 for a non-owner), so the owner's write wins whatever the clocks say. The
 //!   adapter needs no copy of the policy for this: the router tells each receiver its rank.
 //! - **Delivery**: for each field of the mask, [`crate::Hlc::observe`] its clock, remember the
-//!   rank from `receiver_ranks` (absent = 0), and if [`incoming_wins`] store the value
-//!   ([`crate::route::encode_field`]) with the incoming stamp and `pending: true`; apply the
+//!   rank from `receiver_ranks` (absent = 0), unless [`buried`] hand the write (value encoded
+//!   with [`crate::route::encode_field`], the incoming stamp, `pending: true`) to the field's
+//!   [`Held`]: if it wins ([`incoming_wins`]) it becomes the stored value; apply the
 //!   winners to the system, clear `pending`, then acknowledge. A crash in between leaves the
 //!   fields pending, so the redelivered message is applied again.
 //! - **Deletes** order against field writes by their clocks alone (`(hlc, system)`, ranks play no

@@ -127,7 +127,7 @@ struct Stats {
     rejected_fields: u64,
     /// Deletes published.
     deletes: u64,
-    /// Fields a delivered delete cleared.
+    /// Fields whose value a delivered delete changed (cleared, or a later write brought back).
     cleared: u64,
 }
 
