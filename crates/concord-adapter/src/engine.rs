@@ -97,6 +97,8 @@ struct Buried {
     remove_record: bool,
     /// The fields whose state changed, with what each keeps now.
     changed: Vec<(String, Held)>,
+    /// The fields whose shown value changed, with that value (encoded; `None` = cleared).
+    shown: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl Default for Buried {
@@ -104,6 +106,7 @@ impl Default for Buried {
         Buried {
             remove_record: true,
             changed: Vec::new(),
+            shown: Vec::new(),
         }
     }
 }
@@ -268,6 +271,7 @@ impl<A: SystemAdapter> Engine<A> {
                     if value.is_some() || before.winner.as_ref().is_some_and(|w| w.value.is_some())
                     {
                         shown.insert(name.clone(), decoded(&desc, &name, value));
+                        buried.shown.push((name.clone(), value.map(<[u8]>::to_vec)));
                     }
                 }
                 buried.remove_record &= held.winner.is_none();
@@ -288,6 +292,7 @@ impl<A: SystemAdapter> Engine<A> {
                 return Ok(Processed::Recorded);
             };
             tx.commit().await.map_err(StoreError::from)?;
+            let upsert = apply_op == ApplyOp::Upsert;
             let apply = Apply {
                 entity: ev.entity.clone(),
                 key: ev.key.clone(),
@@ -301,6 +306,21 @@ impl<A: SystemAdapter> Engine<A> {
                 Ok(_) => {
                     let mut tx = self.store.begin().await?;
                     self.bury(&mut tx, &ev, rc, &buried).await?;
+                    if upsert {
+                        // The system reports the values it now shows back as local changes.
+                        let now = now_ms();
+                        for (name, value) in &buried.shown {
+                            store::expect_echo(
+                                &mut tx,
+                                &ev.entity,
+                                &ev.key,
+                                name,
+                                value.as_deref(),
+                                now,
+                            )
+                            .await?;
+                        }
+                    }
                     tx.commit().await.map_err(StoreError::from)?;
                     Ok(Processed::Applied)
                 }
