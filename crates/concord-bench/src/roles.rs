@@ -109,10 +109,10 @@ pub async fn router(args: ChildArgs) -> anyhow::Result<()> {
     };
     let shutdown = shutdown_signal()?;
     let handle = Router::start(config, policy).await?;
-    tokio::select! {
-        ready = handle.wait_ready() => ready.context("the router stopped before it was ready")?,
-        () = tokio::time::sleep(std::time::Duration::from_secs(60)) => bail!("the router was not ready within 60 s"),
-    }
+    tokio::time::timeout(std::time::Duration::from_secs(60), handle.wait_ready())
+        .await
+        .context("the router was not ready within 60 s")?
+        .context("the router stopped before it was ready")?;
     announce_ready()?;
     handle.run_until(shutdown).await
 }

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -100,7 +100,9 @@ pub(crate) struct Shared {
     ready: Arc<AtomicBool>,
     ready_tx: watch::Sender<Readiness>,
     /// Sessions started (connected and consuming) so far.
-    sessions: AtomicU64,
+    sessions: watch::Sender<u64>,
+    /// Policy reloads applied so far.
+    reloads_applied: watch::Sender<u64>,
 }
 
 /// Reads and validates the policy file, including the names the router reserves.
@@ -125,7 +127,7 @@ fn load_policy(path: &Path) -> Result<(Policy, String), PolicyLoadError> {
 impl Shared {
     fn set_ready(&self, ready: bool) {
         if ready {
-            self.sessions.fetch_add(1, Ordering::Relaxed);
+            self.sessions.send_modify(|n| *n += 1);
         }
         self.ready.store(ready, Ordering::Relaxed);
         self.metrics.set_connected(ready);
@@ -180,6 +182,7 @@ impl Shared {
         let systems = state.policy.systems().to_vec();
         self.policy.store(Arc::new(state));
         self.metrics.reload(ReloadResultLabel::Applied);
+        self.reloads_applied.send_modify(|n| *n += 1);
         info!(path = %path.display(), ?systems, "policy reloaded");
         ReloadOutcome::Applied { systems }
     }
@@ -248,7 +251,8 @@ impl Router {
             metrics: metrics.clone(),
             ready: ready.clone(),
             ready_tx,
-            sessions: AtomicU64::new(0),
+            sessions: watch::Sender::new(0),
+            reloads_applied: watch::Sender::new(0),
         });
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -359,7 +363,24 @@ impl RouterHandle {
 
     /// How many times the router connected and started consuming (1 + reconnections).
     pub fn sessions_started(&self) -> u64 {
-        self.shared.sessions.load(Ordering::Relaxed)
+        *self.shared.sessions.borrow()
+    }
+
+    /// Waits until the router has started `n` sessions (`n - 1` reconnections).
+    pub async fn wait_sessions(&self, n: u64) {
+        // The sender lives as long as the handle: the wait only ends with the condition.
+        let _ = self.shared.sessions.subscribe().wait_for(|s| *s >= n).await;
+    }
+
+    /// Waits until `n` policy reloads (by SIGHUP, file change or [`RouterHandle::reload`])
+    /// have been applied.
+    pub async fn wait_reloads_applied(&self, n: u64) {
+        let _ = self
+            .shared
+            .reloads_applied
+            .subscribe()
+            .wait_for(|r| *r >= n)
+            .await;
     }
 
     /// Names of the router's consuming and publishing connections.

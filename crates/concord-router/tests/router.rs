@@ -469,12 +469,10 @@ async fn a_changed_policy_file_is_reloaded_by_itself() {
             })
             .await;
         write_policy(&w.policy_path(), &policy_with_billing());
-        eventually("policy reloaded from the file", async || {
-            router
-                .metrics()
-                .policy_reloads_total(ReloadResultLabel::Applied)
-                >= 1
-        })
+        within(
+            "policy reloaded from the file",
+            router.wait_reloads_applied(1),
+        )
         .await;
         assert!(router.systems().contains(&"billing".to_owned()));
         assert_eq!(w.count(&w.topology.inbox("billing")).await, Some(0));
@@ -646,7 +644,7 @@ async fn reconnects_by_itself_and_loses_nothing_when_the_broker_drops_it() {
             let at_cut = router.metrics().events_in_total("delivery", "customer");
             let name = format!("concord-router/{}/", w.topology.namespace());
             assert_eq!(close_connections(&name).await, 2, "both router connections closed");
-            eventually("router reconnected", async || router.sessions_started() >= 2).await;
+            within("router reconnected", router.wait_sessions(2)).await;
             cut_done.store(true, Ordering::SeqCst);
             at_cut
         };
