@@ -440,11 +440,8 @@ impl<A: SystemAdapter> Engine<A> {
         rc: &FieldClock,
         buried: &Buried,
     ) -> Result<(), StoreError> {
-        if buried.remove_record {
-            store::set_tombstone(tx, &ev.entity, &ev.key, rc.hlc, &rc.system).await?;
-        } else {
-            store::set_tombstone_keep(tx, &ev.entity, &ev.key, rc.hlc, &rc.system).await?;
-        }
+        let stamp = (rc.hlc, rc.system.as_str());
+        store::set_tombstone(tx, &ev.entity, &ev.key, stamp, buried.remove_record).await?;
         for (name, held) in &buried.changed {
             store::keep(tx, &ev.entity, &ev.key, name, held).await?;
         }
@@ -581,7 +578,7 @@ impl<A: SystemAdapter> Engine<A> {
                 return Ok(());
             }
             let hlc = self.hlc.tick(now);
-            store::set_tombstone(c, entity, &rec.key, hlc, &self.system).await?;
+            store::set_tombstone(c, entity, &rec.key, (hlc, &self.system), true).await?;
             // Every stored field was written before this delete (the clock just ticked past
             // all of them): the replica forgets them, as every receiver of the delete does.
             store::delete_fields_of(c, entity, &rec.key).await?;

@@ -589,46 +589,25 @@ pub(crate) async fn map_record(
     Ok(())
 }
 
-/// Records a delete of `key` stamped `(hlc, system)`; the record no longer exists locally.
+/// Records a delete of `key` stamped `(hlc, system)`. With `record_goes` the record no longer
+/// exists locally; otherwise (fields were written after the delete) only the tombstone changes.
 pub(crate) async fn set_tombstone(
     c: &mut SqliteConnection,
     entity: &str,
     key: &str,
-    hlc: u64,
-    system: &str,
+    (hlc, system): (u64, &str),
+    record_goes: bool,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO records (entity, key, local_id, live, tomb_hlc, tomb_system) VALUES (?, ?, NULL, 0, ?, ?)
-         ON CONFLICT(entity, key) DO UPDATE SET live = 0, tomb_hlc = excluded.tomb_hlc,
-           tomb_system = excluded.tomb_system",
+         ON CONFLICT(entity, key) DO UPDATE SET live = CASE WHEN ? THEN 0 ELSE live END,
+           tomb_hlc = excluded.tomb_hlc, tomb_system = excluded.tomb_system",
     )
     .bind(entity)
     .bind(key)
     .bind(to_i64(hlc))
     .bind(system)
-    .execute(&mut *c)
-    .await?;
-    Ok(())
-}
-
-/// Records a delete of `key` stamped `(hlc, system)` that leaves the record in place (fields
-/// were written after it): only the tombstone changes.
-pub(crate) async fn set_tombstone_keep(
-    c: &mut SqliteConnection,
-    entity: &str,
-    key: &str,
-    hlc: u64,
-    system: &str,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO records (entity, key, local_id, live, tomb_hlc, tomb_system) VALUES (?, ?, NULL, 0, ?, ?)
-         ON CONFLICT(entity, key) DO UPDATE SET tomb_hlc = excluded.tomb_hlc,
-           tomb_system = excluded.tomb_system",
-    )
-    .bind(entity)
-    .bind(key)
-    .bind(to_i64(hlc))
-    .bind(system)
+    .bind(record_goes)
     .execute(&mut *c)
     .await?;
     Ok(())
