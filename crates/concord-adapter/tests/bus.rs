@@ -687,6 +687,87 @@ fn shown(system: &MemorySystem) -> Vec<Vec<(String, Value)>> {
         .collect()
 }
 
+/// orders' delete of `key` stamped `hlc`, as the router routes it.
+fn routed_delete(key: &str, hlc: u64) -> ChangeEvent {
+    ChangeEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        source: "orders".into(),
+        origin: "orders".into(),
+        entity: CUSTOMER.into(),
+        key: key.into(),
+        op: Op::Delete as i32,
+        record_clock: Some(FieldClock {
+            hlc,
+            system: "orders".into(),
+            rank: 0,
+        }),
+        schema_version: concord_proto::SCHEMA_VERSION,
+        ..Default::default()
+    }
+}
+
+/// `source`'s write of one field of `key` (in `record`) stamped `hlc` with `rank`, as the
+/// router routes it to a receiver whose own rank for the field is `own_rank`.
+fn routed_write(
+    source: &str,
+    key: &str,
+    field: &str,
+    record: concord_proto::v1::Customer,
+    (hlc, rank): (u64, u32),
+    own_rank: u32,
+) -> ChangeEvent {
+    ChangeEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        source: source.into(),
+        origin: source.into(),
+        entity: CUSTOMER.into(),
+        key: key.into(),
+        op: Op::Upsert as i32,
+        record: record.encode_to_vec(),
+        field_mask: vec![field.into()],
+        clocks: [(
+            field.to_owned(),
+            FieldClock {
+                hlc,
+                system: source.into(),
+                rank,
+            },
+        )]
+        .into(),
+        receiver_ranks: [(field.to_owned(), own_rank)]
+            .into_iter()
+            .filter(|(_, r)| *r != 0)
+            .collect(),
+        schema_version: concord_proto::SCHEMA_VERSION,
+        ..Default::default()
+    }
+}
+
+/// Injects `first` then `second` into support (or the other way round), and returns what
+/// support then shows; applying them must not be reported back as support's own change.
+async fn support_receives(
+    t: &mut Seed,
+    (first, second): (ChangeEvent, ChangeEvent),
+    swap: bool,
+) -> Vec<Vec<(String, Value)>> {
+    let order = if swap {
+        [second, first]
+    } else {
+        [first, second]
+    };
+    let published = t.bus.published("support").len();
+    for ev in &order {
+        t.bus.inject("support", ev).unwrap();
+        t.bus.run_until_quiet().await.unwrap();
+    }
+    assert_eq!(
+        t.bus.published("support").len(),
+        published,
+        "echo published"
+    );
+    shown(&t.support)
+}
+
 /// The signed-up customer's delete by orders stamped `delete_at`, and delivery's concurrent
 /// `delivery_status` update stamped `update_at`, as support receives them (routed copies), in
 /// the order given; returns what support then shows.
@@ -699,63 +780,19 @@ async fn delete_and_update(
     let key = t.sign_up().await;
     let signed_up = t.bus.published("orders").last().unwrap().clone();
     let base = signed_up.clocks["name"].hlc;
-    let delete = ChangeEvent {
-        event_id: uuid::Uuid::now_v7().to_string(),
-        source: "orders".into(),
-        origin: "orders".into(),
-        entity: CUSTOMER.into(),
-        key: key.clone(),
-        op: Op::Delete as i32,
-        record_clock: Some(FieldClock {
-            hlc: base + delete_at,
-            system: "orders".into(),
-            rank: 0,
-        }),
-        schema_version: concord_proto::SCHEMA_VERSION,
-        ..Default::default()
-    };
-    let update = ChangeEvent {
-        event_id: uuid::Uuid::now_v7().to_string(),
-        source: "delivery".into(),
-        origin: "delivery".into(),
-        entity: CUSTOMER.into(),
-        key,
-        op: Op::Upsert as i32,
-        record: concord_proto::v1::Customer {
+    let delete = routed_delete(&key, base + delete_at);
+    let update = routed_write(
+        "delivery",
+        &key,
+        "delivery_status",
+        concord_proto::v1::Customer {
             delivery_status: Some("out_for_delivery".into()),
             ..Default::default()
-        }
-        .encode_to_vec(),
-        field_mask: vec!["delivery_status".into()],
-        clocks: [(
-            "delivery_status".to_owned(),
-            FieldClock {
-                hlc: base + update_at,
-                system: "delivery".into(),
-                rank: 1,
-            },
-        )]
-        .into(),
-        schema_version: concord_proto::SCHEMA_VERSION,
-        ..Default::default()
-    };
-    let order = if delete_first {
-        [&delete, &update]
-    } else {
-        [&update, &delete]
-    };
-    let published = t.bus.published("support").len();
-    for ev in order {
-        t.bus.inject("support", ev).unwrap();
-        t.bus.run_until_quiet().await.unwrap();
-    }
-    // Applying the delete (or the clears) is not reported back as support's own change.
-    assert_eq!(
-        t.bus.published("support").len(),
-        published,
-        "echo published"
+        },
+        (base + update_at, 1),
+        0,
     );
-    shown(&t.support)
+    support_receives(&mut t, (update, delete), delete_first).await
 }
 
 #[tokio::test]
@@ -789,57 +826,19 @@ async fn delete_between_priority_writes(delete_first: bool) -> Vec<Vec<(String, 
     t.bus.run_until_quiet().await.unwrap();
     let own = t.bus.published("support").last().unwrap().clone();
     let at = own.clocks["delivery_notes"].hlc;
-    let delete = ChangeEvent {
-        event_id: uuid::Uuid::now_v7().to_string(),
-        source: "orders".into(),
-        origin: "orders".into(),
-        entity: CUSTOMER.into(),
-        key: key.clone(),
-        op: Op::Delete as i32,
-        record_clock: Some(FieldClock {
-            hlc: at + 10,
-            system: "orders".into(),
-            rank: 0,
-        }),
-        schema_version: concord_proto::SCHEMA_VERSION,
-        ..Default::default()
-    };
-    let note = ChangeEvent {
-        event_id: uuid::Uuid::now_v7().to_string(),
-        source: "delivery".into(),
-        origin: "delivery".into(),
-        entity: CUSTOMER.into(),
-        key,
-        op: Op::Upsert as i32,
-        record: concord_proto::v1::Customer {
+    let delete = routed_delete(&key, at + 10);
+    let note = routed_write(
+        "delivery",
+        &key,
+        "delivery_notes",
+        concord_proto::v1::Customer {
             delivery_notes: Some("leave at the door".into()),
             ..Default::default()
-        }
-        .encode_to_vec(),
-        field_mask: vec!["delivery_notes".into()],
-        clocks: [(
-            "delivery_notes".to_owned(),
-            FieldClock {
-                hlc: at + 20,
-                system: "delivery".into(),
-                rank: 1,
-            },
-        )]
-        .into(),
-        receiver_ranks: [("delivery_notes".to_owned(), 2)].into(),
-        schema_version: concord_proto::SCHEMA_VERSION,
-        ..Default::default()
-    };
-    let order = if delete_first {
-        [&delete, &note]
-    } else {
-        [&note, &delete]
-    };
-    for ev in order {
-        t.bus.inject("support", ev).unwrap();
-        t.bus.run_until_quiet().await.unwrap();
-    }
-    shown(&t.support)
+        },
+        (at + 20, 1),
+        2,
+    );
+    support_receives(&mut t, (note, delete), delete_first).await
 }
 
 #[tokio::test]
