@@ -362,19 +362,13 @@ impl<'p> Sim<'p> {
         let n = &mut self.nodes[node];
         let hlc = n.hlc.tick(wall);
         let mut record = DynamicMessage::new(customer());
-        let mut ev = ChangeEvent {
-            event_id: uuid::Uuid::from_u128(
-                0x0190_0000_0000_7000_8000_0000_0000_0000 | self.event_seq,
-            )
-            .to_string(),
-            source: n.name.clone(),
-            entity: "customer".into(),
-            key: KEYS[key].into(),
-            op: concord_proto::v1::Op::Upsert as i32,
-            schema_version: concord_proto::SCHEMA_VERSION,
-            observed_at_ms: wall,
-            ..Default::default()
-        };
+        let mut ev = new_event(
+            self.event_seq,
+            &n.name,
+            key,
+            concord_proto::v1::Op::Upsert,
+            wall,
+        );
         self.event_seq += 1;
         let mut fields = Vec::new();
         for (f, value, own_rank) in publish {
@@ -441,22 +435,18 @@ impl<'p> Sim<'p> {
         }
         n.tombstones.insert(key, (hlc, n.name.clone()));
         let ev = ChangeEvent {
-            event_id: uuid::Uuid::from_u128(
-                0x0190_0000_0000_7000_8000_0000_0000_0000 | self.event_seq,
-            )
-            .to_string(),
-            source: n.name.clone(),
-            entity: "customer".into(),
-            key: KEYS[key].into(),
-            op: concord_proto::v1::Op::Delete as i32,
-            schema_version: concord_proto::SCHEMA_VERSION,
-            observed_at_ms: wall,
             record_clock: Some(FieldClock {
                 hlc,
                 system: n.name.clone(),
                 rank: 0,
             }),
-            ..Default::default()
+            ..new_event(
+                self.event_seq,
+                &n.name,
+                key,
+                concord_proto::v1::Op::Delete,
+                wall,
+            )
         };
         self.event_seq += 1;
         self.ingress.push(Ingress {
@@ -922,6 +912,27 @@ impl<'p> Sim<'p> {
             }
         }
         Ok(())
+    }
+}
+
+/// The envelope of the `seq`-th event of the run, published by `source` at `wall`.
+fn new_event(
+    seq: u128,
+    source: &str,
+    key: usize,
+    op: concord_proto::v1::Op,
+    wall: u64,
+) -> ChangeEvent {
+    ChangeEvent {
+        event_id: uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | seq)
+            .to_string(),
+        source: source.to_owned(),
+        entity: "customer".into(),
+        key: KEYS[key].into(),
+        op: op as i32,
+        schema_version: concord_proto::SCHEMA_VERSION,
+        observed_at_ms: wall,
+        ..Default::default()
     }
 }
 
