@@ -17,20 +17,7 @@ pub const ROUTING_KEY: &str = "src.customer";
 pub const HEADER_KEY: &str = "concord-key";
 
 /// Every field of `concord.v1.Customer`; each event changes all of them.
-pub const FIELDS: [&str; 12] = [
-    "name",
-    "email",
-    "phone",
-    "address",
-    "tier",
-    "delivery_status",
-    "warehouse",
-    "amount_paid",
-    "open_tickets",
-    "delivery_notes",
-    "support_agent",
-    "language",
-];
+pub use concord_proto::CUSTOMER_FIELDS as FIELDS;
 
 const TIERS: [&str; 3] = ["bronze", "silver", "gold"];
 const STATUSES: [&str; 4] = ["pending", "packed", "out_for_delivery", "delivered"];

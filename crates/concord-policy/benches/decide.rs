@@ -45,20 +45,7 @@ language = { owners = ["orders", "support"], merge = "lww", visible = ["*"] }
 
 const NOW_MS: u64 = 1_700_000_000_000;
 
-const FIELDS: [&str; 12] = [
-    "name",
-    "email",
-    "phone",
-    "address",
-    "tier",
-    "delivery_status",
-    "warehouse",
-    "amount_paid",
-    "open_tickets",
-    "delivery_notes",
-    "support_agent",
-    "language",
-];
+use concord_proto::CUSTOMER_FIELDS as FIELDS;
 
 struct Setup {
     policy: Policy,

@@ -594,30 +594,8 @@ mod tests {
     use crate::model::Policy;
     use crate::route::project;
 
-    /// The 12-field Customer policy of the router benchmark.
-    const CUSTOMER_POLICY: &str = r#"
-        [systems.orders]
-        [systems.support]
-        [systems.delivery]
-        [systems.billing]
-
-        [entities.customer]
-        message = "concord.v1.Customer"
-
-        [entities.customer.fields]
-        name = { owner = "orders", visible = ["*"] }
-        email = { owner = "orders", visible = ["support", "billing"] }
-        phone = { owners = ["orders", "support"], merge = "lww", visible = ["delivery", "billing"] }
-        address = { owner = "orders", visible = ["*"] }
-        tier = { owner = "orders", visible = ["support", "billing"] }
-        delivery_status = { owner = "orders", visible = ["support", "delivery"] }
-        warehouse = { owner = "orders", visible = ["delivery"] }
-        amount_paid = { owner = "orders", visible = ["support", "billing"] }
-        open_tickets = { owner = "orders", visible = ["support"] }
-        delivery_notes = { owners = ["support", "orders"], merge = "priority", visible = ["delivery"] }
-        support_agent = { owner = "orders", visible = ["support", "billing"] }
-        language = { owners = ["orders", "support"], merge = "lww", visible = ["*"] }
-    "#;
+    /// The seed policy: it declares all 12 Customer fields.
+    const CUSTOMER_POLICY: &str = include_str!("../../../examples/seed/policy.toml");
 
     /// A test-only schema covering what the Customer does not: implicit presence, every scalar
     /// type, repeated strings/bytes/messages, a packed repeated scalar, a map, a oneof, an enum,

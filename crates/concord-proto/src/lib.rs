@@ -18,6 +18,23 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/concord_descriptor.bin"));
 
+/// The field names of `concord.v1.Customer`, in field-number order (a test checks them against
+/// the descriptor).
+pub const CUSTOMER_FIELDS: [&str; 12] = [
+    "name",
+    "email",
+    "phone",
+    "address",
+    "tier",
+    "delivery_status",
+    "warehouse",
+    "amount_paid",
+    "open_tickets",
+    "delivery_notes",
+    "support_agent",
+    "language",
+];
+
 /// Current version of the `ChangeEvent` envelope format.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -45,5 +62,16 @@ mod tests {
         let customer = pool.get_message_by_name("concord.v1.Customer").unwrap();
         assert!(customer.get_field_by_name("warehouse").is_some());
         assert!(pool.get_message_by_name("concord.v1.ChangeEvent").is_some());
+    }
+
+    #[test]
+    fn customer_fields_are_the_descriptor_fields_in_number_order() {
+        let customer = descriptor_pool()
+            .get_message_by_name("concord.v1.Customer")
+            .unwrap();
+        let mut fields: Vec<_> = customer.fields().collect();
+        fields.sort_by_key(|f| f.number());
+        let names: Vec<&str> = fields.iter().map(|f| f.name()).collect();
+        assert_eq!(names, CUSTOMER_FIELDS);
     }
 }

@@ -15,20 +15,7 @@ use concord_adapter::{RunnerConfig, RunnerHandle};
 use prost_reflect::Value;
 
 const SYSTEMS: [&str; 3] = ["orders", "support", "delivery"];
-const FIELDS: [&str; 12] = [
-    "name",
-    "email",
-    "phone",
-    "address",
-    "tier",
-    "delivery_status",
-    "warehouse",
-    "amount_paid",
-    "open_tickets",
-    "delivery_notes",
-    "support_agent",
-    "language",
-];
+use concord_proto::CUSTOMER_FIELDS as FIELDS;
 
 struct Node {
     name: &'static str,

@@ -10,21 +10,7 @@ use concord_policy::Policy;
 use concord_proto::v1::{ChangeEvent, FieldClock};
 use prost_reflect::{DynamicMessage, FieldDescriptor, MessageDescriptor, Value};
 
-/// The fields of `concord.v1.Customer`, in field-number order.
-pub const CUSTOMER_FIELDS: [&str; 12] = [
-    "name",
-    "email",
-    "phone",
-    "address",
-    "tier",
-    "delivery_status",
-    "warehouse",
-    "amount_paid",
-    "open_tickets",
-    "delivery_notes",
-    "support_agent",
-    "language",
-];
+pub use concord_proto::CUSTOMER_FIELDS;
 
 /// A fixed "router now" used by tests that do not care about time: 2023-11-14.
 pub const NOW_MS: u64 = 1_700_000_000_000;
