@@ -573,10 +573,20 @@ struct Proxied {
     adapter_proxy: Proxy,
     router: RouterHandle,
     nodes: Vec<Node>,
+    /// Deletes the namespace and the adapters' state when dropped: keep it to the end.
+    guard: (Cleanup, tempfile::TempDir),
 }
 
 impl Proxied {
-    async fn start(ns: &str, state: &Path) -> anyhow::Result<Proxied> {
+    /// A fresh namespace named after `test`, its router and seed adapters each behind a proxy.
+    async fn start(test: &str) -> anyhow::Result<Proxied> {
+        let ns = unique_namespace(test);
+        let cleanup = Cleanup {
+            namespace: ns.clone(),
+            systems: SEED_SYSTEMS.to_vec(),
+        };
+        let dir = tempfile::tempdir()?;
+        let (ns, state) = (ns.as_str(), dir.path());
         let broker = broker_addr()?;
         let router_proxy = Proxy::start(broker).await?;
         let adapter_proxy = Proxy::start(broker).await?;
@@ -592,6 +602,7 @@ impl Proxied {
             adapter_proxy,
             router,
             nodes,
+            guard: (cleanup, dir),
         })
     }
 }
@@ -599,18 +610,13 @@ impl Proxied {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_cut_by_a_proxy_recover_without_loss_or_duplicates() -> anyhow::Result<()> {
     let _serial = serial().await;
-    let ns = unique_namespace("cut");
-    let _cleanup = Cleanup {
-        namespace: ns.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
-    let dir = tempfile::tempdir()?;
     let Proxied {
         router_proxy,
         adapter_proxy,
         router,
         nodes,
-    } = Proxied::start(&ns, dir.path()).await?;
+        guard: _guard,
+    } = Proxied::start("cut").await?;
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
     ensure!(router_proxy.open() == 2, "the router has two connections");
     ensure!(adapter_proxy.open() == 3, "each adapter has one connection");
@@ -714,18 +720,13 @@ async fn connections_cut_by_a_proxy_recover_without_loss_or_duplicates() -> anyh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_cut_at_arbitrary_moments_lose_nothing() -> anyhow::Result<()> {
     let _serial = serial().await;
-    let ns = unique_namespace("cut-any");
-    let _cleanup = Cleanup {
-        namespace: ns.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
-    let dir = tempfile::tempdir()?;
     let Proxied {
         router_proxy,
         adapter_proxy,
         router,
         nodes,
-    } = Proxied::start(&ns, dir.path()).await?;
+        guard: _guard,
+    } = Proxied::start("cut-any").await?;
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
 
     let stream = EditStream::create(orders, RECORDS);
