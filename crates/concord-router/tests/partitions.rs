@@ -9,16 +9,14 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use concord_amqp::{
-    AckBatcher, Connection, MessageProps, PARTITION_HASH_HEADER, Publisher, PublisherOptions,
-    Topology, connect, consume, queue_message_count,
+    AckBatcher, MessageProps, PARTITION_HASH_HEADER, Topology, consume, queue_message_count,
 };
 use concord_proto::v1::{ChangeEvent, Customer, FieldClock, Op};
 use concord_router::{QueueType, RouterConfig, RouterHandle};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use prost::Message;
 
 use common::*;
@@ -58,14 +56,6 @@ fn payment(key: &str, cents: i64) -> ChangeEvent {
     }
 }
 
-struct World {
-    topology: Topology,
-    queue_type: QueueType,
-    dir: tempfile::TempDir,
-    client: Connection,
-    publisher: Publisher,
-}
-
 impl World {
     fn config(&self, replica_index: u16) -> RouterConfig {
         RouterConfig {
@@ -76,7 +66,10 @@ impl World {
             partitions: PARTITIONS,
             replicas: Some(2),
             replica_index: Some(replica_index),
-            queue_type: self.queue_type,
+            queue_type: match self.topology.queue_type() {
+                concord_amqp::QueueType::Classic => QueueType::Classic,
+                concord_amqp::QueueType::Quorum => QueueType::Quorum,
+            },
             prefetch: 16,
             ack_batch: 4,
             ..RouterConfig::default()
@@ -143,39 +136,7 @@ where
             QueueType::Classic => concord_amqp::QueueType::Classic,
             QueueType::Quorum => concord_amqp::QueueType::Quorum,
         });
-    let dir = tempfile::tempdir().unwrap();
-    let policy =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed/policy.toml");
-    std::fs::copy(policy, dir.path().join("policy.toml")).unwrap();
-    let client = within(
-        "connect",
-        connect(&uri(), &format!("it-client/{}", topology.namespace())),
-    )
-    .await
-    .unwrap();
-    let publisher = Publisher::open(&client, PublisherOptions::default())
-        .await
-        .unwrap();
-    let channel = client.open_channel().await.unwrap();
-    let systems: Vec<String> = SEED_SYSTEMS.iter().map(|s| (*s).to_owned()).collect();
-    topology.declare_router(&channel, &systems).await.unwrap();
-    let world = World {
-        topology: topology.clone(),
-        queue_type,
-        dir,
-        client,
-        publisher,
-    };
-    let outcome = AssertUnwindSafe(body(world)).catch_unwind().await;
-    let admin = connect(&uri(), "it-cleanup").await.unwrap();
-    let channel = admin.open_channel().await.unwrap();
-    within("cleanup", topology.delete_all(&channel, &systems))
-        .await
-        .unwrap();
-    admin.close().await.unwrap();
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+    in_namespace(topology, &[], body).await;
 }
 
 fn partition_events(router: &RouterHandle) -> Vec<u64> {

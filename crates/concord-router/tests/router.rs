@@ -9,19 +9,17 @@ mod common;
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use concord_amqp::{
-    AckBatcher, Connection, Consumer, Delivery, MessageProps, Publisher, PublisherOptions,
-    Topology, connect, consume, queue_message_count,
+    AckBatcher, Consumer, Delivery, MessageProps, Topology, consume, queue_message_count,
 };
 use concord_policy::DeadLetterReason;
 use concord_proto::v1::{ChangeEvent, Customer, FieldClock, Op};
 use concord_router::{ReloadOutcome, ReloadResultLabel, RouterConfig, RouterHandle};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use prost::Message;
 
 use common::*;
@@ -100,13 +98,6 @@ fn payment_event(key: &str, cents: i64) -> ChangeEvent {
 }
 
 /// One test's world: a namespace, a policy file, a client connection.
-struct World {
-    topology: Topology,
-    dir: tempfile::TempDir,
-    client: Connection,
-    publisher: Publisher,
-}
-
 impl World {
     fn policy_path(&self) -> PathBuf {
         self.dir.path().join("policy.toml")
@@ -174,48 +165,14 @@ impl World {
     }
 }
 
-/// Runs `body` in a fresh namespace with the seed policy, then deletes the namespace even if
-/// `body` panicked.
+/// Runs `body` in a fresh namespace with the seed policy (the tests add `billing`), then
+/// deletes the namespace even if `body` panicked.
 async fn with_world<F, Fut>(test: &str, body: F)
 where
     F: FnOnce(World) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let topology = Topology::new(unique_ns(test));
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("policy.toml"), seed_policy()).unwrap();
-    let client = within(
-        "connect",
-        connect(&uri(), &format!("it-client/{}", topology.namespace())),
-    )
-    .await
-    .unwrap();
-    let publisher = Publisher::open(&client, PublisherOptions::default())
-        .await
-        .unwrap();
-    // Adapters declare the exchanges and their inboxes too; the tests publish before the
-    // router may have declared anything.
-    let channel = client.open_channel().await.unwrap();
-    let systems: Vec<String> = SEED_SYSTEMS.iter().map(|s| (*s).to_owned()).collect();
-    topology.declare_router(&channel, &systems).await.unwrap();
-    let world = World {
-        topology: topology.clone(),
-        dir,
-        client,
-        publisher,
-    };
-    let outcome = AssertUnwindSafe(body(world)).catch_unwind().await;
-    let admin = connect(&uri(), "it-cleanup").await.unwrap();
-    let channel = admin.open_channel().await.unwrap();
-    let mut all = systems;
-    all.push("billing".into());
-    within("cleanup", topology.delete_all(&channel, &all))
-        .await
-        .unwrap();
-    admin.close().await.unwrap();
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+    in_namespace(Topology::new(unique_ns(test)), &["billing"], body).await;
 }
 
 async fn next(consumer: &mut Consumer, what: &str) -> Delivery {

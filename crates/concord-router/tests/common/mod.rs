@@ -3,8 +3,12 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use concord_amqp::{Connection, Publisher, PublisherOptions, Topology, connect};
+use futures::FutureExt;
 
 /// How long any wait may take before the test fails (a safety net, never synchronisation).
 pub const SAFETY_NET: Duration = Duration::from_secs(60);
@@ -51,4 +55,58 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
+}
+
+/// A fresh namespace for one test: the seed policy in `dir` (as `policy.toml`), a client
+/// connection and its publisher.
+pub struct World {
+    pub topology: Topology,
+    pub dir: tempfile::TempDir,
+    pub client: Connection,
+    pub publisher: Publisher,
+}
+
+/// Declares `topology` for the seed systems (adapters declare the exchanges and their inboxes
+/// too; the tests publish before the router may have declared anything), runs `body` in it,
+/// then deletes the namespace, with the inboxes of `later_systems` the test adds, even if
+/// `body` panicked.
+pub async fn in_namespace<F, Fut>(topology: Topology, later_systems: &[&str], body: F)
+where
+    F: FnOnce(World) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let policy =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed/policy.toml");
+    std::fs::copy(policy, dir.path().join("policy.toml")).unwrap();
+    let client = within(
+        "connect",
+        connect(&uri(), &format!("it-client/{}", topology.namespace())),
+    )
+    .await
+    .unwrap();
+    let publisher = Publisher::open(&client, PublisherOptions::default())
+        .await
+        .unwrap();
+    let channel = client.open_channel().await.unwrap();
+    let systems: Vec<String> = SEED_SYSTEMS.iter().map(|s| (*s).to_owned()).collect();
+    topology.declare_router(&channel, &systems).await.unwrap();
+    let world = World {
+        topology: topology.clone(),
+        dir,
+        client,
+        publisher,
+    };
+    let outcome = AssertUnwindSafe(body(world)).catch_unwind().await;
+    let admin = connect(&uri(), "it-cleanup").await.unwrap();
+    let channel = admin.open_channel().await.unwrap();
+    let mut all = systems;
+    all.extend(later_systems.iter().map(|s| (*s).to_owned()));
+    within("cleanup", topology.delete_all(&channel, &all))
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
 }
