@@ -3,49 +3,22 @@
 //! Timeouts are safety nets only; nothing sleeps to synchronise.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::{
     future::Future,
     panic::AssertUnwindSafe,
-    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
+use common::*;
 use concord_amqp::{
     AckBatcher, AmqpError, Channel, ConnectOptions, Connection, Delivery, FieldTable, MessageProps,
-    PublishError, Publisher, PublisherOptions, QueueType, Topology, connect, connect_with,
-    connection_name, consume, queue_message_count,
+    PublishError, Publisher, PublisherOptions, QueueType, Topology, connect_with, consume,
+    queue_message_count,
 };
 use futures::{FutureExt, StreamExt, future::join_all};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
-
-const SAFETY_NET: Duration = Duration::from_secs(60);
-
-fn uri() -> String {
-    std::env::var("AMQP_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn unique_ns(test: &str) -> String {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "t{}-{}-{test}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Await `fut`, failing the test (instead of hanging) if it takes absurdly long.
-async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    match tokio::time::timeout(SAFETY_NET, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("timed out: {what}"),
-    }
-}
-
-async fn connect_test(role: &str) -> Connection {
-    within("connect", connect(&uri(), &connection_name(role)))
-        .await
-        .expect("connect")
-}
 
 /// Run `body` with a fresh namespace, then delete the namespace even if `body` panicked.
 async fn with_namespace<F, Fut>(

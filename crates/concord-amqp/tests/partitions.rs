@@ -3,47 +3,20 @@
 //! namespace and deletes what it declared. Timeouts are safety nets only.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
     panic::AssertUnwindSafe,
-    sync::atomic::{AtomicUsize, Ordering},
-    time::Duration,
 };
 
+use common::*;
 use concord_amqp::{
     AckBatcher, AmqpError, Connection, Delivery, MessageProps, PARTITION_HASH_HEADER, Publisher,
-    PublisherOptions, QueueType, Topology, connect, connection_name, consume, queue_message_count,
+    PublisherOptions, QueueType, Topology, consume, queue_message_count,
 };
 use futures::{FutureExt, StreamExt};
-
-const SAFETY_NET: Duration = Duration::from_secs(60);
-
-fn uri() -> String {
-    std::env::var("AMQP_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn unique_ns(test: &str) -> String {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "t{}-{}-{test}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    match tokio::time::timeout(SAFETY_NET, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("timed out: {what}"),
-    }
-}
-
-async fn connect_test(role: &str) -> Connection {
-    within("connect", connect(&uri(), &connection_name(role)))
-        .await
-        .expect("connect")
-}
 
 /// Runs `body` on a declared partitioned topology, then deletes it even if `body` panicked.
 async fn with_partitions<F, Fut>(test: &str, topology: Topology, body: F)
