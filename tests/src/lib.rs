@@ -325,6 +325,58 @@ pub struct EditStream {
 }
 
 impl EditStream {
+    /// Asserts that, for every customer, support holds round `round`'s email and delivery (which
+    /// may not see it) none.
+    pub fn assert_emails(&self, [support, delivery]: [&Node; 2], round: usize) {
+        for r in 0..self.ids.len() {
+            let name = name_of(r, round);
+            let sid = support
+                .memory
+                .find("customer", "name", &name)
+                .unwrap_or_default();
+            assert_eq!(support.text(&sid, "email"), Some(email_of(r, round)));
+            let did = delivery
+                .memory
+                .find("customer", "name", &name)
+                .unwrap_or_default();
+            assert_eq!(delivery.memory.field("customer", &did, "email"), None);
+        }
+    }
+
+    /// Waits until `support` and `delivery` hold round `round`'s name of every customer;
+    /// returns how long that took. Fails after `secs` seconds, with both nodes' counters.
+    pub async fn await_names(
+        &self,
+        [support, delivery]: [&Node; 2],
+        round: usize,
+        secs: u64,
+    ) -> anyhow::Result<Duration> {
+        let started = std::time::Instant::now();
+        let records = self.ids.len();
+        let has_all = |node: &Node| {
+            (0..records).all(|r| {
+                node.memory
+                    .find("customer", "name", &name_of(r, round))
+                    .is_some()
+            })
+        };
+        converge(
+            &[support, delivery],
+            secs,
+            &format!("round {round} in support and delivery"),
+            || has_all(support) && has_all(delivery),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "support {:?}; delivery {:?}",
+                support.metrics(),
+                delivery.metrics()
+            )
+        })?;
+        Ok(started.elapsed())
+    }
+
     /// Round 0: orders creates `records` customers (name only).
     pub fn create(orders: &Node, records: usize) -> EditStream {
         let ids = (0..records)

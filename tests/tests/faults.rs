@@ -178,15 +178,6 @@ fn hold_failing(node: &Node) {
 /// Change events of the whole stream.
 const TOTAL_EVENTS: usize = RECORDS * (ROUNDS + 1);
 
-/// Whether `node` holds the last value of every customer.
-fn has_final_values(node: &Node) -> bool {
-    (0..RECORDS).all(|r| {
-        node.memory
-            .find("customer", "name", &name_of(r, ROUNDS))
-            .is_some()
-    })
-}
-
 /// The checks after a fault, for a subscriber node: every change arrived and was applied
 /// exactly once, and the node holds the last writes.
 fn check_subscriber(node: &Node, sees_email: bool) -> anyhow::Result<()> {
@@ -276,30 +267,6 @@ fn check_stream(orders: &Node, support: &Node, delivery: &Node) -> anyhow::Resul
         "orders published {published} events for {TOTAL_EVENTS} changes"
     );
     Ok(())
-}
-
-/// Waits until support and delivery hold the last value of every customer.
-async fn await_final_values(
-    support: &Node,
-    delivery: &Node,
-    secs: u64,
-) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    converge(
-        &[support, delivery],
-        secs,
-        "every final value in support and delivery",
-        || has_final_values(support) && has_final_values(delivery),
-    )
-    .await
-    .with_context(|| {
-        format!(
-            "support {:?}; delivery {:?}",
-            support.metrics(),
-            delivery.metrics()
-        )
-    })?;
-    Ok(started.elapsed())
 }
 
 async fn shutdown(nodes: Vec<Node>, router: RouterHandle) -> anyhow::Result<()> {
@@ -687,7 +654,7 @@ async fn connections_cut_by_a_proxy_recover_without_loss_or_duplicates() -> anyh
         stream.round(orders, round);
     }
 
-    let took = await_final_values(support, delivery, 90).await?;
+    let took = stream.await_names([support, delivery], ROUNDS, 90).await?;
     eprintln!("converged {took:?} after the last cut");
     check_stream(orders, support, delivery)?;
     // Everyone reconnected by itself, through the proxies.
@@ -753,7 +720,7 @@ async fn connections_cut_at_arbitrary_moments_lose_nothing() -> anyhow::Result<(
         stream.round(orders, round);
         round += 1;
     }
-    let took = await_final_values(support, delivery, 120).await?;
+    let took = stream.await_names([support, delivery], ROUNDS, 120).await?;
     eprintln!("converged {took:?} after the last cut");
     check_stream(orders, support, delivery)?;
     ensure!(router.is_ready(), "the router is not routing");
@@ -839,7 +806,9 @@ async fn broker_restart_mid_stream_loses_nothing() -> anyhow::Result<()> {
     }
     // Delivery comes back with its state store: everything since round 6 must be there.
     let delivery = Node::start_with(delivery_config, delivery_memory).await?;
-    let took = await_final_values(support, &delivery, 120).await?;
+    let took = stream
+        .await_names([support, &delivery], ROUNDS, 120)
+        .await?;
     eprintln!("converged {took:?} after the broker came back");
     check_stream(orders, support, &delivery)?;
     ensure!(router.is_ready(), "the router is not routing");
@@ -981,7 +950,9 @@ async fn memory_alarm_blocks_publishers_and_nothing_is_lost() -> anyhow::Result<
         .await
         .context("the broker never unblocked the probe")??;
 
-    let took = await_final_values(&support, &delivery, 90).await?;
+    let took = stream
+        .await_names([&support, &delivery], ROUNDS, 90)
+        .await?;
     eprintln!("converged {took:?} after the alarm cleared");
     check_stream(&orders, &support, &delivery)?;
     ensure!(router.is_ready(), "the router is not routing");

@@ -46,17 +46,7 @@ async fn router_killed_mid_stream_loses_nothing_and_applies_nothing_twice() -> a
     }
     let _router2 = RouterProcess::spawn(env!("CARGO_BIN_EXE_it-router"), &seed_policy(), &config)?;
 
-    let last = |r: usize| format!("c{r}-v{ROUNDS}");
-    let all_final = |node: &Node| {
-        (0..RECORDS).all(|r| node.memory.find("customer", "name", &last(r)).is_some())
-    };
-    converge(
-        &[support, delivery],
-        120,
-        "every final value in support and delivery",
-        || all_final(support) && all_final(delivery),
-    )
-    .await?;
+    stream.await_names([support, delivery], ROUNDS, 120).await?;
 
     // Support sees name and email, delivery only the name: both got every event, once.
     let total_events = RECORDS * (ROUNDS + 1);
@@ -73,18 +63,7 @@ async fn router_killed_mid_stream_loses_nothing_and_applies_nothing_twice() -> a
         let m = node.metrics();
         eprintln!("{}: {m:?}", node.system);
     }
-    for r in 0..RECORDS {
-        let sid = support
-            .memory
-            .find("customer", "name", &last(r))
-            .unwrap_or_default();
-        assert_eq!(support.text(&sid, "email"), Some(format!("{r}@{ROUNDS}")));
-        let did = delivery
-            .memory
-            .find("customer", "name", &last(r))
-            .unwrap_or_default();
-        assert_eq!(delivery.memory.field("customer", &did, "email"), None);
-    }
+    stream.assert_emails([support, delivery], ROUNDS);
     for n in nodes {
         n.runner.shutdown().await?;
     }
