@@ -300,16 +300,7 @@ fn try_process(
     } else {
         Some(Projector::new(entity, &ev.record, verdict.accepted)?)
     };
-    // The clocks of the changed fields in name order (the order the copies' maps encode in),
-    // with their field index: shared by every copy.
-    let clocks: Vec<(&str, u64, usize)> = ev
-        .clocks
-        .iter()
-        .filter_map(|(name, c)| {
-            let i = entity.field_index(name)?;
-            changed.contains(i).then_some((name.as_str(), c.hlc, i))
-        })
-        .collect();
+    let clocks = changed_clocks(&ev, entity, changed);
     let mut deliveries: Vec<Delivery> = Vec::new();
     // Targets that receive the same fields with the same own ranks get identical bytes: encode
     // each distinct projection once (`shapes[i]` describes `deliveries[i]`).
@@ -370,6 +361,22 @@ fn try_process(
         observed_at_ms: ev.observed_at_ms,
         dead_letter,
     })
+}
+
+/// The clocks of the `changed` fields of `ev` in name order (the order the copies' maps encode
+/// in), with their field index: shared by every copy of one input.
+fn changed_clocks<'a>(
+    ev: &'a ChangeEvent,
+    entity: &EntityPolicy,
+    changed: FieldSet,
+) -> Vec<(&'a str, u64, usize)> {
+    ev.clocks
+        .iter()
+        .filter_map(|(name, c)| {
+            let i = entity.field_index(name)?;
+            changed.contains(i).then_some((name.as_str(), c.hlc, i))
+        })
+        .collect()
 }
 
 /// One routed copy of an input, encoded straight from the decoded input: the bytes are exactly
@@ -779,14 +786,7 @@ mod tests {
                     fields.insert(i);
                 }
             }
-            let clocks: Vec<(&str, u64, usize)> = ev
-                .clocks
-                .iter()
-                .filter_map(|(name, c)| {
-                    let i = entity.field_index(name)?;
-                    changed.contains(i).then_some((name.as_str(), c.hlc, i))
-                })
-                .collect();
+            let clocks = changed_clocks(&ev, entity, changed);
             let copy = Copy {
                 ev: &ev,
                 entity,
