@@ -248,85 +248,10 @@ impl<A: SystemAdapter> Engine<A> {
             .and_then(|r| r.local_id.clone());
 
         if op == Op::Delete {
-            let Some(rc) = ev.record_clock.as_ref() else {
-                return Err(permanent("missing_clock", "a delete needs record_clock"));
-            };
-            let tomb = rec.as_ref().and_then(|r| r.tombstone.as_ref());
-            let delete = (rc.hlc, rc.system.as_str());
-            if !delete_is_new(tomb.map(|(h, s)| (*h, s.as_str())), delete) {
-                store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
-                tx.commit().await.map_err(StoreError::from)?;
-                return Ok(Processed::Stale);
-            }
-            // Every field drops the writes made before the delete; the greatest later write (if
-            // any) wins, and the record goes only if no field keeps one.
-            let mut buried = Buried::default();
-            let mut shown = Fields::new();
-            for name in store::field_names_of(&mut tx, &ev.entity, &ev.key).await? {
-                let mut held = store::held(&mut tx, &ev.entity, &ev.key, &name).await?;
-                let before = held.clone();
-                let own_rank = store::get_rank(&mut tx, &ev.entity, &name).await?;
-                if held.bury(delete, &self.system, own_rank) {
-                    let value = held.winner.as_ref().and_then(|w| w.value.as_deref());
-                    if value.is_some() || before.winner.as_ref().is_some_and(|w| w.value.is_some())
-                    {
-                        shown.insert(name.clone(), decoded(&desc, &name, value));
-                        buried.shown.push((name.clone(), value.map(<[u8]>::to_vec)));
-                    }
-                }
-                buried.remove_record &= held.winner.is_none();
-                if held != before {
-                    buried.changed.push((name, held));
-                }
-            }
-            let apply = match live_id {
-                Some(local_id) if buried.remove_record => {
-                    Some((local_id, ApplyOp::Delete, Fields::new()))
-                }
-                Some(local_id) if !shown.is_empty() => Some((local_id, ApplyOp::Upsert, shown)),
-                _ => None,
-            };
-            let Some((local_id, apply_op, fields)) = apply else {
-                self.bury(&mut tx, &ev, rc, &buried).await?;
-                tx.commit().await.map_err(StoreError::from)?;
-                return Ok(Processed::Recorded);
-            };
-            tx.commit().await.map_err(StoreError::from)?;
-            let upsert = apply_op == ApplyOp::Upsert;
-            let apply = Apply {
-                entity: ev.entity.clone(),
-                key: ev.key.clone(),
-                local_id: Some(local_id),
-                op: apply_op,
-                fields,
-                event_id: ev.event_id.clone(),
-                origin,
-            };
-            return match self.adapter.apply(&apply).await {
-                Ok(_) => {
-                    let mut tx = self.store.begin().await?;
-                    self.bury(&mut tx, &ev, rc, &buried).await?;
-                    if upsert {
-                        // The system reports the values it now shows back as local changes.
-                        let now = now_ms();
-                        for (name, value) in &buried.shown {
-                            store::expect_echo(
-                                &mut tx,
-                                &ev.entity,
-                                &ev.key,
-                                name,
-                                value.as_deref(),
-                                now,
-                            )
-                            .await?;
-                        }
-                    }
-                    tx.commit().await.map_err(StoreError::from)?;
-                    Ok(Processed::Applied)
-                }
-                Err(AdapterError::Permanent(e)) => Err(permanent("apply_failed", e)),
-                Err(e) => Err(IncomingError::Transient(e.to_string())),
-            };
+            let tombstone = rec.and_then(|r| r.tombstone);
+            return self
+                .incoming_delete(tx, &ev, tombstone, live_id, origin, &desc)
+                .await;
         }
 
         let record = DynamicMessage::decode(desc.clone(), ev.record.as_slice()).map_err(|e| {
@@ -431,21 +356,107 @@ impl<A: SystemAdapter> Engine<A> {
         }
     }
 
-    /// Records an applied (or nothing-to-apply) delete: the tombstone, what each field keeps
-    /// now, the record gone too unless later writes keep it; the event seen.
+    /// A routed delete: every field drops the writes made before it and the greatest later
+    /// write (if any) wins; the record goes only if no field keeps one. Applies that to the
+    /// system (a delete of the record, or the fields' new values), then records it.
+    async fn incoming_delete(
+        &mut self,
+        mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        ev: &ChangeEvent,
+        tombstone: Option<(u64, String)>,
+        live_id: Option<String>,
+        origin: String,
+        desc: &MessageDescriptor,
+    ) -> Result<Processed, IncomingError> {
+        let Some(rc) = ev.record_clock.as_ref() else {
+            return Err(permanent("missing_clock", "a delete needs record_clock"));
+        };
+        let delete = (rc.hlc, rc.system.as_str());
+        if !delete_is_new(tombstone.as_ref().map(|(h, s)| (*h, s.as_str())), delete) {
+            store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
+            tx.commit().await.map_err(StoreError::from)?;
+            return Ok(Processed::Stale);
+        }
+        let mut buried = Buried::default();
+        for name in store::field_names_of(&mut tx, &ev.entity, &ev.key).await? {
+            let mut held = store::held(&mut tx, &ev.entity, &ev.key, &name).await?;
+            let before = held.clone();
+            let own_rank = store::get_rank(&mut tx, &ev.entity, &name).await?;
+            if held.bury(delete, &self.system, own_rank) {
+                let value = held.winner.as_ref().and_then(|w| w.value.clone());
+                if value.is_some() || before.winner.as_ref().is_some_and(|w| w.value.is_some()) {
+                    buried.shown.push((name.clone(), value));
+                }
+            }
+            buried.remove_record &= held.winner.is_none();
+            if held != before {
+                buried.changed.push((name, held));
+            }
+        }
+        let (local_id, op) = match live_id {
+            Some(id) if buried.remove_record => (id, ApplyOp::Delete),
+            Some(id) if !buried.shown.is_empty() => (id, ApplyOp::Upsert),
+            _ => {
+                self.bury(&mut tx, ev, rc, &buried, false).await?;
+                tx.commit().await.map_err(StoreError::from)?;
+                return Ok(Processed::Recorded);
+            }
+        };
+        tx.commit().await.map_err(StoreError::from)?;
+        let upsert = op == ApplyOp::Upsert;
+        let fields = if upsert {
+            buried
+                .shown
+                .iter()
+                .map(|(name, value)| (name.clone(), decoded(desc, name, value.as_deref())))
+                .collect()
+        } else {
+            Fields::new()
+        };
+        let apply = Apply {
+            entity: ev.entity.clone(),
+            key: ev.key.clone(),
+            local_id: Some(local_id),
+            op,
+            fields,
+            event_id: ev.event_id.clone(),
+            origin,
+        };
+        match self.adapter.apply(&apply).await {
+            Ok(_) => {
+                let mut tx = self.store.begin().await?;
+                self.bury(&mut tx, ev, rc, &buried, upsert).await?;
+                tx.commit().await.map_err(StoreError::from)?;
+                Ok(Processed::Applied)
+            }
+            Err(AdapterError::Permanent(e)) => Err(permanent("apply_failed", e)),
+            Err(e) => Err(IncomingError::Transient(e.to_string())),
+        }
+    }
+
+    /// Records a delete: the tombstone, what each field keeps now, the record gone too unless
+    /// later writes keep it, and the event seen. With `echoes`, the values the system now shows
+    /// (it was sent them) are expected back as its local changes.
     async fn bury(
         &self,
         tx: &mut SqliteConnection,
         ev: &ChangeEvent,
         rc: &FieldClock,
         buried: &Buried,
+        echoes: bool,
     ) -> Result<(), StoreError> {
         let stamp = (rc.hlc, rc.system.as_str());
         store::set_tombstone(tx, &ev.entity, &ev.key, stamp, buried.remove_record).await?;
         for (name, held) in &buried.changed {
             store::keep(tx, &ev.entity, &ev.key, name, held).await?;
         }
-        store::mark_seen(tx, &ev.event_id, now_ms()).await
+        let now = now_ms();
+        if echoes {
+            for (name, value) in &buried.shown {
+                store::expect_echo(tx, &ev.entity, &ev.key, name, value.as_deref(), now).await?;
+            }
+        }
+        store::mark_seen(tx, &ev.event_id, now).await
     }
 
     /// Turns a batch of local changes (or snapshot items, published as `OP_SNAPSHOT`) into
