@@ -290,9 +290,7 @@ impl<A: SystemAdapter> Engine<A> {
             };
             // A losing write may still be kept below the winner (a delete can bring it back).
             let won = held.receive(new.clone(), &self.system, own_rank);
-            if held != old {
-                store::keep(&mut tx, &ev.entity, &ev.key, name, &held).await?;
-            }
+            store::keep(&mut tx, &ev.entity, &ev.key, name, &held, Some(&old)).await?;
             if won {
                 let value = record
                     .has_field(&fd)
@@ -346,7 +344,7 @@ impl<A: SystemAdapter> Engine<A> {
                 // The system refused it: hold what it holds again.
                 let mut tx = self.store.begin().await?;
                 for w in &winners {
-                    store::keep(&mut tx, &ev.entity, &ev.key, &w.name, &w.old).await?;
+                    store::keep(&mut tx, &ev.entity, &ev.key, &w.name, &w.old, None).await?;
                 }
                 tx.commit().await.map_err(StoreError::from)?;
                 Err(permanent("apply_failed", e))
@@ -448,7 +446,7 @@ impl<A: SystemAdapter> Engine<A> {
         let stamp = (rc.hlc, rc.system.as_str());
         store::set_tombstone(tx, &ev.entity, &ev.key, stamp, buried.remove_record).await?;
         for (name, held) in &buried.changed {
-            store::keep(tx, &ev.entity, &ev.key, name, held).await?;
+            store::keep(tx, &ev.entity, &ev.key, name, held, None).await?;
         }
         let now = now_ms();
         if echoes {
@@ -665,7 +663,7 @@ impl<A: SystemAdapter> Engine<A> {
                     // A local write is the newest: nothing below it can come back.
                     let mut held = Held::default();
                     held.local(state);
-                    store::keep(c, entity, &key, name, &held).await?;
+                    store::keep(c, entity, &key, name, &held, None).await?;
                     store::clear_echoes(c, entity, &key, name).await?;
                     if let Some(v) = value {
                         // Checked by `single` above.

@@ -444,18 +444,25 @@ pub(crate) async fn held(
 }
 
 /// Stores what the replica keeps of one field (winner and shadows), replacing what it held.
+/// With `before` (what it held, as read), only the parts that changed are written.
 pub(crate) async fn keep(
     c: &mut SqliteConnection,
     entity: &str,
     key: &str,
     field: &str,
     held: &Held,
+    before: Option<&Held>,
 ) -> Result<(), StoreError> {
-    match &held.winner {
-        Some(w) => put_field(c, entity, key, field, w).await?,
-        None => delete_field(c, entity, key, field).await?,
+    if before.is_none_or(|b| b.winner != held.winner) {
+        match &held.winner {
+            Some(w) => put_field(c, entity, key, field, w).await?,
+            None => delete_field(c, entity, key, field).await?,
+        }
     }
-    set_shadows(c, entity, key, field, &held.shadows).await
+    if before.is_none_or(|b| b.shadows != held.shadows) {
+        set_shadows(c, entity, key, field, &held.shadows).await?;
+    }
+    Ok(())
 }
 
 /// Replaces the shadows of one field.
