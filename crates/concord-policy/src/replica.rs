@@ -70,10 +70,7 @@ pub fn incoming_wins(
     let Some(s) = stored else {
         return true;
     };
-    let mut held = s.stamp.clone();
-    if held.system == self_system {
-        held.rank = self_rank;
-    }
+    let held = effective_stamp(s, self_system, self_rank);
     *incoming > held || (*incoming == held && s.pending)
 }
 
