@@ -14,7 +14,7 @@ use crate::clock::physical_ms;
 use crate::decide::Rejection;
 use crate::model::{EntityPolicy, Policy};
 use crate::sets::{FieldSet, SystemId};
-use crate::wire::{self, WireFields};
+use crate::wire::{self, WireFields, read_varint};
 
 /// Limits the router enforces on every input.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -576,19 +576,6 @@ fn split(record: &DynamicMessage, entity: &EntityPolicy, accepted: FieldSet) -> 
         parts.push((index, start..pos));
     }
     Some(WireFields { bytes, parts })
-}
-
-fn read_varint(bytes: &[u8], pos: &mut usize) -> Option<u64> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let b = *bytes.get(*pos)?;
-        *pos += 1;
-        value |= u64::from(b & 0x7f) << shift;
-        if b < 0x80 {
-            return Some(value);
-        }
-    }
-    None
 }
 
 fn check_skew(clock: &FieldClock, limit_ms: u64, what: &str) -> Result<(), DeadLetter> {

@@ -551,7 +551,7 @@ fn read_len(bytes: &[u8], pos: &mut usize) -> Option<Range<usize>> {
 /// Reads a varint in its shortest form, the only form the encoder writes: `None` for an
 /// over-long encoding (a last byte of zero after the first), more than 64 bits or truncated
 /// input.
-fn read_varint(bytes: &[u8], pos: &mut usize) -> Option<u64> {
+pub(crate) fn read_varint(bytes: &[u8], pos: &mut usize) -> Option<u64> {
     let mut value = 0u64;
     for i in 0..10 {
         let b = *bytes.get(*pos)?;
