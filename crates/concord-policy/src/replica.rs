@@ -22,15 +22,15 @@
 //!   for the field (0 for a non-owner), so the owner's write wins whatever the clocks say. The
 //!   adapter needs no copy of the policy for this: the router tells each receiver its rank.
 //! - **Delivery**: for each field of the mask, [`crate::Hlc::observe`] its clock, remember the
-//!   rank from `receiver_ranks` (absent = 0), unless [`buried`] hand the write (value encoded
+//!   rank from `receiver_ranks` (absent = 0), unless [`predates`] hand the write (value encoded
 //!   with [`crate::route::encode_field`], the incoming stamp, `pending: true`) to the field's
 //!   [`Held`]: if it wins ([`incoming_wins`]) it becomes the stored value; apply the
 //!   winners to the system, clear `pending`, then acknowledge. A crash in between leaves the
 //!   fields pending, so the redelivered message is applied again.
 //! - **Deletes** order against field writes by their clocks alone (`(hlc, system)`, ranks play no
 //!   part): a record exists as long as one of its fields was written after its last delete.
-//!   A field write not newer than the tombstone is [`buried`] and ignored; a delete that is
-//!   [`delete_is_new`] makes every field drop the writes made before it ([`Held::bury`]): the
+//!   A field write not newer than the tombstone is [`predates`] and ignored; a delete that is
+//!   [`delete_is_new`] makes every field drop the writes made before it ([`Held::apply_delete`]): the
 //!   greatest write made after it wins, and the record goes only if no field has one left. For
 //!   that a replica keeps, per field, the winner and the latest later write of each lower rank
 //!   ([`Held`]; only `priority` fields have any). A local delete clears every stored field (its
@@ -44,6 +44,14 @@
 //!   values they applied themselves.
 
 use crate::clock::Stamp;
+
+mod record;
+
+pub use record::{
+    ApplyOp, ApplyPlan, CopyError, DecodedCopy, DeleteStamp, Echo, Echoes, Incoming, IncomingField,
+    IncomingStep, LocalEdit, LocalOp, LocalStep, Publish, PublishedField, Ranks, RecordState,
+    Replica, Value, change_event, decode_copy,
+};
 
 /// What a replica holds for one field of one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,9 +116,9 @@ pub fn classify_local(
 }
 
 /// Whether a field write stamped `(hlc, system)` is not newer than the record's delete
-/// `tombstone`: it was made before the delete and must be ignored.
-pub fn buried(hlc: u64, system: &str, tombstone: Option<(u64, &str)>) -> bool {
-    tombstone.is_some_and(|t| (hlc, system) <= t)
+/// (its tombstone): it was made before the delete and must be ignored.
+pub fn predates(hlc: u64, system: &str, delete: Option<(u64, &str)>) -> bool {
+    delete.is_some_and(|t| (hlc, system) <= t)
 }
 
 /// Whether a delete stamped `delete` (its record clock, `(hlc, system)`) is newer than the
@@ -134,7 +142,7 @@ pub struct Held {
 }
 
 impl Held {
-    /// A routed write that is not [`buried`]; returns whether it became the winner (then it is
+    /// A routed write that is not [`predates`]; returns whether it became the winner (then it is
     /// stored with `incoming.pending`, to be applied).
     pub fn receive(&mut self, incoming: FieldState, self_system: &str, self_rank: u32) -> bool {
         let won = incoming_wins(
@@ -170,14 +178,14 @@ impl Held {
     /// A delete stamped `delete`: every write made before it goes, and the greatest write made
     /// after it (if any) wins. Returns whether the winner changed (to apply to the system; a
     /// write brought back from the shadows is not pending: the caller marks it if it needs to).
-    pub fn bury(&mut self, delete: (u64, &str), self_system: &str, self_rank: u32) -> bool {
+    pub fn apply_delete(&mut self, delete: (u64, &str), self_system: &str, self_rank: u32) -> bool {
         let before = self.winner.clone();
         let mut left: Vec<FieldState> = self
             .winner
             .take()
             .into_iter()
             .chain(self.shadows.drain(..))
-            .filter(|w| !buried(w.stamp.hlc, &w.stamp.system, Some(delete)))
+            .filter(|w| !predates(w.stamp.hlc, &w.stamp.system, Some(delete)))
             .map(|w| effective(w, self_system, self_rank))
             .collect();
         left.sort_by(|a, b| b.stamp.cmp(&a.stamp));
@@ -266,7 +274,7 @@ mod tests {
                     hlc,
                     system,
                 } => {
-                    if buried(*hlc, system, tomb) {
+                    if predates(*hlc, system, tomb) {
                         return;
                     }
                     let incoming = FieldState {
@@ -284,7 +292,7 @@ mod tests {
                         return;
                     }
                     for held in self.fields.values_mut() {
-                        held.bury((*hlc, system), "replica", 0);
+                        held.apply_delete((*hlc, system), "replica", 0);
                     }
                     self.tombstone = Some((*hlc, system.clone()));
                 }
@@ -326,7 +334,7 @@ mod tests {
             else {
                 continue;
             };
-            if buried(*hlc, system, newest_delete) {
+            if predates(*hlc, system, newest_delete) {
                 continue;
             }
             let stamp = Stamp::new(*rank, *hlc, system.clone());
@@ -412,11 +420,11 @@ mod tests {
         assert!(!held.receive(st("delivery's", 1, 5, "delivery"), "orders", 0));
         assert_eq!(held.shadows.len(), 1);
         // A delete at 4 clears support's value; delivery's, made after it, now wins.
-        assert!(held.bury((4, "orders"), "orders", 0));
+        assert!(held.apply_delete((4, "orders"), "orders", 0));
         assert_eq!(held.winner, Some(st("delivery's", 1, 5, "delivery")));
         assert!(held.shadows.is_empty());
         // A delete at 6 clears everything.
-        assert!(held.bury((6, "orders"), "orders", 0));
+        assert!(held.apply_delete((6, "orders"), "orders", 0));
         assert_eq!(held, Held::default());
         // An older lower-priority write is never kept: the winner beats it whatever a delete
         // leaves.
@@ -427,9 +435,9 @@ mod tests {
         assert!(delete_is_new(None, (1, "a")));
         assert!(delete_is_new(Some((1, "a")), (1, "b")));
         assert!(!delete_is_new(Some((1, "b")), (1, "b")));
-        assert!(buried(4, "a", Some((4, "a"))));
-        assert!(!buried(4, "b", Some((4, "a"))));
-        assert!(!buried(9, "a", None));
+        assert!(predates(4, "a", Some((4, "a"))));
+        assert!(!predates(4, "b", Some((4, "a"))));
+        assert!(!predates(9, "a", None));
     }
 
     #[test]

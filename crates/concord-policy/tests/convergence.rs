@@ -1,47 +1,45 @@
 //! Deterministic convergence simulation.
 //!
-//! N simulated systems each run the adapter logic of the pure core on their own replica
-//! (`replica::classify_local` for local writes, `replica::incoming_wins` for deliveries,
-//! `clock::Hlc` for stamps, `route::encode_field` for stored values) and the real
-//! `route::process` routes between them. A seeded simulated broker delays, reorders and
-//! duplicates messages on both legs (adapter → router and router → inbox), adapters crash between
-//! recording a change as pending and applying it, and every system's wall clock has its own
-//! offset and drift.
+//! N simulated systems each run the adapter rules of the pure core — the very state machine the
+//! adapter SDK's engine runs, `replica::Replica`, over one `RecordState` per record and the
+//! `Ranks` the router tells it — and the real `route::process` routes between them. A seeded
+//! simulated broker delays, reorders and duplicates messages on both legs (adapter → router and
+//! router → inbox), adapters crash between recording a change and applying it, and every
+//! system's wall clock has its own offset and drift.
 //!
-//! The adapter model (what a real adapter must do, see the `replica` module docs):
-//! - A local change of a field is classified against the replica. `Unchanged` publishes
-//!   nothing. `Overruled` publishes nothing and writes the stored value back to the system.
-//!   `Publish` fields of one change are stamped with one `Hlc::tick` and published as one event;
-//!   the replica stores them all, like the real adapter, which does not know the policy. A
-//!   non-owner's write is rejected by the router; the system keeps its local value until the
-//!   next owner write arrives and wins (owners' writes carry rank >= 1, the replica ranks its own
-//!   write 0). Once it holds an owner's value, a non-owner's edit is `Overruled` (written back).
-//! - On receipt: observe every clock into the HLC, learn the own merge rank from
-//!   `receiver_ranks`, record winning fields as pending, apply them to the system, clear pending,
-//!   ack. Applying a value makes the system report it as a local change (the echo), through the
-//!   same code path as user edits.
+//! The simulation plays only what the engine's shell does around the machine: it keeps the
+//! states (persisting a step's state before the apply when the step says so, and restoring it
+//! when a crash loses an unrecorded step), builds envelopes with `replica::change_event`,
+//! decodes routed copies with `replica::decode_copy`, and plays each system with its data and
+//! its change feed. Feeds come in four kinds (one per schedule, in turn):
+//! - `Values`: every write, the adapter's own included, is reported at once without a version;
+//!   the adapter recognises its echoes by value;
+//! - `Versions`: every write is reported with the record's version, in order but late (a CDC
+//!   log read behind the writes), so a user's edit can be reported after an apply overwrote it;
+//! - `Polled`: a poller that reads the record's current values and version, coalescing every
+//!   change since its last look (it may never see a value the adapter wrote);
+//! - `NotReported`: the adapter's own writes are never reported; a user's change is reported
+//!   late, and the values are read when it is reported (as capture triggers that skip the
+//!   adapter's transactions, read by a poller).
 //!
-//! The invariant checked once the broker is quiet, after a final round in which every owner
-//! of every declared field writes a fresh value for every key:
+//! Deletes by a user are reported at once, after every change the feed still held.
+//!
+//! The invariant checked once the broker and every feed are quiet, after a final round in which
+//! every owner of every declared field writes a fresh value for every key:
 //! - every system holds, for every field it can see, the value and (hlc, system) stamp of the
 //!   greatest accepted write (ordered by policy rank, hlc, system; i.e. the owner's latest write
 //!   for single-owner fields, the greatest stamp for lww fields, the highest-priority owner's
-//!   latest write for priority fields) and the system's own copy equals it; stamps written by
+//!   latest write for priority fields) and the system's own data equals it; stamps written by
 //!   other systems carry the policy's rank; nothing is left pending;
-//! - no replica holds a field its system cannot see;
-//! - no echo amplification: applying a routed change never publishes, the number of router
-//!   inputs equals the number of published local changes (broker duplicates counted apart), no
-//!   event is published after the last local edit, and each input yields at most one delivery
-//!   per other system.
+//! - no replica holds another system's value of a field it cannot see;
+//! - no echo amplification: a report made only of the adapter's own writes never publishes,
+//!   the number of router inputs equals the number of published changes (broker duplicates
+//!   counted apart), and each input yields at most one delivery per other system.
 //!
-//! With deletes (`delete_per_mille`), systems allowed to delete records also delete them: the
-//! deleter's replica forgets the record's fields and records the tombstone; a replica receiving
-//! the delete applies `replica::Held::bury` to every field (dropping the writes made before it;
-//! the system shows the greatest later write, or the field cleared, and its report of that must
-//! classify as unchanged) and ignores field writes `replica::buried` under its tombstone.
-//! Replicas keep `Held` shadows for every field. Those schedules skip the final round, so
-//! records stay deleted or partly cleared, and the check expects, per field, the greatest
-//! accepted write made after the record's newest delete (or nothing).
+//! With deletes (`delete_per_mille`), systems allowed to delete records also delete them.
+//! Those schedules skip the final round, so records stay deleted or partly cleared, and the
+//! check expects, per field, the greatest accepted write made after the record's newest delete
+//! (or nothing).
 //!
 //! In the runaway case one system's clock is beyond the router's `clock_skew_ms`: all its events
 //! are dead-lettered (`clock_skew`), its writes reach no other system, and every other system
@@ -52,21 +50,40 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::OnceLock;
 
 use common::*;
 use concord_policy::clock::Hlc;
 use concord_policy::replica::{
-    FieldState, Held, LocalWrite, buried, classify_local, delete_is_new, incoming_wins,
+    ApplyOp, ApplyPlan, Echoes, FieldState, IncomingStep, LocalEdit, LocalOp, LocalWrite, Ranks,
+    RecordState, Replica, change_event, classify_local, decode_copy, incoming_wins, predates,
 };
 use concord_policy::route::{self, DeadLetterReason, Input, Outcome, RouterSettings};
 use concord_policy::{EntityPolicy, FieldSet, Policy, Stamp};
-use concord_proto::v1::{ChangeEvent, FieldClock};
+use concord_proto::v1::ChangeEvent;
 use prost::Message;
 use prost_reflect::DynamicMessage;
 
 const KEYS: [&str; 2] = ["c-1", "c-2"];
 const START_MS: u64 = NOW_MS;
+const ECHO_WINDOW_MS: u64 = 3_600_000;
+
+/// How a system's change feed reports changes (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    Values,
+    Versions,
+    Polled,
+    NotReported,
+}
+
+const FEEDS: [Feed; 4] = [
+    Feed::Values,
+    Feed::Versions,
+    Feed::Polled,
+    Feed::NotReported,
+];
 
 #[derive(Debug, Clone, Copy)]
 struct Config {
@@ -74,7 +91,7 @@ struct Config {
     edits: usize,
     /// Probability (per mille) that the broker delivers a message twice.
     dup_per_mille: u64,
-    /// Probability (per mille) that an adapter crashes after recording pending changes.
+    /// Probability (per mille) that an adapter crashes after recording a change, before applying.
     crash_per_mille: u64,
     /// Largest wall-clock offset of a system, in ms (either direction).
     max_offset_ms: i64,
@@ -90,6 +107,8 @@ struct Config {
     /// deleted record). Without it, the check also covers records left deleted or partly
     /// cleared by deletes.
     final_round: bool,
+    /// The feed of every system; `None`: each schedule takes the next of [`FEEDS`].
+    feed: Option<Feed>,
 }
 
 impl Default for Config {
@@ -104,6 +123,7 @@ impl Default for Config {
             ignore_receiver_ranks: false,
             delete_per_mille: 0,
             final_round: true,
+            feed: None,
         }
     }
 }
@@ -112,13 +132,11 @@ impl Default for Config {
 struct Stats {
     /// Local changes that published an event.
     published: u64,
-    /// Of those, changes reported while applying a routed change (echoes): must stay 0.
+    /// Of those, reports made only of the adapter's own writes (echoes): must stay 0.
     published_by_echo: u64,
     /// Events the router processed, not counting broker duplicates.
     router_inputs: u64,
     router_duplicates: u64,
-    /// Events published after the last local edit (by applying routed changes).
-    published_after_quiet: u64,
     dead_letters: u64,
     deliveries: u64,
     delivery_duplicates: u64,
@@ -129,6 +147,25 @@ struct Stats {
     deletes: u64,
     /// Fields whose value a delivered delete changed (cleared, or a later write brought back).
     cleared: u64,
+    /// Reported fields recognised as echoes of the adapter's own writes.
+    echoes: u64,
+    /// Reported fields an apply had replaced before the feed reported them.
+    superseded: u64,
+}
+
+/// A change the feed has not reported yet.
+#[derive(Debug, Clone)]
+struct Report {
+    key: usize,
+    /// The written fields and their values (for `NotReported`, the values are read when the
+    /// change is reported).
+    fields: Vec<(&'static str, Option<Vec<u8>>)>,
+    /// The record's version after the write.
+    version: u64,
+    /// Written by the adapter (an apply), not by a user.
+    own: bool,
+    /// The record was deleted.
+    delete: bool,
 }
 
 /// One adapter and the system behind it.
@@ -139,44 +176,80 @@ struct Node {
     sees: FieldSet,
     /// May delete records.
     deletes: bool,
-    hlc: Hlc,
+    feed: Feed,
+    /// The adapter rules (and the system's clock).
+    replica: Replica,
     offset_ms: i64,
     drift_ppm: i64,
-    /// The adapter's replica: per (key, field), value and stamp.
-    replica: BTreeMap<(usize, &'static str), FieldState>,
+    /// The adapter's state per record.
+    records: BTreeMap<usize, RecordState>,
+    ranks: Ranks,
     /// The system's own data: per (key, field), the encoded value (absent = never set).
     data: BTreeMap<(usize, &'static str), Option<Vec<u8>>>,
-    /// Merge ranks learned from `receiver_ranks`.
-    ranks: BTreeMap<&'static str, u32>,
-    /// Per key, the newest delete the replica has seen: `(hlc, system)`.
-    tombstones: BTreeMap<usize, (u64, String)>,
-    /// The replica's shadows per (key, field) (see `replica::Held`).
-    shadows: BTreeMap<(usize, &'static str), Vec<FieldState>>,
+    /// The records that exist in the system.
+    exists: BTreeSet<usize>,
+    /// Per record, its version in the system (bumped by every write).
+    versions: BTreeMap<usize, u64>,
+    /// Changes not reported yet, oldest first.
+    pending: VecDeque<Report>,
 }
 
 impl Node {
-    /// What the replica keeps of one field.
-    fn held(&self, key: usize, f: &'static str) -> Held {
-        Held {
-            winner: self.replica.get(&(key, f)).cloned(),
-            shadows: self.shadows.get(&(key, f)).cloned().unwrap_or_default(),
-        }
+    fn state(&mut self, key: usize) -> &mut RecordState {
+        self.records.entry(key).or_default()
     }
 
-    fn keep(&mut self, key: usize, f: &'static str, held: Held) {
-        match held.winner {
-            Some(w) => self.replica.insert((key, f), w),
-            None => self.replica.remove(&(key, f)),
-        };
-        if held.shadows.is_empty() {
-            self.shadows.remove(&(key, f));
-        } else {
-            self.shadows.insert((key, f), held.shadows);
-        }
+    fn held(&self, key: usize, f: &str) -> Option<&FieldState> {
+        self.records
+            .get(&key)
+            .and_then(|r| r.fields.get(f))
+            .and_then(|h| h.winner.as_ref())
     }
 
-    fn rank(&self, f: &str) -> u32 {
-        self.ranks.get(f).copied().unwrap_or(0)
+    /// Writes `values` to record `key` of the system; returns the record's new version.
+    fn write(&mut self, key: usize, values: &[(&'static str, Option<Vec<u8>>)], own: bool) -> u64 {
+        for (f, v) in values {
+            self.data.insert((key, f), v.clone());
+        }
+        self.exists.insert(key);
+        let version = self.versions.entry(key).or_default();
+        *version += 1;
+        let version = *version;
+        if !(own && self.feed == Feed::NotReported) {
+            self.pending.push_back(Report {
+                key,
+                fields: values.to_vec(),
+                version,
+                own,
+                delete: false,
+            });
+        }
+        version
+    }
+
+    /// Deletes record `key` in the system; returns the record's new version. The feed reports
+    /// an apply's delete like any other write (a user's delete is reported at once, by
+    /// [`Sim::user_delete`]).
+    fn erase(&mut self, key: usize, own: bool) -> u64 {
+        for ((k, _), value) in self.data.iter_mut() {
+            if *k == key {
+                *value = None;
+            }
+        }
+        self.exists.remove(&key);
+        let version = self.versions.entry(key).or_default();
+        *version += 1;
+        let version = *version;
+        if own && self.feed != Feed::NotReported {
+            self.pending.push_back(Report {
+                key,
+                fields: Vec::new(),
+                version,
+                own,
+                delete: true,
+            });
+        }
+        version
     }
 }
 
@@ -223,12 +296,24 @@ struct Sim<'p> {
     tag: u64,
     event_seq: u128,
     runaway: Option<usize>,
-    quiet: bool,
     stats: Stats,
 }
 
+/// The Customer's field names, in field-number order.
+fn customer_fields() -> &'static [&'static str] {
+    static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
+    NAMES.get_or_init(|| {
+        let mut fields: Vec<_> = customer().fields().collect();
+        fields.sort_by_key(|f| f.number());
+        fields
+            .iter()
+            .map(|f| &*Box::leak(f.name().to_owned().into_boxed_str()))
+            .collect()
+    })
+}
+
 fn field_of(name: &str) -> &'static str {
-    CUSTOMER_FIELDS
+    customer_fields()
         .iter()
         .copied()
         .find(|f| *f == name)
@@ -240,6 +325,13 @@ impl<'p> Sim<'p> {
         let entity = policy.entity("customer").unwrap();
         let settings = RouterSettings::default();
         let mut rng = Rng::new(seed);
+        let feed = cfg
+            .feed
+            .unwrap_or(FEEDS[(seed % FEEDS.len() as u64) as usize]);
+        let echoes = match feed {
+            Feed::NotReported => Echoes::NotReported,
+            _ => Echoes::Reported,
+        };
         let nodes: Vec<Node> = policy
             .system_ids()
             .map(|id| Node {
@@ -248,14 +340,16 @@ impl<'p> Sim<'p> {
                 owns: entity.owned_by(id),
                 sees: entity.visible_to(id),
                 deletes: entity.delete.contains(id),
-                hlc: Hlc::default(),
+                feed,
+                replica: Replica::new(policy.system_name(id), echoes, ECHO_WINDOW_MS, 0),
                 offset_ms: rng.range_i64(-cfg.max_offset_ms, cfg.max_offset_ms),
                 drift_ppm: rng.range_i64(-cfg.max_drift_ppm, cfg.max_drift_ppm),
-                replica: BTreeMap::new(),
+                records: BTreeMap::new(),
+                ranks: Ranks::new(),
                 data: BTreeMap::new(),
-                ranks: BTreeMap::new(),
-                tombstones: BTreeMap::new(),
-                shadows: BTreeMap::new(),
+                exists: BTreeSet::new(),
+                versions: BTreeMap::new(),
+                pending: VecDeque::new(),
             })
             .collect();
         let mut sim = Sim {
@@ -274,7 +368,6 @@ impl<'p> Sim<'p> {
             tag: 0,
             event_seq: 0,
             runaway: None,
-            quiet: false,
             stats: Stats::default(),
         };
         if cfg.runaway {
@@ -317,164 +410,247 @@ impl<'p> Sim<'p> {
         route::encode_field(&rec, &field(f))
     }
 
-    /// The system `node` reports that fields of record `key` now hold `values`: the adapter's
-    /// local-change path. Returns whether an event was published.
+    fn next_event_id(&mut self) -> String {
+        self.event_seq += 1;
+        uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | self.event_seq)
+            .to_string()
+    }
+
+    /// The feed of `node` reports its oldest pending change (a `Polled` feed: everything
+    /// pending for that record, coalesced, with the current values and version). Returns
+    /// whether there was one.
+    fn report_one(&mut self, node: usize) -> Result<bool, String> {
+        let n = &mut self.nodes[node];
+        let Some(first) = n.pending.pop_front() else {
+            return Ok(false);
+        };
+        let key = first.key;
+        let mut reports = vec![first];
+        if matches!(n.feed, Feed::Polled | Feed::NotReported) {
+            let (same, rest): (VecDeque<Report>, VecDeque<Report>) =
+                n.pending.drain(..).partition(|r| r.key == key);
+            n.pending = rest;
+            reports.extend(same);
+        }
+        let own = reports.iter().all(|r| r.own);
+        let (fields, version, delete) = match n.feed {
+            Feed::Values | Feed::Versions => (
+                reports[0].fields.clone(),
+                reports[0].version,
+                reports[0].delete,
+            ),
+            Feed::Polled | Feed::NotReported => {
+                let mut names: Vec<&'static str> = reports
+                    .iter()
+                    .flat_map(|r| r.fields.iter().map(|(f, _)| *f))
+                    .collect();
+                names.sort_unstable();
+                names.dedup();
+                let now: Vec<_> = names
+                    .into_iter()
+                    .map(|f| (f, n.data.get(&(key, f)).cloned().flatten()))
+                    .collect();
+                // A poller that finds the record gone reports a delete.
+                let gone = !n.exists.contains(&key);
+                (now, n.versions.get(&key).copied().unwrap_or(0), gone)
+            }
+        };
+        let version = matches!(n.feed, Feed::Versions | Feed::Polled).then_some(version);
+        if delete {
+            self.reported_delete(node, key, version, own)?;
+        } else {
+            self.local_change(node, key, fields, version, own)?;
+        }
+        Ok(true)
+    }
+
+    /// The adapter of `node` processes a change of record `key` its feed reported: `values`,
+    /// with the record's `version` if the feed reports one; `own` when the report holds only
+    /// the adapter's own writes. Returns whether an event was published.
     fn local_change(
         &mut self,
         node: usize,
         key: usize,
         values: Vec<(&'static str, Option<Vec<u8>>)>,
-        echo: bool,
+        version: Option<u64>,
+        own: bool,
     ) -> Result<bool, String> {
-        let mut publish = Vec::new();
-        for (f, value) in values {
-            let n = &mut self.nodes[node];
-            n.data.insert((key, f), value.clone());
-            let own_rank = n.ranks.get(f).copied().unwrap_or(0);
-            let stored = n.replica.get(&(key, f));
-            let class = classify_local(stored, value.as_deref(), &n.name, own_rank);
-            let back = stored.and_then(|s| s.value.clone());
-            match class {
-                LocalWrite::Unchanged => {}
-                LocalWrite::Overruled => {
-                    if echo {
-                        return Err(format!("{}: echo of {f} classified as overruled", n.name));
-                    }
-                    self.stats.overruled += 1;
-                    // Write the winning value back; the system reports it again (an echo).
-                    self.local_change(node, key, vec![(f, back)], true)?;
-                }
-                LocalWrite::Publish => {
-                    if echo {
-                        return Err(format!(
-                            "{}: echo of {f} would publish",
-                            self.nodes[node].name
-                        ));
-                    }
-                    publish.push((f, value, own_rank));
-                }
-            }
-        }
-        if publish.is_empty() {
-            return Ok(false);
-        }
         let wall = self.wall(node);
+        let edit = LocalEdit {
+            op: LocalOp::Upsert,
+            local_id: KEYS[key].to_owned(),
+            fields: values
+                .iter()
+                .map(|(f, v)| ((*f).to_owned(), v.clone()))
+                .collect(),
+            version,
+            snapshot: false,
+        };
         let n = &mut self.nodes[node];
-        let hlc = n.hlc.tick(wall);
-        let mut record = DynamicMessage::new(customer());
-        let mut ev = new_event(
-            self.event_seq,
+        let mut state = n.records.remove(&key).unwrap_or_default();
+        let step = n.replica.local(&mut state, &n.ranks, &edit, wall);
+        n.records.insert(key, state);
+        self.stats.echoes += u64::from(step.echoes);
+        self.stats.superseded += u64::from(step.superseded);
+        if let Some(plan) = &step.write_back {
+            if own {
+                return Err(format!(
+                    "{}: the report of its own write is overruled",
+                    n.name
+                ));
+            }
+            self.stats.overruled += u64::from(step.overruled);
+            // Write the winning values back, as the engine does after committing the step.
+            self.apply(node, key, plan)?;
+        }
+        let Some(publish) = step.publish else {
+            return Ok(false);
+        };
+        if own {
+            self.stats.published_by_echo += 1;
+        }
+        let event_id = self.next_event_id();
+        let n = &self.nodes[node];
+        let ev = change_event(
             &n.name,
-            key,
-            concord_proto::v1::Op::Upsert,
+            "customer",
+            KEYS[key],
+            &customer(),
+            &publish,
+            event_id,
             wall,
         );
-        self.event_seq += 1;
-        let mut fields = Vec::new();
-        for (f, value, own_rank) in publish {
-            if let Some(bytes) = &value {
-                let fd = field(f);
-                let v = route::decode_field(&customer(), &fd, bytes).ok_or("undecodable value")?;
-                record.set_field(&fd, v);
-            }
-            ev.field_mask.push(f.to_owned());
-            ev.clocks.insert(
-                f.to_owned(),
-                FieldClock {
-                    hlc,
-                    system: n.name.clone(),
-                    rank: own_rank,
-                },
-            );
-            // Like the real adapter, every published local write is stored, also one the router
-            // will reject: the adapter does not know the policy. Owners' writes carry a rank of
-            // at least 1 and the replica ranks its own writes with its own rank (0 for a field it
-            // does not own), so the next owner write still replaces the rejected value.
-            let mut held = n.held(key, f);
-            held.local(FieldState {
-                value: value.clone(),
-                stamp: Stamp::new(own_rank, hlc, n.name.clone()),
-                pending: false,
-            });
-            n.keep(key, f, held);
-            fields.push((f, value));
-        }
-        ev.record = record.encode_to_vec();
+        let fields = publish
+            .fields
+            .iter()
+            .map(|f| (field_of(&f.name), f.value.clone()))
+            .collect();
         self.ingress.push(Ingress {
             source: node,
             key,
             body: ev.encode_to_vec(),
-            hlc,
+            hlc: publish.hlc,
             fields,
             delete: false,
             duplicate: false,
         });
         self.stats.published += 1;
-        if self.quiet {
-            self.stats.published_after_quiet += 1;
-        }
-        if echo {
-            self.stats.published_by_echo += 1;
-        }
         Ok(true)
     }
 
-    /// A user of `node` deletes record `key`: the adapter's local delete path. The system
-    /// drops the record; the replica forgets every field (all written before this delete) and
-    /// records the tombstone; the delete is published with its record clock.
-    fn local_delete(&mut self, node: usize, key: usize) {
+    /// Makes `plan` happen in the system of `node` and tells the machine (the engine's apply and
+    /// its record step).
+    fn apply(&mut self, node: usize, key: usize, plan: &ApplyPlan) -> Result<(), String> {
+        let n = &mut self.nodes[node];
+        let version = match plan.op {
+            ApplyOp::Delete => Some(n.erase(key, true)),
+            ApplyOp::Upsert => {
+                let values: Vec<_> = plan
+                    .fields
+                    .iter()
+                    .map(|(f, v)| (field_of(f), v.clone()))
+                    .collect();
+                Some(n.write(key, &values, true))
+            }
+        };
+        let version = version.filter(|_| matches!(n.feed, Feed::Versions | Feed::Polled));
         let wall = self.wall(node);
         let n = &mut self.nodes[node];
-        let hlc = n.hlc.tick(wall);
-        n.replica.retain(|(k, _), _| *k != key);
-        n.shadows.retain(|(k, _), _| *k != key);
-        for ((k, _), value) in n.data.iter_mut() {
-            if *k == key {
-                *value = None;
-            }
+        let mut state = n.records.remove(&key).unwrap_or_default();
+        n.replica
+            .applied(&mut state, plan, KEYS[key], version, wall);
+        n.records.insert(key, state);
+        if n.feed == Feed::Values {
+            // This feed reports at once.
+            while self.report_one(node)? {}
         }
-        n.tombstones.insert(key, (hlc, n.name.clone()));
-        let ev = ChangeEvent {
-            record_clock: Some(FieldClock {
-                hlc,
-                system: n.name.clone(),
-                rank: 0,
-            }),
-            ..new_event(
-                self.event_seq,
-                &n.name,
-                key,
-                concord_proto::v1::Op::Delete,
-                wall,
-            )
+        Ok(())
+    }
+
+    /// A user of `node` edits fields of record `key`: the system stores them and its feed
+    /// reports the change (at once, or later).
+    fn user_edit(
+        &mut self,
+        node: usize,
+        key: usize,
+        values: Vec<(&'static str, Option<Vec<u8>>)>,
+    ) -> Result<(), String> {
+        self.nodes[node].write(key, &values, false);
+        if self.nodes[node].feed == Feed::Values || self.rng.chance(1, 3) {
+            while self.report_one(node)? {}
+        }
+        Ok(())
+    }
+
+    /// A user of `node` deletes record `key`: the feed reports everything before it, then the
+    /// delete.
+    fn user_delete(&mut self, node: usize, key: usize) -> Result<(), String> {
+        while self.report_one(node)? {}
+        self.nodes[node].erase(key, false);
+        self.reported_delete(node, key, None, false)
+    }
+
+    /// The adapter of `node` processes a reported delete of record `key`: a user's is published
+    /// with its record clock, an echo of its own publishes nothing.
+    fn reported_delete(
+        &mut self,
+        node: usize,
+        key: usize,
+        version: Option<u64>,
+        own: bool,
+    ) -> Result<(), String> {
+        let wall = self.wall(node);
+        let edit = LocalEdit {
+            op: LocalOp::Delete,
+            local_id: KEYS[key].to_owned(),
+            fields: Vec::new(),
+            version,
+            snapshot: false,
         };
-        self.event_seq += 1;
+        let n = &mut self.nodes[node];
+        let mut state = n.records.remove(&key).unwrap_or_default();
+        let step = n.replica.local(&mut state, &n.ranks, &edit, wall);
+        n.records.insert(key, state);
+        let Some(publish) = step.publish else {
+            return Ok(());
+        };
+        if own {
+            self.stats.published_by_echo += 1;
+        }
+        let event_id = self.next_event_id();
+        let n = &self.nodes[node];
+        let ev = change_event(
+            &n.name,
+            "customer",
+            KEYS[key],
+            &customer(),
+            &publish,
+            event_id,
+            wall,
+        );
         self.ingress.push(Ingress {
             source: node,
             key,
             body: ev.encode_to_vec(),
-            hlc,
+            hlc: publish.hlc,
             fields: Vec::new(),
             delete: true,
             duplicate: false,
         });
         self.stats.published += 1;
         self.stats.deletes += 1;
+        Ok(())
     }
 
     /// A user of `node` edits 1..=3 fields of a random record, or deletes it.
     fn random_edit(&mut self, node: usize) -> Result<(), String> {
         let key = self.rng.below(KEYS.len());
         if self.nodes[node].deletes && self.rng.chance(self.cfg.delete_per_mille, 1000) {
-            self.local_delete(node, key);
-            return Ok(());
+            return self.user_delete(node, key);
         }
-        let owned: Vec<&'static str> = CUSTOMER_FIELDS
-            .iter()
-            .copied()
-            .filter(|f| self.owns(node, f))
-            .collect();
-        let seen: Vec<&'static str> = CUSTOMER_FIELDS
+        let all = customer_fields();
+        let owned: Vec<&'static str> = all.iter().copied().filter(|f| self.owns(node, f)).collect();
+        let seen: Vec<&'static str> = all
             .iter()
             .copied()
             .filter(|f| self.sees(node, f) && !self.owns(node, f))
@@ -488,7 +664,7 @@ impl<'p> Sim<'p> {
             } else if roll < 80 && !seen.is_empty() {
                 &seen
             } else {
-                &CUSTOMER_FIELDS
+                all
             };
             let f = pool[self.rng.below(pool.len())];
             if !chosen.contains(&f) {
@@ -500,8 +676,7 @@ impl<'p> Sim<'p> {
             let clear = self.rng.chance(1, 10);
             values.push((f, self.next_value(f, clear)));
         }
-        self.local_change(node, key, values, false)?;
-        Ok(())
+        self.user_edit(node, key, values)
     }
 
     fn route_one(&mut self) -> Result<(), String> {
@@ -607,6 +782,8 @@ impl<'p> Sim<'p> {
         Ok(())
     }
 
+    /// The adapter of the target processes one routed copy, as the engine does: run the step,
+    /// persist its state before the apply when the step says so, apply, record.
     fn deliver_one(&mut self) -> Result<(), String> {
         let i = self.rng.below(self.inbox.len());
         let msg = self.inbox.swap_remove(i);
@@ -619,133 +796,80 @@ impl<'p> Sim<'p> {
         }
         let t = msg.target;
         let ev = ChangeEvent::decode(msg.body.as_slice()).map_err(|e| e.to_string())?;
-        let record =
-            DynamicMessage::decode(customer(), ev.record.as_slice()).map_err(|e| e.to_string())?;
         let key = KEYS
             .iter()
             .position(|k| *k == ev.key)
             .ok_or("unknown key")?;
-        if ev.op == concord_proto::v1::Op::Delete as i32 {
-            return self.deliver_delete(t, key, &ev);
+        let mut decoded = decode_copy(&ev, &customer()).map_err(|e| e.to_string())?;
+        if !decoded.unknown.is_empty() || !decoded.without_clock.is_empty() {
+            return Err(format!("bad copy: {decoded:?}"));
         }
-        let tombstone = self.nodes[t].tombstones.get(&key).cloned();
-        let mut winners = Vec::new();
-        for name in &ev.field_mask {
-            let f = field_of(name);
-            if !self.sees(t, f) {
+        for f in &decoded.copy.fields {
+            if !self.sees(t, &f.name) {
                 return Err(format!(
-                    "{} received {f}, which it cannot see",
-                    self.nodes[t].name
+                    "{} received {}, which it cannot see",
+                    self.nodes[t].name, f.name
                 ));
             }
-            let c = ev.clocks.get(name).ok_or("delivery without a clock")?;
-            let n = &mut self.nodes[t];
-            n.hlc.observe(c.hlc);
-            if !self.cfg.ignore_receiver_ranks {
-                // A field of the mask without an entry has rank 0.
-                let r = ev.receiver_ranks.get(name).copied().unwrap_or(0);
-                n.ranks.insert(f, r);
-            }
-            let self_rank = n.ranks.get(f).copied().unwrap_or(0);
-            let incoming = Stamp::new(c.rank, c.hlc, c.system.clone());
-            if buried(
-                c.hlc,
-                &c.system,
-                tombstone.as_ref().map(|(h, s)| (*h, s.as_str())),
-            ) {
-                continue; // written before the record's delete
-            }
-            let value = route::encode_field(&record, &field(f));
-            let mut held = n.held(key, f);
-            let incoming = FieldState {
-                value: value.clone(),
-                stamp: incoming,
-                pending: true,
-            };
-            if held.receive(incoming, &n.name, self_rank) {
-                winners.push((f, value));
-            }
-            n.keep(key, f, held);
         }
-        if !winners.is_empty() && msg.crashes < 2 && self.rng.chance(self.cfg.crash_per_mille, 1000)
-        {
-            // Crash after recording pending, before applying and acking: the broker redelivers.
+        if self.cfg.ignore_receiver_ranks {
+            decoded.copy.ranks.clear();
+        }
+        let n = &mut self.nodes[t];
+        let before = n.state(key).clone();
+        let mut state = n.records.remove(&key).unwrap_or_default();
+        let step = n.replica.incoming(&mut state, &mut n.ranks, &decoded.copy);
+        n.records.insert(key, state);
+        let plan = match step {
+            IncomingStep::Stale | IncomingStep::Recorded => return Ok(()),
+            IncomingStep::Apply(plan) => plan,
+        };
+        if msg.crashes < 2 && self.rng.chance(self.cfg.crash_per_mille, 1000) {
+            // Crash before applying and acknowledging: a step recorded first stays recorded
+            // (its fields pending), the other is lost. The broker redelivers the message.
             self.stats.crashes += 1;
+            if !plan.record_first {
+                self.nodes[t].records.insert(key, before);
+            }
             self.inbox.push(InboxMsg {
                 crashes: msg.crashes + 1,
                 ..msg
             });
             return Ok(());
         }
-        for (f, _) in &winners {
-            if let Some(s) = self.nodes[t].replica.get_mut(&(key, *f)) {
-                s.pending = false;
-            }
+        if ev.op == concord_proto::v1::Op::Delete as i32 {
+            self.stats.cleared += plan.fields.len() as u64;
         }
-        // Apply to the system, which reports the change back like any local change.
-        if !winners.is_empty() && self.local_change(t, key, winners, true)? {
-            return Err("applying a routed change published an event".into());
-        }
-        Ok(())
+        self.apply(t, key, &plan)
     }
 
-    /// A routed delete reaches `t`: every field drops the writes made before it; the system
-    /// shows what each changed field keeps (the greatest later write, or nothing) and reports it
-    /// back like any local change, which must classify as unchanged.
-    fn deliver_delete(&mut self, t: usize, key: usize, ev: &ChangeEvent) -> Result<(), String> {
-        let rc = ev
-            .record_clock
-            .as_ref()
-            .ok_or("a delete without record_clock")?;
-        let n = &mut self.nodes[t];
-        n.hlc.observe(rc.hlc);
-        let tombstone = n.tombstones.get(&key).map(|(h, s)| (*h, s.as_str()));
-        let delete = (rc.hlc, rc.system.as_str());
-        if !delete_is_new(tombstone, delete) {
-            return Ok(());
-        }
-        let mut fields: Vec<&'static str> = n
-            .replica
-            .keys()
-            .chain(n.shadows.keys())
-            .filter(|(k, _)| *k == key)
-            .map(|(_, f)| *f)
-            .collect();
-        fields.sort_unstable();
-        fields.dedup();
-        // What the system now shows for each field whose winner changed: cleared, or a later
-        // write the delete brought back.
-        let mut clears = Vec::new();
-        for f in fields {
-            let mut held = n.held(key, f);
-            if held.bury(delete, &n.name, n.rank(f)) {
-                clears.push((f, held.winner.as_ref().and_then(|w| w.value.clone())));
-            }
-            n.keep(key, f, held);
-        }
-        n.tombstones.insert(key, (rc.hlc, rc.system.clone()));
-        self.stats.cleared += clears.len() as u64;
-        if self.local_change(t, key, clears, true)? {
-            return Err("applying a routed delete published an event".into());
-        }
-        Ok(())
-    }
-
-    /// Delivers one in-flight message, if any.
+    /// Delivers one in-flight message or reports one pending change, if any.
     fn pump(&mut self) -> Result<bool, String> {
-        match (self.ingress.is_empty(), self.inbox.is_empty()) {
-            (true, true) => Ok(false),
-            (false, true) => self.route_one().map(|_| true),
-            (true, false) => self.deliver_one().map(|_| true),
-            (false, false) => {
-                if self.rng.chance(1, 2) {
-                    self.route_one()?;
-                } else {
-                    self.deliver_one()?;
-                }
-                Ok(true)
+        let feeds: Vec<usize> = (0..self.nodes.len())
+            .filter(|n| !self.nodes[*n].pending.is_empty())
+            .collect();
+        let mut choices = Vec::new();
+        if !self.ingress.is_empty() {
+            choices.push(0);
+        }
+        if !self.inbox.is_empty() {
+            choices.push(1);
+        }
+        if !feeds.is_empty() {
+            choices.push(2);
+        }
+        if choices.is_empty() {
+            return Ok(false);
+        }
+        match choices[self.rng.below(choices.len())] {
+            0 => self.route_one()?,
+            1 => self.deliver_one()?,
+            _ => {
+                let node = feeds[self.rng.below(feeds.len())];
+                self.report_one(node)?;
             }
         }
+        Ok(true)
     }
 
     fn tick_time(&mut self) {
@@ -768,8 +892,7 @@ impl<'p> Sim<'p> {
         if self.cfg.final_round {
             self.final_round()?;
         }
-        // Quiet: no more local edits; drain the broker.
-        self.quiet = true;
+        // Quiet: no more local edits; drain the broker and the feeds.
         while self.pump()? {
             self.tick_time();
         }
@@ -793,7 +916,7 @@ impl<'p> Sim<'p> {
             }
             self.tick_time();
             let v = self.next_value(f, false);
-            self.local_change(node, key, vec![(f, v)], false)?;
+            self.user_edit(node, key, vec![(f, v)])?;
         }
         Ok(())
     }
@@ -809,12 +932,6 @@ impl<'p> Sim<'p> {
                 s.router_inputs, s.published
             ));
         }
-        if s.published_after_quiet != 0 {
-            return Err(format!(
-                "{} events published after the last edit",
-                s.published_after_quiet
-            ));
-        }
         let fanout = self.nodes.len().saturating_sub(1) as u64;
         if s.deliveries > s.router_inputs * fanout {
             return Err(format!(
@@ -824,9 +941,9 @@ impl<'p> Sim<'p> {
         }
         for n in &self.nodes {
             for (key, key_name) in KEYS.iter().enumerate() {
-                for f in CUSTOMER_FIELDS {
-                    let at = format!("{} {key_name} {f}", n.name);
-                    let held = n.replica.get(&(key, f));
+                for &f in customer_fields() {
+                    let at = format!("{} ({:?} feed) {key_name} {f}", n.name, n.feed);
+                    let held = n.held(key, f);
                     if !self.sees(n.index, f) {
                         if held.is_some_and(|h| h.stamp.system != n.name) {
                             return Err(format!(
@@ -840,7 +957,7 @@ impl<'p> Sim<'p> {
                     let best = self.writes.get(&(key, f)).and_then(|writes| {
                         writes
                             .iter()
-                            .filter(|(stamp, _)| !buried(stamp.hlc, &stamp.system, deleted))
+                            .filter(|(stamp, _)| !predates(stamp.hlc, &stamp.system, deleted))
                             .max_by(|a, b| a.0.cmp(&b.0))
                     });
                     if Some(n.index) == self.runaway
@@ -849,9 +966,9 @@ impl<'p> Sim<'p> {
                         // The runaway's own unroutable write (nobody else may hold it, see below).
                         continue;
                     }
+                    let data = n.data.get(&(key, f)).cloned().flatten();
                     match (held, best) {
                         (None, None) => {
-                            let data = n.data.get(&(key, f)).cloned().flatten();
                             if data.is_some() {
                                 return Err(format!(
                                     "{at}: the system holds {}, the replica nothing",
@@ -880,7 +997,6 @@ impl<'p> Sim<'p> {
                             if h.pending {
                                 return Err(format!("{at}: still pending"));
                             }
-                            let data = n.data.get(&(key, f)).cloned().flatten();
                             if data != *value {
                                 return Err(format!(
                                     "{at}: the system holds {}, the replica {}",
@@ -903,36 +1019,18 @@ impl<'p> Sim<'p> {
                 return Err("the runaway was never dead-lettered".into());
             }
             for n in &self.nodes {
-                if n.replica
-                    .values()
-                    .any(|v| &v.stamp.system == name && n.index != r)
-                {
+                let holds_runaways = n.records.values().any(|rec| {
+                    rec.fields
+                        .values()
+                        .filter_map(|h| h.winner.as_ref())
+                        .any(|w| &w.stamp.system == name)
+                });
+                if holds_runaways && n.index != r {
                     return Err(format!("{} holds a write of the runaway {name}", n.name));
                 }
             }
         }
         Ok(())
-    }
-}
-
-/// The envelope of the `seq`-th event of the run, published by `source` at `wall`.
-fn new_event(
-    seq: u128,
-    source: &str,
-    key: usize,
-    op: concord_proto::v1::Op,
-    wall: u64,
-) -> ChangeEvent {
-    ChangeEvent {
-        event_id: uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | seq)
-            .to_string(),
-        source: source.to_owned(),
-        entity: "customer".into(),
-        key: KEYS[key].into(),
-        op: op as i32,
-        schema_version: concord_proto::SCHEMA_VERSION,
-        observed_at_ms: wall,
-        ..Default::default()
     }
 }
 
@@ -970,6 +1068,8 @@ fn run_many(
         total.rejected_fields += s.rejected_fields;
         total.deletes += s.deletes;
         total.cleared += s.cleared;
+        total.echoes += s.echoes;
+        total.superseded += s.superseded;
     }
     eprintln!("{count} schedules from seed {first_seed}: {total:?}");
     total
@@ -996,6 +1096,7 @@ fn assert_exercised(s: &Stats) {
         "{s:?}"
     );
     assert!(s.deliveries > s.router_inputs, "{s:?}");
+    assert!(s.echoes > 0 && s.superseded > 0, "{s:?}");
 }
 
 #[test]
