@@ -1,34 +1,28 @@
-//! The engine: the shell around the pure replica logic of `concord-policy`, shared by the AMQP
-//! runner and the in-memory test bus. It turns local changes into change events and incoming
-//! change events into [`Apply`] calls, keeping the state store consistent with what was
-//! published and applied.
+//! The engine: the shell around the adapter rules of `concord-policy`
+//! ([`concord_policy::replica::Replica`]), shared by the AMQP runner and the in-memory test bus.
+//! For each local change or incoming event it loads the record's state from the store, runs one
+//! step of the machine, and performs the step's effects: the store write (in one SQLite
+//! transaction with the outbox or the event's deduplication), the publish, the apply.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use concord_policy::replica::{
-    FieldState, Held, LocalWrite, buried, classify_local, delete_is_new,
+    ApplyPlan, IncomingStep, LocalEdit, LocalStep, Ranks, RecordState, Replica, Value,
+    change_event, decode_copy,
 };
 use concord_policy::route::{decode_field, encode_field};
-use concord_policy::{Hlc, Op, Stamp};
-use concord_proto::v1::{ChangeEvent, FieldClock};
+use concord_proto::v1::ChangeEvent;
 use prost::Message;
-use prost_reflect::{DynamicMessage, FieldDescriptor, MessageDescriptor};
-use sqlx::SqliteConnection;
+use prost_reflect::{DynamicMessage, MessageDescriptor};
 use tracing::{debug, warn};
 
-use crate::adapter::{AdapterError, Apply, ApplyOp, Fields, LocalChange, LocalOp, SystemAdapter};
+use crate::adapter::{AdapterError, Apply, LocalChange, SystemAdapter};
 use crate::metrics::Metrics;
 use crate::store::{self, Store, StoreError};
 use crate::transport::{Link, Outgoing, TransportError};
 
-/// The wall clock in milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub(crate) use concord_amqp::now_ms;
 
 /// Why the engine could not be set up or could not process local changes.
 #[derive(Debug, thiserror::Error)]
@@ -38,9 +32,6 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// An entity names a protobuf message that is not among the canonical messages.
-    #[error("entity {entity:?}: unknown protobuf message {message:?}")]
-    UnknownMessage { entity: String, message: String },
 }
 
 /// What became of an incoming event that was processed.
@@ -57,7 +48,7 @@ pub enum Processed {
 }
 
 /// Why an incoming event was not processed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum IncomingError {
     /// It can never be processed: dead-letter it (`reason` goes into header `concord-reason`).
     #[error("{reason}: {detail}")]
@@ -67,12 +58,18 @@ pub enum IncomingError {
     },
     /// Retry it later, in order.
     #[error("transient: {0}")]
-    Transient(String),
+    Transient(#[source] AdapterError),
 }
 
 impl From<StoreError> for IncomingError {
     fn from(e: StoreError) -> Self {
-        IncomingError::Transient(e.to_string())
+        IncomingError::Transient(AdapterError::transient(e))
+    }
+}
+
+impl From<sqlx::Error> for IncomingError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::from(e).into()
     }
 }
 
@@ -83,83 +80,41 @@ fn permanent(reason: &'static str, detail: impl Into<String>) -> IncomingError {
     }
 }
 
-/// A winning incoming field, with what it replaces.
-struct Winner {
-    name: String,
-    new: FieldState,
-    /// What the replica kept of the field before (restored if the system refuses the change).
-    old: Held,
-}
-
-/// What a delete leaves of a record in the replica.
-struct Buried {
-    /// Whether no field keeps a write made after the delete.
-    remove_record: bool,
-    /// The fields whose state changed, with what each keeps now.
-    changed: Vec<(String, Held)>,
-    /// The fields whose shown value changed, with that value (encoded; `None` = cleared).
-    shown: Vec<(String, Option<Vec<u8>>)>,
-}
-
-impl Default for Buried {
-    fn default() -> Self {
-        Buried {
-            remove_record: true,
-            changed: Vec::new(),
-            shown: Vec::new(),
-        }
-    }
-}
-
-/// A stored field value (see `route::encode_field`) as the system receives it.
-fn decoded(
-    desc: &MessageDescriptor,
-    name: &str,
-    value: Option<&[u8]>,
-) -> Option<prost_reflect::Value> {
-    let fd = desc.get_field_by_name(name)?;
-    decode_field(desc, &fd, value?)
-}
-
 /// The engine of one system.
 #[derive(Debug)]
 pub(crate) struct Engine<A> {
     system: String,
     adapter: Arc<A>,
     store: Store,
-    hlc: Hlc,
+    replica: Replica,
     entities: HashMap<String, MessageDescriptor>,
     metrics: Arc<Metrics>,
     publish_user_id: bool,
 }
 
 impl<A: SystemAdapter> Engine<A> {
+    /// The engine of `system`, for the `entities` of the deployment (entity name → message).
     pub(crate) async fn new(
         system: &str,
         adapter: Arc<A>,
         store: Store,
-        entities: &BTreeMap<String, String>,
+        entities: HashMap<String, MessageDescriptor>,
         metrics: Arc<Metrics>,
         publish_user_id: bool,
+        echo_window_ms: u64,
     ) -> Result<Engine<A>, EngineError> {
-        let pool = concord_proto::descriptor_pool();
-        let mut resolved = HashMap::new();
-        for (entity, message) in entities {
-            let desc =
-                pool.get_message_by_name(message)
-                    .ok_or_else(|| EngineError::UnknownMessage {
-                        entity: entity.clone(),
-                        message: message.clone(),
-                    })?;
-            resolved.insert(entity.clone(), desc);
-        }
-        let hlc = Hlc::starting_at(store.max_hlc().await?);
+        let replica = Replica::new(
+            system,
+            adapter.echoes(),
+            echo_window_ms,
+            store.max_hlc().await?,
+        );
         Ok(Engine {
             system: system.to_owned(),
             adapter,
             store,
-            hlc,
-            entities: resolved,
+            replica,
+            entities,
             metrics,
             publish_user_id,
         })
@@ -211,11 +166,11 @@ impl<A: SystemAdapter> Engine<A> {
             debug!(event_id = %ev.event_id, "duplicate event");
             return Ok(Processed::Duplicate);
         }
-        let Some(desc) = self.entities.get(&ev.entity).cloned() else {
+        let Some(message) = self.entities.get(&ev.entity).cloned() else {
             return Err(permanent(
                 "unknown_entity",
                 format!(
-                    "entity {:?} is not configured for system {}",
+                    "entity {:?} is not in the policy of system {}",
                     ev.entity, self.system
                 ),
             ));
@@ -223,246 +178,112 @@ impl<A: SystemAdapter> Engine<A> {
         if ev.key.is_empty() {
             return Err(permanent("invalid_key", "empty key"));
         }
-        let op =
-            Op::from_wire(ev.op).ok_or_else(|| permanent("invalid_op", format!("op {}", ev.op)))?;
-        for c in ev.clocks.values().chain(ev.record_clock.as_ref()) {
-            self.hlc.observe(c.hlc);
+        let decoded = decode_copy(&ev, &message).map_err(|e| permanent(e.reason, e.detail))?;
+        if !decoded.unknown.is_empty() {
+            // Fields of a newer schema than this adapter's: the rest is applied.
+            debug!(event_id = %ev.event_id, fields = ?decoded.unknown, "fields the local schema does not know: skipped");
         }
+        if !decoded.without_clock.is_empty() {
+            warn!(event_id = %ev.event_id, fields = ?decoded.without_clock, "fields without a clock: skipped");
+        }
+        let (entity, key) = (ev.entity.as_str(), ev.key.as_str());
+        let mut tx = self.store.begin().await?;
+        let before = store::load_record(&mut tx, entity, key).await?;
+        let ranks_before = store::load_ranks(&mut tx, entity).await?;
+        let (mut state, mut ranks) = (before.clone(), ranks_before.clone());
+        let step = self.replica.incoming(&mut state, &mut ranks, &decoded.copy);
+        store::save_ranks(&mut tx, entity, &ranks_before, &ranks).await?;
+        let plan = match step {
+            IncomingStep::Stale | IncomingStep::Recorded => {
+                store::save_record(&mut tx, entity, key, &before, &state).await?;
+                store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
+                tx.commit().await?;
+                return Ok(if matches!(step, IncomingStep::Stale) {
+                    Processed::Stale
+                } else {
+                    Processed::Recorded
+                });
+            }
+            IncomingStep::Apply(plan) => plan,
+        };
+        // A step recorded first leaves its fields pending: a crash before the apply is recorded
+        // applies them again on redelivery. Otherwise (a delete) nothing is recorded until the
+        // apply is, so a redelivery computes it again.
+        let recorded = if plan.record_first {
+            store::save_record(&mut tx, entity, key, &before, &state).await?;
+            state.clone()
+        } else {
+            before.clone()
+        };
+        tx.commit().await?;
         let origin = if ev.origin.is_empty() {
             &ev.source
         } else {
             &ev.origin
-        }
-        .clone();
-        let mut tx = self.store.begin().await?;
-        // The router lists the receiver's non-zero ranks; a field of the mask without an entry
-        // has rank 0 (this system does not own it, or no longer does).
-        for field in &ev.field_mask {
-            let rank = ev.receiver_ranks.get(field).copied().unwrap_or(0);
-            store::set_rank(&mut tx, &ev.entity, field, rank).await?;
-        }
-        let rec = store::record_by_key(&mut tx, &ev.entity, &ev.key).await?;
-        let live_id = rec
-            .as_ref()
-            .filter(|r| r.live)
-            .and_then(|r| r.local_id.clone());
-
-        if op == Op::Delete {
-            let tombstone = rec.and_then(|r| r.tombstone);
-            return self
-                .incoming_delete(tx, &ev, tombstone, live_id, origin, &desc)
-                .await;
-        }
-
-        let record = DynamicMessage::decode(desc.clone(), ev.record.as_slice()).map_err(|e| {
-            permanent(
-                "invalid_record",
-                format!("record is not a valid {}: {e}", desc.full_name()),
-            )
-        })?;
-        let tomb = rec.as_ref().and_then(|r| r.tombstone.clone());
-        let mut winners: Vec<Winner> = Vec::new();
-        let mut fields = Fields::new();
-        for name in &ev.field_mask {
-            let Some(fd) = desc.get_field_by_name(name) else {
-                warn!(event_id = %ev.event_id, field = %name, "ignoring unknown field");
-                continue;
-            };
-            let Some(clock) = ev.clocks.get(name) else {
-                warn!(event_id = %ev.event_id, field = %name, "ignoring field without clock");
-                continue;
-            };
-            if buried(
-                clock.hlc,
-                &clock.system,
-                tomb.as_ref().map(|(h, s)| (*h, s.as_str())),
-            ) {
-                continue; // written before the record's delete
-            }
-            let stamp = Stamp::new(clock.rank, clock.hlc, clock.system.clone());
-            let mut held = store::held(&mut tx, &ev.entity, &ev.key, name).await?;
-            let old = held.clone();
-            let own_rank = store::get_rank(&mut tx, &ev.entity, name).await?;
-            let new = FieldState {
-                value: encode_field(&record, &fd),
-                stamp,
-                pending: true,
-            };
-            // A losing write may still be kept below the winner (a delete can bring it back).
-            let won = held.receive(new.clone(), &self.system, own_rank);
-            store::keep(&mut tx, &ev.entity, &ev.key, name, &held, Some(&old)).await?;
-            if won {
-                let value = record
-                    .has_field(&fd)
-                    .then(|| record.get_field(&fd).into_owned());
-                fields.insert(name.clone(), value);
-                winners.push(Winner {
-                    name: name.clone(),
-                    new,
-                    old,
-                });
-            }
-        }
-        if winners.is_empty() {
-            store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
-            tx.commit().await.map_err(StoreError::from)?;
-            return Ok(Processed::Stale);
-        }
-        tx.commit().await.map_err(StoreError::from)?;
-        let apply = Apply {
-            entity: ev.entity.clone(),
-            key: ev.key.clone(),
-            local_id: live_id,
-            op: ApplyOp::Upsert,
-            fields,
-            event_id: ev.event_id.clone(),
-            origin,
         };
+        let apply = self.to_apply(entity, key, &plan, &message, &ev.event_id, origin);
         match self.adapter.apply(&apply).await {
             Ok(applied) => {
+                self.replica.applied(
+                    &mut state,
+                    &plan,
+                    &applied.local_id,
+                    applied.version,
+                    now_ms(),
+                );
                 let mut tx = self.store.begin().await?;
-                let now = now_ms();
-                for w in &winners {
-                    store::clear_pending(&mut tx, &ev.entity, &ev.key, &w.name, &w.new.stamp)
-                        .await?;
-                    store::expect_echo(
-                        &mut tx,
-                        &ev.entity,
-                        &ev.key,
-                        &w.name,
-                        w.new.value.as_deref(),
-                        now,
-                    )
-                    .await?;
-                }
-                store::map_record(&mut tx, &ev.entity, &ev.key, &applied.local_id).await?;
-                store::mark_seen(&mut tx, &ev.event_id, now).await?;
-                tx.commit().await.map_err(StoreError::from)?;
+                store::save_record(&mut tx, entity, key, &recorded, &state).await?;
+                store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
+                tx.commit().await?;
                 Ok(Processed::Applied)
             }
             Err(AdapterError::Permanent(e)) => {
-                // The system refused it: hold what it holds again.
-                let mut tx = self.store.begin().await?;
-                for w in &winners {
-                    store::keep(&mut tx, &ev.entity, &ev.key, &w.name, &w.old, None).await?;
+                // The system refused it: hold what it held again.
+                if plan.record_first {
+                    let mut tx = self.store.begin().await?;
+                    store::save_record(&mut tx, entity, key, &recorded, &before).await?;
+                    tx.commit().await?;
                 }
-                tx.commit().await.map_err(StoreError::from)?;
-                Err(permanent("apply_failed", e))
+                Err(permanent("apply_failed", e.to_string()))
             }
             // Pending fields stay: the retry applies them again.
-            Err(e) => Err(IncomingError::Transient(e.to_string())),
+            Err(e) => Err(IncomingError::Transient(e)),
         }
     }
 
-    /// A routed delete: every field drops the writes made before it and the greatest later
-    /// write (if any) wins; the record goes only if no field keeps one. Applies that to the
-    /// system (a delete of the record, or the fields' new values), then records it.
-    async fn incoming_delete(
-        &mut self,
-        mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
-        ev: &ChangeEvent,
-        tombstone: Option<(u64, String)>,
-        live_id: Option<String>,
-        origin: String,
-        desc: &MessageDescriptor,
-    ) -> Result<Processed, IncomingError> {
-        let Some(rc) = ev.record_clock.as_ref() else {
-            return Err(permanent("missing_clock", "a delete needs record_clock"));
-        };
-        let delete = (rc.hlc, rc.system.as_str());
-        if !delete_is_new(tombstone.as_ref().map(|(h, s)| (*h, s.as_str())), delete) {
-            store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
-            tx.commit().await.map_err(StoreError::from)?;
-            return Ok(Processed::Stale);
-        }
-        let mut buried = Buried::default();
-        for name in store::field_names_of(&mut tx, &ev.entity, &ev.key).await? {
-            let mut held = store::held(&mut tx, &ev.entity, &ev.key, &name).await?;
-            let before = held.clone();
-            let own_rank = store::get_rank(&mut tx, &ev.entity, &name).await?;
-            if held.bury(delete, &self.system, own_rank) {
-                let value = held.winner.as_ref().and_then(|w| w.value.clone());
-                if value.is_some() || before.winner.as_ref().is_some_and(|w| w.value.is_some()) {
-                    buried.shown.push((name.clone(), value));
-                }
-            }
-            buried.remove_record &= held.winner.is_none();
-            if held != before {
-                buried.changed.push((name, held));
-            }
-        }
-        let (local_id, op) = match live_id {
-            Some(id) if buried.remove_record => (id, ApplyOp::Delete),
-            Some(id) if !buried.shown.is_empty() => (id, ApplyOp::Upsert),
-            _ => {
-                self.bury(&mut tx, ev, rc, &buried, false).await?;
-                tx.commit().await.map_err(StoreError::from)?;
-                return Ok(Processed::Recorded);
-            }
-        };
-        tx.commit().await.map_err(StoreError::from)?;
-        let upsert = op == ApplyOp::Upsert;
-        let fields = if upsert {
-            buried
-                .shown
-                .iter()
-                .map(|(name, value)| (name.clone(), decoded(desc, name, value.as_deref())))
-                .collect()
-        } else {
-            Fields::new()
-        };
-        let apply = Apply {
-            entity: ev.entity.clone(),
-            key: ev.key.clone(),
-            local_id: Some(local_id),
-            op,
-            fields,
-            event_id: ev.event_id.clone(),
-            origin,
-        };
-        match self.adapter.apply(&apply).await {
-            Ok(_) => {
-                let mut tx = self.store.begin().await?;
-                self.bury(&mut tx, ev, rc, &buried, upsert).await?;
-                tx.commit().await.map_err(StoreError::from)?;
-                Ok(Processed::Applied)
-            }
-            Err(AdapterError::Permanent(e)) => Err(permanent("apply_failed", e)),
-            Err(e) => Err(IncomingError::Transient(e.to_string())),
-        }
-    }
-
-    /// Records a delete: the tombstone, what each field keeps now, the record gone too unless
-    /// later writes keep it, and the event seen. With `echoes`, the values the system now shows
-    /// (it was sent them) are expected back as its local changes.
-    async fn bury(
+    /// The [`Apply`] the system gets for `plan`.
+    fn to_apply(
         &self,
-        tx: &mut SqliteConnection,
-        ev: &ChangeEvent,
-        rc: &FieldClock,
-        buried: &Buried,
-        echoes: bool,
-    ) -> Result<(), StoreError> {
-        let stamp = (rc.hlc, rc.system.as_str());
-        store::set_tombstone(tx, &ev.entity, &ev.key, stamp, buried.remove_record).await?;
-        for (name, held) in &buried.changed {
-            store::keep(tx, &ev.entity, &ev.key, name, held, None).await?;
+        entity: &str,
+        key: &str,
+        plan: &ApplyPlan,
+        message: &MessageDescriptor,
+        event_id: &str,
+        origin: &str,
+    ) -> Apply {
+        let fields = plan
+            .fields
+            .iter()
+            .map(|(name, value)| (name.clone(), decoded(message, name, value.as_deref())))
+            .collect();
+        Apply {
+            entity: entity.to_owned(),
+            key: key.to_owned(),
+            local_id: plan.local_id.clone(),
+            op: plan.op,
+            fields,
+            event_id: event_id.to_owned(),
+            origin: origin.to_owned(),
+            message: message.clone(),
         }
-        let now = now_ms();
-        if echoes {
-            for (name, value) in &buried.shown {
-                store::expect_echo(tx, &ev.entity, &ev.key, name, value.as_deref(), now).await?;
-            }
-        }
-        store::mark_seen(tx, &ev.event_id, now).await
     }
 
     /// Turns a batch of local changes (or snapshot items, published as `OP_SNAPSHOT`) into
     /// change events and commits, in ONE transaction, the events into the outbox together with
-    /// the field states and stamps, the HLC, the id mapping and the cursor of the last change.
-    /// Then publishes the outbox (see [`Engine::flush_outbox`]). If the commit fails, nothing is
-    /// recorded and the batch can be processed again; once committed, the batch must not be
-    /// processed again: its events are republished from the outbox, byte for byte.
+    /// the records' states, the id mapping and the cursor of the last change. Then publishes
+    /// the outbox (see [`Engine::flush_outbox`]). If the commit fails, nothing is recorded and
+    /// the batch can be processed again; once committed, the batch must not be processed again:
+    /// its events are republished from the outbox, byte for byte.
     /// Returns the number of events the batch produced.
     pub(crate) async fn handle_local<L: Link>(
         &mut self,
@@ -484,41 +305,134 @@ impl<A: SystemAdapter> Engine<A> {
         snapshot: bool,
     ) -> Result<usize, EngineError> {
         let mut tx = self.store.begin().await?;
-        let mut out = Vec::new();
+        let mut staged = 0;
         let mut corrections = Vec::new();
         let mut cursor = None;
+        let mut ranks: HashMap<String, Ranks> = HashMap::new();
         for ch in batch {
             Metrics::inc(&self.metrics.local_changes);
             if ch.cursor.is_some() {
                 cursor.clone_from(&ch.cursor);
             }
-            self.prepare_local(&mut tx, ch, snapshot, &mut out, &mut corrections)
-                .await?;
-        }
-        for ev in &out {
-            store::push_outbox(&mut tx, ev).await?;
+            let Some(message) = self.entities.get(&ch.entity).cloned() else {
+                warn!(entity = %ch.entity, local_id = %ch.local_id, "local change of an entity that is not in the policy: skipped");
+                Metrics::inc(&self.metrics.local_invalid);
+                continue;
+            };
+            let entity_ranks = match ranks.get(&ch.entity) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = store::load_ranks(&mut tx, &ch.entity).await?;
+                    ranks.insert(ch.entity.clone(), r.clone());
+                    r
+                }
+            };
+            let edit = self.edit(ch, &message, snapshot);
+            let (key, before) =
+                match store::load_record_by_local(&mut tx, &ch.entity, &ch.local_id).await? {
+                    Some(found) => found,
+                    None => (uuid::Uuid::now_v7().to_string(), RecordState::default()),
+                };
+            let mut state = before.clone();
+            let now = now_ms();
+            let step = self.replica.local(&mut state, &entity_ranks, &edit, now);
+            self.count(&step);
+            store::save_record(&mut tx, &ch.entity, &key, &before, &state).await?;
+            if let Some(publish) = &step.publish {
+                let event_id = uuid::Uuid::now_v7().to_string();
+                let ev = change_event(
+                    &self.system,
+                    &ch.entity,
+                    &key,
+                    &message,
+                    publish,
+                    event_id,
+                    now,
+                );
+                store::push_outbox(&mut tx, &self.outgoing(&ev)).await?;
+                staged += 1;
+            }
+            if let Some(plan) = step.write_back {
+                corrections.push((ch.entity.clone(), key, plan, message));
+            }
         }
         if !snapshot && let Some(c) = cursor {
             store::set_meta(&mut tx, store::CURSOR, &c).await?;
         }
         tx.commit().await.map_err(StoreError::from)?;
         self.metrics.touch();
-        for c in corrections {
-            match self.adapter.apply(&c).await {
-                Ok(_) => {
-                    Metrics::inc(&self.metrics.corrections);
-                    // Committed already: a failure here must not make the caller process the
-                    // batch again.
-                    if let Err(e) = self.expect_echoes(&c).await {
-                        warn!(entity = %c.entity, key = %c.key, error = %e,
-                            "could not record the echoes of a correction");
-                    }
-                }
-                Err(e) => warn!(entity = %c.entity, key = %c.key, error = %e,
-                    "could not write back the value of a higher-priority owner"),
+        for (entity, key, plan, message) in corrections {
+            // Committed already: a failure here must not make the caller process the batch
+            // again.
+            if let Err(e) = self.write_back(&entity, &key, &plan, &message).await {
+                warn!(%entity, %key, error = %e,
+                    "could not write back the value of a higher-priority owner");
             }
         }
-        Ok(out.len())
+        Ok(staged)
+    }
+
+    /// A local change as the machine sees it: its values encoded. A field the entity does not
+    /// have, or a value of the wrong type, is left out (and counted as invalid).
+    fn edit(&self, ch: &LocalChange, message: &MessageDescriptor, snapshot: bool) -> LocalEdit {
+        let mut fields = Vec::with_capacity(ch.fields.len());
+        for (name, value) in &ch.fields {
+            match encoded(message, name, value.as_ref()) {
+                Ok(v) => fields.push((name.clone(), v)),
+                Err(e) => {
+                    warn!(entity = %ch.entity, local_id = %ch.local_id, field = %name, error = %e,
+                        "local change has a field that cannot be published: skipped");
+                    Metrics::inc(&self.metrics.local_invalid);
+                }
+            }
+        }
+        LocalEdit {
+            op: ch.op,
+            local_id: ch.local_id.clone(),
+            fields,
+            version: ch.version,
+            snapshot,
+        }
+    }
+
+    fn count(&self, step: &LocalStep) {
+        let m = &self.metrics;
+        Metrics::add(&m.local_unchanged, u64::from(step.unchanged));
+        Metrics::add(&m.local_echoes, u64::from(step.echoes));
+        Metrics::add(&m.local_superseded, u64::from(step.superseded));
+        Metrics::add(&m.local_overruled, u64::from(step.overruled));
+    }
+
+    /// Writes the values of higher-ranked owners back over a local edit, then records the
+    /// echoes the write will cause.
+    async fn write_back(
+        &mut self,
+        entity: &str,
+        key: &str,
+        plan: &ApplyPlan,
+        message: &MessageDescriptor,
+    ) -> Result<(), AdapterError> {
+        let event_id = uuid::Uuid::now_v7().to_string();
+        let apply = self.to_apply(entity, key, plan, message, &event_id, &self.system);
+        let applied = self.adapter.apply(&apply).await?;
+        Metrics::inc(&self.metrics.corrections);
+        let mut tx = self.store.begin().await.map_err(AdapterError::transient)?;
+        let before = store::load_record(&mut tx, entity, key)
+            .await
+            .map_err(AdapterError::transient)?;
+        let mut state = before.clone();
+        self.replica.applied(
+            &mut state,
+            plan,
+            &applied.local_id,
+            applied.version,
+            now_ms(),
+        );
+        store::save_record(&mut tx, entity, key, &before, &state)
+            .await
+            .map_err(AdapterError::transient)?;
+        tx.commit().await.map_err(AdapterError::transient)?;
+        Ok(())
     }
 
     /// Publishes every outbox entry, in insertion order, with the bytes committed (same event
@@ -538,229 +452,41 @@ impl<A: SystemAdapter> Engine<A> {
         Ok(out.len())
     }
 
-    /// Records the echoes a correction will cause.
-    async fn expect_echoes(&mut self, a: &Apply) -> Result<(), StoreError> {
-        let Some(desc) = self.entities.get(&a.entity) else {
-            return Ok(());
-        };
-        let mut tx = self.store.begin().await?;
-        let now = now_ms();
-        for (name, value) in &a.fields {
-            let Some(fd) = desc.get_field_by_name(name) else {
-                continue;
-            };
-            let encoded = match value {
-                Some(v) => single(desc, &fd, v)
-                    .ok()
-                    .and_then(|one| encode_field(&one, &fd)),
-                None => None,
-            };
-            store::expect_echo(&mut tx, &a.entity, &a.key, name, encoded.as_deref(), now).await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn prepare_local(
-        &mut self,
-        c: &mut SqliteConnection,
-        ch: &LocalChange,
-        snapshot: bool,
-        out: &mut Vec<Outgoing>,
-        corrections: &mut Vec<Apply>,
-    ) -> Result<(), StoreError> {
-        let Some(desc) = self.entities.get(&ch.entity).cloned() else {
-            warn!(entity = %ch.entity, local_id = %ch.local_id, "local change of an unconfigured entity: skipped");
-            Metrics::inc(&self.metrics.local_invalid);
-            return Ok(());
-        };
-        let entity = ch.entity.as_str();
-        let rec = store::record_by_local(c, entity, &ch.local_id).await?;
-        let now = now_ms();
-        if ch.op == LocalOp::Delete {
-            let Some(rec) = rec else {
-                debug!(entity, local_id = %ch.local_id, "delete of a record never published: nothing to do");
-                return Ok(());
-            };
-            if !rec.live {
-                Metrics::inc(&self.metrics.local_unchanged);
-                return Ok(());
-            }
-            let hlc = self.hlc.tick(now);
-            store::set_tombstone(c, entity, &rec.key, (hlc, &self.system), true).await?;
-            // Every stored field was written before this delete (the clock just ticked past
-            // all of them): the replica forgets them, as every receiver of the delete does.
-            store::delete_fields_of(c, entity, &rec.key).await?;
-            let clock = FieldClock {
-                hlc,
-                system: self.system.clone(),
-                rank: 0,
-            };
-            out.push(self.event(
-                entity,
-                &rec.key,
-                Op::Delete,
-                Vec::new(),
-                Vec::new(),
-                BTreeMap::new(),
-                Some(clock),
-                now,
-            ));
-            return Ok(());
-        }
-        let (key, is_new) = match &rec {
-            Some(r) => (r.key.clone(), false),
-            None => (uuid::Uuid::now_v7().to_string(), true),
-        };
-        if rec.as_ref().is_none_or(|r| !r.live) {
-            store::map_record(c, entity, &key, &ch.local_id).await?;
-        }
-        let mut record = DynamicMessage::new(desc.clone());
-        let mut mask = Vec::new();
-        let mut clocks = BTreeMap::new();
-        let mut overruled = Fields::new();
-        let mut hlc = None;
-        for (name, value) in &ch.fields {
-            let Some(fd) = desc.get_field_by_name(name) else {
-                warn!(entity, field = %name, "local change names an unknown field: skipped");
-                Metrics::inc(&self.metrics.local_invalid);
-                continue;
-            };
-            let encoded = match value {
-                None => None,
-                Some(v) => match single(&desc, &fd, v) {
-                    Ok(one) => encode_field(&one, &fd),
-                    Err(e) => {
-                        warn!(entity, field = %name, error = %e, "local change has a value of the wrong type: skipped");
-                        Metrics::inc(&self.metrics.local_invalid);
-                        continue;
-                    }
-                },
-            };
-            if !is_new && store::take_echo(c, entity, &key, name, encoded.as_deref()).await? {
-                // A late echo of a value applied here, possibly overtaken by a newer one.
-                Metrics::inc(&self.metrics.local_unchanged);
-                continue;
-            }
-            let stored = store::get_field(c, entity, &key, name).await?;
-            let own_rank = store::get_rank(c, entity, name).await?;
-            match classify_local(stored.as_ref(), encoded.as_deref(), &self.system, own_rank) {
-                LocalWrite::Unchanged => Metrics::inc(&self.metrics.local_unchanged),
-                LocalWrite::Overruled => {
-                    Metrics::inc(&self.metrics.local_overruled);
-                    let held = stored
-                        .and_then(|s| s.value)
-                        .and_then(|b| decode_field(&desc, &fd, &b));
-                    overruled.insert(name.clone(), held);
-                }
-                LocalWrite::Publish => {
-                    let h = *hlc.get_or_insert_with(|| self.hlc.tick(now));
-                    let state = FieldState {
-                        value: encoded,
-                        stamp: Stamp::new(own_rank, h, self.system.clone()),
-                        pending: false,
-                    };
-                    // A local write is the newest: nothing below it can come back.
-                    let mut held = Held::default();
-                    held.local(state);
-                    store::keep(c, entity, &key, name, &held, None).await?;
-                    store::clear_echoes(c, entity, &key, name).await?;
-                    if let Some(v) = value {
-                        // Checked by `single` above.
-                        let _ = record.try_set_field(&fd, v.clone());
-                    }
-                    mask.push(name.clone());
-                    clocks.insert(
-                        name.clone(),
-                        FieldClock {
-                            hlc: h,
-                            system: self.system.clone(),
-                            rank: own_rank,
-                        },
-                    );
-                }
-            }
-        }
-        if !overruled.is_empty() {
-            corrections.push(Apply {
-                entity: entity.to_owned(),
-                key: key.clone(),
-                local_id: Some(ch.local_id.clone()),
-                op: ApplyOp::Upsert,
-                fields: overruled,
-                event_id: uuid::Uuid::now_v7().to_string(),
-                origin: self.system.clone(),
-            });
-        }
-        if mask.is_empty() {
-            return Ok(());
-        }
-        // OP_CREATE only for a record new to Concord: the echo of a record created by `apply`
-        // is an update (the system may not be allowed to create records).
-        let op = match ch.op {
-            _ if snapshot => Op::Snapshot,
-            LocalOp::Create if is_new => Op::Create,
-            _ => Op::Upsert,
-        };
-        out.push(self.event(
-            entity,
-            &key,
-            op,
-            record.encode_to_vec(),
-            mask,
-            clocks,
-            None,
-            now,
-        ));
-        Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn event(
-        &self,
-        entity: &str,
-        key: &str,
-        op: Op,
-        record: Vec<u8>,
-        field_mask: Vec<String>,
-        clocks: BTreeMap<String, FieldClock>,
-        record_clock: Option<FieldClock>,
-        now: u64,
-    ) -> Outgoing {
-        let event_id = uuid::Uuid::now_v7().to_string();
-        let ev = ChangeEvent {
-            event_id: event_id.clone(),
-            source: self.system.clone(),
-            entity: entity.to_owned(),
-            key: key.to_owned(),
-            op: op.to_wire() as i32,
-            record,
-            field_mask,
-            clocks,
-            derived_from: String::new(),
-            schema_version: concord_proto::SCHEMA_VERSION,
-            origin: String::new(),
-            observed_at_ms: now,
-            record_clock,
-            receiver_ranks: BTreeMap::new(),
-        };
+    fn outgoing(&self, ev: &ChangeEvent) -> Outgoing {
         Outgoing {
-            routing_key: format!("{}.{entity}", self.system),
+            routing_key: format!("{}.{}", self.system, ev.entity),
             body: ev.encode_to_vec(),
-            event_id,
-            concord_key: format!("{entity}/{key}"),
+            event_id: ev.event_id.clone(),
+            concord_key: format!("{}/{}", ev.entity, ev.key),
             user_id: self.publish_user_id.then(|| self.system.clone()),
         }
     }
 }
 
-/// A message of type `desc` with only `fd` set to `v`.
-fn single(
-    desc: &MessageDescriptor,
-    fd: &FieldDescriptor,
-    v: &prost_reflect::Value,
-) -> Result<DynamicMessage, prost_reflect::SetFieldError> {
-    let mut one = DynamicMessage::new(desc.clone());
-    one.try_set_field(fd, v.clone())?;
-    Ok(one)
+/// A stored field value (see `route::encode_field`) as the system receives it.
+fn decoded(
+    message: &MessageDescriptor,
+    name: &str,
+    value: Option<&[u8]>,
+) -> Option<prost_reflect::Value> {
+    let fd = message.get_field_by_name(name)?;
+    decode_field(message, &fd, value?)
+}
+
+/// A field value as the replica stores it; an error names what is wrong.
+fn encoded(
+    message: &MessageDescriptor,
+    name: &str,
+    value: Option<&prost_reflect::Value>,
+) -> Result<Value, String> {
+    let Some(fd) = message.get_field_by_name(name) else {
+        return Err(format!("{} has no field {name:?}", message.full_name()));
+    };
+    let Some(v) = value else {
+        return Ok(None);
+    };
+    let mut one = DynamicMessage::new(message.clone());
+    one.try_set_field(&fd, v.clone())
+        .map_err(|e| e.to_string())?;
+    Ok(encode_field(&one, &fd))
 }

@@ -25,7 +25,8 @@ pub mod testkit;
 pub mod transport;
 
 pub use adapter::{
-    AdapterError, Applied, Apply, ApplyOp, Fields, LocalChange, LocalOp, SystemAdapter,
+    AdapterError, Applied, Apply, ApplyOp, BoxError, Echoes, Fields, LocalChange, LocalOp,
+    SystemAdapter,
 };
 pub use amqp::AmqpTransport;
 pub use config::{RetryConfig, RunnerConfig};

@@ -35,8 +35,12 @@ counters! {
     local_changes,
     /// Change events published (and confirmed).
     published,
-    /// Local field writes equal to the stored value (echoes of applied changes): not published.
+    /// Local field writes equal to the stored value: not published.
     local_unchanged,
+    /// Local field writes recognised as the echoes of the SDK's own writes: not published.
+    local_echoes,
+    /// Local field writes an apply replaced before the feed reported them: not published.
+    local_superseded,
     /// Local field writes overruled by a higher-priority owner's value: written back.
     local_overruled,
     /// Local changes that could not be published (unknown entity or field, wrong value type).

@@ -219,13 +219,25 @@ async fn serve<A: SystemAdapter, T: Transport>(
     store
         .prune_echoes(now.saturating_sub(config.echo_window_secs.saturating_mul(1000)))
         .await?;
+    let mut entities = std::collections::HashMap::new();
+    for (entity, message) in &config.entities {
+        let desc = concord_proto::descriptor_pool()
+            .get_message_by_name(message)
+            .ok_or_else(|| {
+                RunError::Config(format!(
+                    "entity {entity:?}: unknown protobuf message {message:?}"
+                ))
+            })?;
+        entities.insert(entity.clone(), desc);
+    }
     let mut engine = Engine::new(
         &config.system,
         adapter.clone(),
         store.clone(),
-        &config.entities,
+        entities,
         metrics.clone(),
         config.publish_user_id,
+        config.echo_window_secs.saturating_mul(1000),
     )
     .await?;
     let mut snapshot_pending =
@@ -485,7 +497,6 @@ fn engine_stop(e: EngineError) -> Stop {
         EngineError::Store(e) => {
             Stop::Transport(TransportError::connection(format!("state store: {e}")))
         }
-        other => Stop::Fatal(other.into()),
     }
 }
 

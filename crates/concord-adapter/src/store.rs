@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use concord_policy::Stamp;
-use concord_policy::replica::{FieldState, Held};
+use concord_policy::replica::{Echo, FieldState, Held, Ranks, RecordState};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
@@ -21,40 +21,108 @@ use crate::transport::Outgoing;
 
 /// A state store failure.
 #[derive(Debug, thiserror::Error)]
-#[error("state store: {0}")]
-pub struct StoreError(#[from] sqlx::Error);
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("state store: {0}")]
+    Sql(#[from] sqlx::Error),
+    /// The store was written by a newer release.
+    #[error(
+        "state store schema version {found} is newer than this release supports ({supported}): \
+         run the release that wrote it, or start from a new state file"
+    )]
+    NewerSchema { found: i64, supported: i64 },
+}
 
+/// The version of the store's schema this build writes (SQLite `PRAGMA user_version`).
+/// 1: the first release; 2: echoes carry the record version of the write they expect.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The schema of a new store (version [`SCHEMA_VERSION`]).
 const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS seen_at ON seen(at_ms)",
-    "CREATE TABLE IF NOT EXISTS fields (
+    "CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)",
+    "CREATE TABLE seen (event_id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL)",
+    "CREATE INDEX seen_at ON seen(at_ms)",
+    "CREATE TABLE fields (
         entity TEXT NOT NULL, key TEXT NOT NULL, field TEXT NOT NULL,
         value BLOB, rank INTEGER NOT NULL, hlc INTEGER NOT NULL, system TEXT NOT NULL,
         pending INTEGER NOT NULL,
         PRIMARY KEY (entity, key, field)) WITHOUT ROWID",
     // Below a field's winner, the latest later write of each lower rank (`replica::Held`).
-    "CREATE TABLE IF NOT EXISTS shadows (
+    "CREATE TABLE shadows (
         entity TEXT NOT NULL, key TEXT NOT NULL, field TEXT NOT NULL, rank INTEGER NOT NULL,
         value BLOB, hlc INTEGER NOT NULL, system TEXT NOT NULL,
         PRIMARY KEY (entity, key, field, rank)) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS records (
+    "CREATE TABLE records (
         entity TEXT NOT NULL, key TEXT NOT NULL, local_id TEXT, live INTEGER NOT NULL,
         tomb_hlc INTEGER, tomb_system TEXT,
         PRIMARY KEY (entity, key))",
-    "CREATE UNIQUE INDEX IF NOT EXISTS records_local ON records(entity, local_id)",
-    "CREATE TABLE IF NOT EXISTS echoes (
-        id INTEGER PRIMARY KEY, entity TEXT NOT NULL, key TEXT NOT NULL, field TEXT NOT NULL,
-        value BLOB, at_ms INTEGER NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS echoes_field ON echoes(entity, key, field)",
-    "CREATE INDEX IF NOT EXISTS echoes_at ON echoes(at_ms)",
-    "CREATE TABLE IF NOT EXISTS ranks (
+    "CREATE UNIQUE INDEX records_local ON records(entity, local_id)",
+    // Reports of the adapter's own writes the change feed is expected to make
+    // (`replica::Echo`): by value (`version` NULL), or by record version (one row per written
+    // field, and a row with `field` NULL for a delete).
+    "CREATE TABLE echoes (
+        id INTEGER PRIMARY KEY, entity TEXT NOT NULL, key TEXT NOT NULL, field TEXT,
+        value BLOB, at_ms INTEGER NOT NULL, version INTEGER)",
+    "CREATE INDEX echoes_record ON echoes(entity, key)",
+    "CREATE INDEX echoes_at ON echoes(at_ms)",
+    "CREATE TABLE ranks (
         entity TEXT NOT NULL, field TEXT NOT NULL, rank INTEGER NOT NULL,
         PRIMARY KEY (entity, field))",
-    "CREATE TABLE IF NOT EXISTS outbox (
+    "CREATE TABLE outbox (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, routing_key TEXT NOT NULL,
         body BLOB NOT NULL, concord_key TEXT NOT NULL, user_id TEXT)",
 ];
+
+/// From version 1 (whose `echoes` had no `version` and a non-null `field`) to 2.
+const MIGRATE_1_TO_2: &[&str] = &[
+    "CREATE TABLE echoes_v2 (
+        id INTEGER PRIMARY KEY, entity TEXT NOT NULL, key TEXT NOT NULL, field TEXT,
+        value BLOB, at_ms INTEGER NOT NULL, version INTEGER)",
+    "INSERT INTO echoes_v2 (id, entity, key, field, value, at_ms)
+        SELECT id, entity, key, field, value, at_ms FROM echoes",
+    "DROP TABLE echoes",
+    "ALTER TABLE echoes_v2 RENAME TO echoes",
+    "CREATE INDEX echoes_record ON echoes(entity, key)",
+    "CREATE INDEX echoes_at ON echoes(at_ms)",
+];
+
+/// Creates the schema of a new store, or brings an older one up to [`SCHEMA_VERSION`], in one
+/// transaction.
+async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+        .fetch_one(&mut *tx)
+        .await?;
+    let has_tables: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'meta')")
+            .fetch_one(&mut *tx)
+            .await?;
+    // Version 1 did not set user_version.
+    let version = if version == 0 && has_tables {
+        1
+    } else {
+        version
+    };
+    let steps: &[&str] = match version {
+        0 => SCHEMA,
+        1 => MIGRATE_1_TO_2,
+        SCHEMA_VERSION => &[],
+        found => {
+            return Err(StoreError::NewerSchema {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+    };
+    for stmt in steps {
+        sqlx::query(stmt).execute(&mut *tx).await?;
+    }
+    sqlx::query(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
 
 /// What the store knows about one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,9 +175,7 @@ impl Store {
             .max_lifetime(None)
             .connect_with(opts)
             .await?;
-        for stmt in SCHEMA {
-            sqlx::query(stmt).execute(&pool).await?;
-        }
+        migrate(&pool).await?;
         Ok(Store { pool })
     }
 
@@ -128,7 +194,8 @@ impl Store {
     /// The greatest HLC value stored (own writes, received writes and tombstones).
     pub async fn max_hlc(&self) -> Result<u64, StoreError> {
         let row = sqlx::query(
-            "SELECT MAX(m) FROM (SELECT MAX(hlc) AS m FROM fields UNION ALL SELECT MAX(tomb_hlc) FROM records)",
+            "SELECT MAX(m) FROM (SELECT MAX(hlc) AS m FROM fields UNION ALL SELECT MAX(hlc) FROM shadows
+             UNION ALL SELECT MAX(tomb_hlc) FROM records)",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -377,72 +444,6 @@ pub(crate) async fn delete_field(
     Ok(())
 }
 
-/// Forgets every stored field (and shadow) of a record.
-pub(crate) async fn delete_fields_of(
-    c: &mut SqliteConnection,
-    entity: &str,
-    key: &str,
-) -> Result<(), StoreError> {
-    for table in [
-        "DELETE FROM fields WHERE entity = ? AND key = ?",
-        "DELETE FROM shadows WHERE entity = ? AND key = ?",
-    ] {
-        sqlx::query(table)
-            .bind(entity)
-            .bind(key)
-            .execute(&mut *c)
-            .await?;
-    }
-    Ok(())
-}
-
-/// Names of the fields of a record the replica holds anything for (a winner or shadows).
-pub(crate) async fn field_names_of(
-    c: &mut SqliteConnection,
-    entity: &str,
-    key: &str,
-) -> Result<Vec<String>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT field FROM fields WHERE entity = ? AND key = ?
-         UNION SELECT field FROM shadows WHERE entity = ? AND key = ?",
-    )
-    .bind(entity)
-    .bind(key)
-    .bind(entity)
-    .bind(key)
-    .fetch_all(&mut *c)
-    .await?;
-    let mut names = Vec::with_capacity(rows.len());
-    for r in &rows {
-        names.push(r.try_get::<String, _>(0)?);
-    }
-    Ok(names)
-}
-
-/// What the replica keeps of one field: its winner and shadows.
-pub(crate) async fn held(
-    c: &mut SqliteConnection,
-    entity: &str,
-    key: &str,
-    field: &str,
-) -> Result<Held, StoreError> {
-    let winner = get_field(c, entity, key, field).await?;
-    let rows = sqlx::query(
-        "SELECT value, rank, hlc, system, 0 FROM shadows
-         WHERE entity = ? AND key = ? AND field = ? ORDER BY rank DESC",
-    )
-    .bind(entity)
-    .bind(key)
-    .bind(field)
-    .fetch_all(&mut *c)
-    .await?;
-    let mut shadows = Vec::with_capacity(rows.len());
-    for r in &rows {
-        shadows.push(field_state(r, 0)?);
-    }
-    Ok(Held { winner, shadows })
-}
-
 /// Stores what the replica keeps of one field (winner and shadows), replacing what it held.
 /// With `before` (what it held, as read), only the parts that changed are written.
 pub(crate) async fn keep(
@@ -497,29 +498,6 @@ pub(crate) async fn set_shadows(
     Ok(())
 }
 
-/// Clears the pending flag of a field if it still holds the write with `stamp`.
-pub(crate) async fn clear_pending(
-    c: &mut SqliteConnection,
-    entity: &str,
-    key: &str,
-    field: &str,
-    stamp: &Stamp,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE fields SET pending = 0
-         WHERE entity = ? AND key = ? AND field = ? AND rank = ? AND hlc = ? AND system = ?",
-    )
-    .bind(entity)
-    .bind(key)
-    .bind(field)
-    .bind(i64::from(stamp.rank))
-    .bind(to_i64(stamp.hlc))
-    .bind(&stamp.system)
-    .execute(&mut *c)
-    .await?;
-    Ok(())
-}
-
 fn record_row(r: &sqlx::sqlite::SqliteRow) -> Result<RecordRow, StoreError> {
     let tomb_hlc: Option<i64> = r.try_get(3)?;
     let tomb_system: Option<String> = r.try_get(4)?;
@@ -568,58 +546,6 @@ async fn record_where(
     row.as_ref().map(record_row).transpose()
 }
 
-/// Records that `key` is the local record `local_id` and that it exists. Another key mapped to
-/// the same local id loses the mapping (the system merged the records).
-pub(crate) async fn map_record(
-    c: &mut SqliteConnection,
-    entity: &str,
-    key: &str,
-    local_id: &str,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE records SET local_id = NULL WHERE entity = ? AND local_id = ? AND key <> ?",
-    )
-    .bind(entity)
-    .bind(local_id)
-    .bind(key)
-    .execute(&mut *c)
-    .await?;
-    sqlx::query(
-        "INSERT INTO records (entity, key, local_id, live) VALUES (?, ?, ?, 1)
-         ON CONFLICT(entity, key) DO UPDATE SET local_id = excluded.local_id, live = 1",
-    )
-    .bind(entity)
-    .bind(key)
-    .bind(local_id)
-    .execute(&mut *c)
-    .await?;
-    Ok(())
-}
-
-/// Records a delete of `key` stamped `(hlc, system)`. With `record_goes` the record no longer
-/// exists locally; otherwise (fields were written after the delete) only the tombstone changes.
-pub(crate) async fn set_tombstone(
-    c: &mut SqliteConnection,
-    entity: &str,
-    key: &str,
-    (hlc, system): (u64, &str),
-    record_goes: bool,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO records (entity, key, local_id, live, tomb_hlc, tomb_system) VALUES (?, ?, NULL, 0, ?, ?)
-         ON CONFLICT(entity, key) DO UPDATE SET live = CASE WHEN ? THEN 0 ELSE live END,
-           tomb_hlc = excluded.tomb_hlc, tomb_system = excluded.tomb_system",
-    )
-    .bind(entity)
-    .bind(key)
-    .bind(to_i64(hlc))
-    .bind(system)
-    .bind(record_goes)
-    .execute(&mut *c)
-    .await?;
-    Ok(())
-}
-
 pub(crate) async fn get_rank(
     c: &mut SqliteConnection,
     entity: &str,
@@ -636,88 +562,260 @@ pub(crate) async fn get_rank(
     })
 }
 
-pub(crate) async fn set_rank(
+/// Everything the store keeps about one record, as the replica machine sees it.
+pub(crate) async fn load_record(
     c: &mut SqliteConnection,
     entity: &str,
-    field: &str,
-    rank: u32,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO ranks (entity, field, rank) VALUES (?, ?, ?)
-         ON CONFLICT(entity, field) DO UPDATE SET rank = excluded.rank",
+    key: &str,
+) -> Result<RecordState, StoreError> {
+    let row = record_by_key(c, entity, key).await?;
+    let mut state = RecordState {
+        known: row.is_some(),
+        ..RecordState::default()
+    };
+    if let Some(r) = row {
+        state.local_id = r.local_id;
+        state.live = r.live;
+        state.tombstone = r.tombstone;
+    }
+    let rows = sqlx::query(
+        "SELECT field, value, rank, hlc, system, pending FROM fields WHERE entity = ? AND key = ?",
     )
     .bind(entity)
-    .bind(field)
-    .bind(i64::from(rank))
-    .execute(&mut *c)
+    .bind(key)
+    .fetch_all(&mut *c)
     .await?;
-    Ok(())
+    for r in &rows {
+        let name: String = r.try_get(0)?;
+        state.fields.entry(name).or_default().winner = Some(field_state(r, 1)?);
+    }
+    let rows = sqlx::query(
+        "SELECT field, value, rank, hlc, system, 0 FROM shadows
+         WHERE entity = ? AND key = ? ORDER BY field, rank DESC",
+    )
+    .bind(entity)
+    .bind(key)
+    .fetch_all(&mut *c)
+    .await?;
+    for r in &rows {
+        let name: String = r.try_get(0)?;
+        state
+            .fields
+            .entry(name)
+            .or_default()
+            .shadows
+            .push(field_state(r, 1)?);
+    }
+    state.known |= !state.fields.is_empty();
+    let rows = sqlx::query(
+        "SELECT field, value, at_ms, version FROM echoes WHERE entity = ? AND key = ? ORDER BY id",
+    )
+    .bind(entity)
+    .bind(key)
+    .fetch_all(&mut *c)
+    .await?;
+    for r in &rows {
+        let field: Option<String> = r.try_get(0)?;
+        let value: Option<Vec<u8>> = r.try_get(1)?;
+        let at_ms = to_u64(r.try_get(2)?);
+        match (r.try_get::<Option<i64>, _>(3)?.map(to_u64), field) {
+            (None, Some(field)) => state.echoes.push(Echo::Value {
+                field,
+                value,
+                at_ms,
+            }),
+            (None, None) => {}
+            (Some(version), field) => {
+                let same = matches!(state.echoes.last(), Some(Echo::Version { version: v, .. }) if *v == version);
+                if !same {
+                    state.echoes.push(Echo::Version {
+                        version,
+                        fields: Vec::new(),
+                        deleted: false,
+                        at_ms,
+                    });
+                }
+                if let Some(Echo::Version {
+                    fields, deleted, ..
+                }) = state.echoes.last_mut()
+                {
+                    match field {
+                        Some(f) => fields.push((f, value)),
+                        None => *deleted = true,
+                    }
+                }
+            }
+        }
+    }
+    Ok(state)
 }
 
-/// Records that the change feed will report `field` = `value` because the SDK applied it.
-pub(crate) async fn expect_echo(
+/// The canonical key and state of the record the system knows as `local_id`, if any.
+pub(crate) async fn load_record_by_local(
+    c: &mut SqliteConnection,
+    entity: &str,
+    local_id: &str,
+) -> Result<Option<(String, RecordState)>, StoreError> {
+    let Some(row) = record_by_local(c, entity, local_id).await? else {
+        return Ok(None);
+    };
+    let state = load_record(c, entity, &row.key).await?;
+    Ok(Some((row.key, state)))
+}
+
+/// Writes what changed from `before` (as loaded) to `after` of one record.
+pub(crate) async fn save_record(
     c: &mut SqliteConnection,
     entity: &str,
     key: &str,
-    field: &str,
-    value: Option<&[u8]>,
-    now_ms: u64,
+    before: &RecordState,
+    after: &RecordState,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO echoes (entity, key, field, value, at_ms) VALUES (?, ?, ?, ?, ?)")
+    let row = |s: &RecordState| (s.local_id.clone(), s.live, s.tombstone.clone());
+    let needs_row = after.local_id.is_some() || after.live || after.tombstone.is_some();
+    if row(before) != row(after) && needs_row {
+        if let Some(local_id) = &after.local_id {
+            // Another key mapped to the same local id loses the mapping (the system merged the
+            // records).
+            sqlx::query(
+                "UPDATE records SET local_id = NULL WHERE entity = ? AND local_id = ? AND key <> ?",
+            )
+            .bind(entity)
+            .bind(local_id)
+            .bind(key)
+            .execute(&mut *c)
+            .await?;
+        }
+        let (tomb_hlc, tomb_system) = match &after.tombstone {
+            Some((h, s)) => (Some(to_i64(*h)), Some(s.as_str())),
+            None => (None, None),
+        };
+        sqlx::query(
+            "INSERT INTO records (entity, key, local_id, live, tomb_hlc, tomb_system)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT(entity, key) DO UPDATE SET local_id = excluded.local_id,
+               live = excluded.live, tomb_hlc = excluded.tomb_hlc,
+               tomb_system = excluded.tomb_system",
+        )
         .bind(entity)
         .bind(key)
-        .bind(field)
-        .bind(value)
-        .bind(to_i64(now_ms))
+        .bind(after.local_id.as_deref())
+        .bind(after.live)
+        .bind(tomb_hlc)
+        .bind(tomb_system)
         .execute(&mut *c)
         .await?;
+    }
+    let empty = Held::default();
+    for name in before.fields.keys().chain(after.fields.keys()) {
+        let old = before.fields.get(name).unwrap_or(&empty);
+        let new = after.fields.get(name).unwrap_or(&empty);
+        if old != new {
+            keep(c, entity, key, name, new, Some(old)).await?;
+        }
+    }
+    if before.echoes != after.echoes {
+        sqlx::query("DELETE FROM echoes WHERE entity = ? AND key = ?")
+            .bind(entity)
+            .bind(key)
+            .execute(&mut *c)
+            .await?;
+        for echo in &after.echoes {
+            match echo {
+                Echo::Value {
+                    field,
+                    value,
+                    at_ms,
+                } => {
+                    insert_echo(c, entity, key, Some(field), value.as_deref(), *at_ms, None).await?
+                }
+                Echo::Version {
+                    version,
+                    fields,
+                    deleted,
+                    at_ms,
+                } => {
+                    for (field, value) in fields {
+                        insert_echo(
+                            c,
+                            entity,
+                            key,
+                            Some(field),
+                            value.as_deref(),
+                            *at_ms,
+                            Some(*version),
+                        )
+                        .await?;
+                    }
+                    if *deleted {
+                        insert_echo(c, entity, key, None, None, *at_ms, Some(*version)).await?;
+                    }
+                }
+            }
+        }
+    }
     Ok(())
 }
 
-/// Whether a local write of `field` = `value` is the (possibly late) echo of a value the SDK
-/// applied. If so the expectation is consumed, together with the older ones of the field (the
-/// feed is ordered: those will not come any more).
-pub(crate) async fn take_echo(
+async fn insert_echo(
     c: &mut SqliteConnection,
     entity: &str,
     key: &str,
-    field: &str,
+    field: Option<&str>,
     value: Option<&[u8]>,
-) -> Result<bool, StoreError> {
-    let row = sqlx::query(
-        "SELECT id FROM echoes WHERE entity = ? AND key = ? AND field = ? AND value IS ? ORDER BY id LIMIT 1",
+    at_ms: u64,
+    version: Option<u64>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO echoes (entity, key, field, value, at_ms, version) VALUES (?, ?, ?, ?, ?, ?)",
     )
     .bind(entity)
     .bind(key)
     .bind(field)
     .bind(value)
-    .fetch_optional(&mut *c)
+    .bind(to_i64(at_ms))
+    .bind(version.map(to_i64))
+    .execute(&mut *c)
     .await?;
-    let Some(row) = row else { return Ok(false) };
-    let id: i64 = row.try_get(0)?;
-    sqlx::query("DELETE FROM echoes WHERE entity = ? AND key = ? AND field = ? AND id <= ?")
-        .bind(entity)
-        .bind(key)
-        .bind(field)
-        .bind(id)
-        .execute(&mut *c)
-        .await?;
-    Ok(true)
+    Ok(())
 }
 
-/// Forgets the expected echoes of a field: a local write of it was published, so the system
-/// holds what its feed reports from now on.
-pub(crate) async fn clear_echoes(
+/// This system's merge ranks for the fields of `entity`.
+pub(crate) async fn load_ranks(
     c: &mut SqliteConnection,
     entity: &str,
-    key: &str,
-    field: &str,
-) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM echoes WHERE entity = ? AND key = ? AND field = ?")
+) -> Result<Ranks, StoreError> {
+    let rows = sqlx::query("SELECT field, rank FROM ranks WHERE entity = ?")
         .bind(entity)
-        .bind(key)
-        .bind(field)
-        .execute(&mut *c)
+        .fetch_all(&mut *c)
         .await?;
+    let mut ranks = Ranks::new();
+    for r in &rows {
+        let rank = u32::try_from(r.try_get::<i64, _>(1)?).unwrap_or(0);
+        ranks.insert(r.try_get(0)?, rank);
+    }
+    Ok(ranks)
+}
+
+/// Writes the ranks that changed from `before` to `after`.
+pub(crate) async fn save_ranks(
+    c: &mut SqliteConnection,
+    entity: &str,
+    before: &Ranks,
+    after: &Ranks,
+) -> Result<(), StoreError> {
+    for (field, rank) in after {
+        if before.get(field) != Some(rank) {
+            sqlx::query(
+                "INSERT INTO ranks (entity, field, rank) VALUES (?, ?, ?)
+                 ON CONFLICT(entity, field) DO UPDATE SET rank = excluded.rank",
+            )
+            .bind(entity)
+            .bind(field)
+            .bind(i64::from(*rank))
+            .execute(&mut *c)
+            .await?;
+        }
+    }
     Ok(())
 }

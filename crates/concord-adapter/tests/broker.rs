@@ -248,7 +248,7 @@ async fn an_inbox_event_delivered_twice_is_applied_once() {
             assert_eq!(system.applied()[0].key, "c-42");
             assert_eq!(system.applied()[0].origin, "orders");
             // The echo of the apply is not published back.
-            until(&handle, "the echo", |m| m.local_unchanged >= 1).await;
+            until(&handle, "the echo", |m| m.local_echoes >= 1).await;
             assert_eq!(handle.metrics().published, 0);
             handle.shutdown().await.unwrap();
             // Everything was acknowledged.

@@ -49,6 +49,14 @@ pub use error::{AmqpError, PublishError};
 pub use publisher::{CONTENT_TYPE, MessageProps, PendingConfirm, Publisher, PublisherOptions};
 pub use topology::{PARTITION_HASH_HEADER, QueueType, Topology, queue_message_count};
 
+/// The wall clock in milliseconds since the Unix epoch: the one clock read the services and
+/// tools share (the pure core takes time as a parameter). 0 before 1970, saturating far ahead.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Re-exported so that callers never need a direct `backon` dependency to drive
 /// [`backoff()`] (`backoff().build()` yields the delays).
 pub use backon::{BackoffBuilder, ExponentialBuilder};

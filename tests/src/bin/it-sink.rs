@@ -21,10 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Context;
-use concord_adapter::{
-    AdapterError, Applied, Apply, ApplyOp, LocalChange, RunnerConfig, SystemAdapter,
-};
-use futures::Stream;
+use concord_adapter::{AdapterError, Applied, Apply, ApplyOp, RunnerConfig, SystemAdapter};
 
 /// One line of `applied.jsonl` / `replays.jsonl`.
 fn line(change: &Apply) -> String {
@@ -114,18 +111,8 @@ impl FileSink {
     }
 }
 
+/// A sink: it implements only `apply` (no change feed, no snapshot).
 impl SystemAdapter for FileSink {
-    fn changes(
-        &self,
-        _cursor: Option<String>,
-    ) -> impl Stream<Item = Result<LocalChange, AdapterError>> + Send + 'static {
-        futures::stream::pending()
-    }
-
-    fn snapshot(&self) -> impl Stream<Item = Result<LocalChange, AdapterError>> + Send + 'static {
-        futures::stream::empty()
-    }
-
     async fn apply(&self, change: &Apply) -> Result<Applied, AdapterError> {
         let files = self.files.clone();
         let change = change.clone();
@@ -142,12 +129,12 @@ impl SystemAdapter for FileSink {
                 println!("applied {}", change.event_id);
             }
             // The record's id in this system is its canonical key.
-            Ok(Applied {
-                local_id: change
+            Ok(Applied::to(
+                change
                     .local_id
                     .clone()
                     .unwrap_or_else(|| change.key.clone()),
-            })
+            ))
         })
         .await
         .map_err(AdapterError::transient)?

@@ -8,7 +8,7 @@ use prost_reflect::Value;
 use tokio::sync::Notify;
 
 use crate::adapter::{
-    AdapterError, Applied, Apply, ApplyOp, Fields, LocalChange, LocalOp, SystemAdapter,
+    AdapterError, Applied, Apply, ApplyOp, Echoes, Fields, LocalChange, LocalOp, SystemAdapter,
 };
 
 /// The fields of one record.
@@ -24,6 +24,12 @@ struct State {
     failures: VecDeque<AdapterError>,
     /// While set, the feed shows only the changes before this position (feed lag).
     paused_at: Option<usize>,
+    /// Records carry a version, bumped by every change, reported on the feed and returned by
+    /// `apply`.
+    versioned: bool,
+    versions: HashMap<(String, String), u64>,
+    /// The feed does not report what `apply` writes.
+    skips_own_writes: bool,
 }
 
 #[derive(Debug)]
@@ -67,10 +73,37 @@ impl MemorySystem {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn push(&self, st: &mut State, mut change: LocalChange) {
+    /// Records a change of the system: bumps the record's version and, unless `own` writes are
+    /// not reported, puts it on the feed. Returns the record's new version.
+    fn push(&self, st: &mut State, mut change: LocalChange, own: bool) -> Option<u64> {
+        let version = st
+            .versions
+            .entry((change.entity.clone(), change.local_id.clone()))
+            .or_default();
+        *version += 1;
+        let version = st.versioned.then_some(*version);
+        if own && st.skips_own_writes {
+            return version;
+        }
+        change.version = version;
         change.cursor = Some((st.log.len() + 1).to_string());
         st.log.push(change);
         self.inner.notify.notify_waiters();
+        version
+    }
+
+    /// Records carry a version that every change bumps: the feed reports it and `apply`
+    /// returns it, so the SDK recognises its own writes exactly.
+    pub fn versioned(self) -> MemorySystem {
+        self.state().versioned = true;
+        self
+    }
+
+    /// The feed does not report what `apply` writes (as capture triggers that skip the
+    /// adapter's transactions).
+    pub fn skipping_own_writes(self) -> MemorySystem {
+        self.state().skips_own_writes = true;
+        self
     }
 
     /// A user edits record `local_id` (creating it when missing): sets the given fields
@@ -92,13 +125,10 @@ impl MemorySystem {
         let rec = st.records.entry(rk).or_default();
         set_all(rec, &fields);
         let change = LocalChange {
-            entity: entity.to_owned(),
-            local_id: local_id.to_owned(),
             op,
-            fields,
-            cursor: None,
+            ..LocalChange::upsert(entity, local_id, fields)
         };
-        self.push(&mut st, change);
+        self.push(&mut st, change, false);
     }
 
     /// A user creates a record; returns its new local id.
@@ -120,14 +150,7 @@ impl MemorySystem {
             .remove(&(entity.to_owned(), local_id.to_owned()))
             .is_some()
         {
-            let change = LocalChange {
-                entity: entity.to_owned(),
-                local_id: local_id.to_owned(),
-                op: LocalOp::Delete,
-                fields: Fields::new(),
-                cursor: None,
-            };
-            self.push(&mut st, change);
+            self.push(&mut st, LocalChange::delete(entity, local_id), false);
         }
     }
 
@@ -261,15 +284,12 @@ impl SystemAdapter for MemorySystem {
         let mut items: Vec<LocalChange> = st
             .records
             .iter()
-            .map(|((entity, id), rec)| LocalChange {
-                entity: entity.clone(),
-                local_id: id.clone(),
-                op: LocalOp::Upsert,
-                fields: rec
+            .map(|((entity, id), rec)| {
+                let fields = rec
                     .iter()
                     .map(|(k, v)| (k.clone(), Some(v.clone())))
-                    .collect(),
-                cursor: None,
+                    .collect();
+                LocalChange::upsert(entity.clone(), id.clone(), fields)
             })
             .collect();
         items.sort_by(|a, b| (&a.entity, &a.local_id).cmp(&(&b.entity, &b.local_id)));
@@ -288,13 +308,10 @@ impl SystemAdapter for MemorySystem {
         st.applied.push(change.clone());
         let rk = (change.entity.clone(), id.clone());
         let local = match change.op {
-            ApplyOp::Delete => st.records.remove(&rk).map(|_| LocalChange {
-                entity: change.entity.clone(),
-                local_id: id.clone(),
-                op: LocalOp::Delete,
-                fields: Fields::new(),
-                cursor: None,
-            }),
+            ApplyOp::Delete => st
+                .records
+                .remove(&rk)
+                .map(|_| LocalChange::delete(change.entity.clone(), id.clone())),
             ApplyOp::Upsert => {
                 let op = if st.records.contains_key(&rk) {
                     LocalOp::Upsert
@@ -303,17 +320,23 @@ impl SystemAdapter for MemorySystem {
                 };
                 set_all(st.records.entry(rk).or_default(), &change.fields);
                 Some(LocalChange {
-                    entity: change.entity.clone(),
-                    local_id: id.clone(),
                     op,
-                    fields: change.fields.clone(),
-                    cursor: None,
+                    ..LocalChange::upsert(change.entity.clone(), id.clone(), change.fields.clone())
                 })
             }
         };
-        if let Some(c) = local {
-            self.push(&mut st, c);
+        let version = local.and_then(|c| self.push(&mut st, c, true));
+        Ok(Applied {
+            local_id: id,
+            version,
+        })
+    }
+
+    fn echoes(&self) -> Echoes {
+        if self.state().skips_own_writes {
+            Echoes::NotReported
+        } else {
+            Echoes::Reported
         }
-        Ok(Applied { local_id: id })
     }
 }

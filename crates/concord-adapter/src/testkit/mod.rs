@@ -221,6 +221,8 @@ pub struct TestBus {
     pub max_transient_attempts: usize,
     /// Rounds after which [`TestBus::run_until_quiet`] gives up.
     pub max_rounds: usize,
+    /// How long a system's feed may take to report a value the SDK applied (by value), in ms.
+    pub echo_window_ms: u64,
 }
 
 impl std::fmt::Debug for TestBus {
@@ -250,6 +252,7 @@ impl TestBus {
             messages: 0,
             max_transient_attempts: 8,
             max_rounds: 10_000,
+            echo_window_ms: 3_600_000,
         }
     }
 
@@ -287,7 +290,7 @@ impl TestBus {
             .policy
             .entities()
             .iter()
-            .map(|e| (e.name.clone(), e.message.full_name().to_owned()))
+            .map(|e| (e.name.clone(), e.message.clone()))
             .collect();
         let metrics = Arc::new(Metrics::default());
         let cursor = store.cursor().await?;
@@ -295,9 +298,10 @@ impl TestBus {
             system,
             adapter.clone(),
             store,
-            &entities,
+            entities,
             metrics.clone(),
             false,
+            self.echo_window_ms,
         )
         .await?;
         let changes = adapter.changes(cursor).boxed();
