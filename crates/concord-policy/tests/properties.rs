@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 
 use common::*;
 use concord_policy::Op;
-use concord_policy::route::{self, Input, Outcome, RouterSettings};
+use concord_policy::route::{self, DeadLetterReason, Input, Outcome, RouterSettings};
 use concord_proto::v1::{ChangeEvent, FieldClock};
 use proptest::prelude::*;
 use prost::Message;
@@ -231,6 +231,14 @@ fn check(spec: &PolicySpec, e: &EventSpec) -> Result<(), TestCaseError> {
             user_id: Some(&src),
         },
     );
+    // A mask naming more fields than the message has (every field and a bogus one) is refused
+    // whole.
+    let names = e.mask.len() + usize::from(e.bogus);
+    if names > customer().fields().len() {
+        let refused = matches!(&out, Outcome::DeadLetter(d) if d.reason == DeadLetterReason::FieldMaskTooLarge);
+        prop_assert!(refused, "{out:?}");
+        return Ok(());
+    }
     let r = match out {
         Outcome::Routed(r) => r,
         Outcome::DeadLetter(d) => return Err(TestCaseError::fail(format!("dead letter {d:?}"))),
