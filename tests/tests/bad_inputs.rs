@@ -420,11 +420,13 @@ async fn bad_inputs_are_dead_lettered_with_their_reason_and_routing_goes_on() ->
             .iter()
             .all(|name| n.memory.find("customer", "name", name).is_some())
     };
+    // An applied change shows in the system before the SDK records it: wait for both.
+    let recorded = |n: &Node| n.metrics().incoming_applied as usize >= names.len();
     converge(
         &[support, delivery],
         30,
         "every good event in support and delivery",
-        || has_all(support) && has_all(delivery),
+        || has_all(support) && has_all(delivery) && recorded(support) && recorded(delivery),
     )
     .await?;
     for n in [support, delivery] {
