@@ -17,7 +17,9 @@ pub mod adapter;
 pub mod amqp;
 pub mod config;
 pub mod engine;
+mod http;
 pub mod metrics;
+pub mod process;
 pub mod runner;
 pub mod store;
 #[cfg(feature = "testkit")]
@@ -32,6 +34,7 @@ pub use amqp::AmqpTransport;
 pub use config::{RetryConfig, RunnerConfig};
 pub use engine::{EngineError, IncomingError, Processed};
 pub use metrics::{Metrics, MetricsSnapshot};
+pub use process::{Adapter, Args, Context, ProcessConfig, main, run_process};
 pub use runner::{RunError, RunnerHandle, run, start, start_with};
 pub use store::{Store, StoreError};
 pub use transport::{Incoming, Link, Outgoing, Transport, TransportError};

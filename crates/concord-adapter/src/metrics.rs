@@ -4,19 +4,27 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
+/// One counter, as exported by the adapter process's `/metrics`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Counter {
+    pub(crate) name: &'static str,
+    pub(crate) help: &'static str,
+    pub(crate) read: fn(&MetricsSnapshot) -> u64,
+}
+
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+    ($(#[doc = $doc:literal] $name:ident),* $(,)?) => {
         /// Live counters, shared between the engine and whoever reads them.
         #[derive(Debug, Default)]
         pub struct Metrics {
-            $($(#[$doc])* pub $name: AtomicU64,)*
+            $(#[doc = $doc] pub $name: AtomicU64,)*
             changed: Notify,
         }
 
         /// A copy of the counters at one moment.
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
         pub struct MetricsSnapshot {
-            $($(#[$doc])* pub $name: u64,)*
+            $(#[doc = $doc] pub $name: u64,)*
         }
 
         impl Metrics {
@@ -27,6 +35,15 @@ macro_rules! counters {
                 }
             }
         }
+
+        /// Every counter: its name, its help text and how to read it from a snapshot.
+        pub(crate) const COUNTERS: &[Counter] = &[
+            $(Counter {
+                name: stringify!($name),
+                help: $doc.trim_ascii(),
+                read: |s| s.$name,
+            },)*
+        ];
     };
 }
 

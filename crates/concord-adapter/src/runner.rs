@@ -28,6 +28,7 @@
 //! in order, so receivers deduplicate them and a stale write never gets a newer stamp. A batch
 //! whose commit failed is processed again (nothing of it was recorded).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::{BoxStream, ReadyChunks};
+use prost_reflect::MessageDescriptor;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -156,6 +158,22 @@ impl RunnerHandle {
         *self.ready.borrow()
     }
 
+    /// Follows whether the runner is connected (and consuming its inbox).
+    pub fn ready_watch(&self) -> watch::Receiver<bool> {
+        self.ready.clone()
+    }
+
+    /// Waits until the runner stops by itself (an unrecoverable error: bad configuration, state
+    /// store unusable) and returns how it ended; pending forever while it runs. Cancel-safe.
+    pub async fn wait_stopped(&mut self) -> Result<(), RunError> {
+        let Some(join) = self.join.as_mut() else {
+            return Ok(());
+        };
+        let r = join.await;
+        self.join = None;
+        r.map_err(|e| RunError::Task(e.to_string()))?
+    }
+
     /// The runner's counters.
     pub fn metrics(&self) -> MetricsSnapshot {
         self.metrics.snapshot()
@@ -219,17 +237,7 @@ async fn serve<A: SystemAdapter, T: Transport>(
     store
         .prune_echoes(now.saturating_sub(config.echo_window_secs.saturating_mul(1000)))
         .await?;
-    let mut entities = std::collections::HashMap::new();
-    for (entity, message) in &config.entities {
-        let desc = concord_proto::descriptor_pool()
-            .get_message_by_name(message)
-            .ok_or_else(|| {
-                RunError::Config(format!(
-                    "entity {entity:?}: unknown protobuf message {message:?}"
-                ))
-            })?;
-        entities.insert(entity.clone(), desc);
-    }
+    let entities = entities(&config)?;
     let mut engine = Engine::new(
         &config.system,
         adapter.clone(),
@@ -316,6 +324,24 @@ async fn serve<A: SystemAdapter, T: Transport>(
     info!(system = %config.system, "runner stopped");
     store.close().await;
     Ok(())
+}
+
+/// The deployment's entities: entity name → protobuf message.
+pub(crate) fn entities(
+    config: &RunnerConfig,
+) -> Result<HashMap<String, MessageDescriptor>, RunError> {
+    let mut entities = HashMap::new();
+    for (entity, message) in &config.entities {
+        let desc = concord_proto::descriptor_pool()
+            .get_message_by_name(message)
+            .ok_or_else(|| {
+                RunError::Config(format!(
+                    "entity {entity:?}: unknown protobuf message {message:?}"
+                ))
+            })?;
+        entities.insert(entity.clone(), desc);
+    }
+    Ok(entities)
 }
 
 /// Sleeps for `delay` unless asked to stop first; returns whether to stop.
