@@ -14,12 +14,7 @@ use tracing::{debug, warn};
 use crate::config::RunnerConfig;
 use crate::transport::{Inbox, Incoming, Link, Outgoing, Transport, TransportError};
 
-/// Header naming the record of a published event: `{entity}/{key}`.
-pub const HEADER_KEY: &str = "concord-key";
-/// Header of a dead-lettered message: the reason code.
-pub const HEADER_REASON: &str = "concord-reason";
-/// Header of a dead-lettered message: the human-readable detail.
-pub const HEADER_DETAIL: &str = "concord-detail";
+use concord_amqp::{HEADER_DETAIL, HEADER_KEY, HEADER_REASON};
 
 /// Longest `concord-detail` header value sent, in bytes.
 const MAX_DETAIL: usize = 1024;

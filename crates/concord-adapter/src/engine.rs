@@ -11,7 +11,7 @@ use concord_policy::replica::{
     ApplyPlan, IncomingStep, LocalEdit, LocalStep, Ranks, RecordState, Replica, Value,
     change_event, decode_copy,
 };
-use concord_policy::route::{decode_field, encode_field};
+use concord_policy::route::{DeadLetterReason, decode_field, encode_field};
 use concord_proto::v1::ChangeEvent;
 use prost::Message;
 use prost_reflect::{DynamicMessage, MessageDescriptor};
@@ -51,9 +51,9 @@ pub enum Processed {
 #[derive(Debug, thiserror::Error)]
 pub enum IncomingError {
     /// It can never be processed: dead-letter it (`reason` goes into header `concord-reason`).
-    #[error("{reason}: {detail}")]
+    #[error("{}: {detail}", reason.as_str())]
     Permanent {
-        reason: &'static str,
+        reason: DeadLetterReason,
         detail: String,
     },
     /// Retry it later, in order.
@@ -73,7 +73,7 @@ impl From<sqlx::Error> for IncomingError {
     }
 }
 
-fn permanent(reason: &'static str, detail: impl Into<String>) -> IncomingError {
+fn permanent(reason: DeadLetterReason, detail: impl Into<String>) -> IncomingError {
     IncomingError::Permanent {
         reason,
         detail: detail.into(),
@@ -151,16 +151,23 @@ impl<A: SystemAdapter> Engine<A> {
     }
 
     async fn incoming(&mut self, body: &[u8]) -> Result<Processed, IncomingError> {
-        let ev = ChangeEvent::decode(body)
-            .map_err(|e| permanent("undecodable", format!("not a concord.v1.ChangeEvent: {e}")))?;
+        let ev = ChangeEvent::decode(body).map_err(|e| {
+            permanent(
+                DeadLetterReason::Undecodable,
+                format!("not a concord.v1.ChangeEvent: {e}"),
+            )
+        })?;
         if ev.schema_version != concord_proto::SCHEMA_VERSION {
             return Err(permanent(
-                "unsupported_schema_version",
+                DeadLetterReason::UnsupportedSchemaVersion,
                 format!("schema_version {}", ev.schema_version),
             ));
         }
         if ev.event_id.is_empty() {
-            return Err(permanent("invalid_event_id", "empty event_id"));
+            return Err(permanent(
+                DeadLetterReason::InvalidEventId,
+                "empty event_id",
+            ));
         }
         if self.store.seen(&ev.event_id).await? {
             debug!(event_id = %ev.event_id, "duplicate event");
@@ -168,7 +175,7 @@ impl<A: SystemAdapter> Engine<A> {
         }
         let Some(message) = self.entities.get(&ev.entity).cloned() else {
             return Err(permanent(
-                "unknown_entity",
+                DeadLetterReason::UnknownEntity,
                 format!(
                     "entity {:?} is not in the policy of system {}",
                     ev.entity, self.system
@@ -176,7 +183,7 @@ impl<A: SystemAdapter> Engine<A> {
             ));
         };
         if ev.key.is_empty() {
-            return Err(permanent("invalid_key", "empty key"));
+            return Err(permanent(DeadLetterReason::InvalidKey, "empty key"));
         }
         let decoded = decode_copy(&ev, &message).map_err(|e| permanent(e.reason, e.detail))?;
         if !decoded.unknown.is_empty() {
@@ -244,7 +251,7 @@ impl<A: SystemAdapter> Engine<A> {
                     store::save_record(&mut tx, entity, key, &recorded, &before).await?;
                     tx.commit().await?;
                 }
-                Err(permanent("apply_failed", e.to_string()))
+                Err(permanent(DeadLetterReason::ApplyFailed, e.to_string()))
             }
             // Pending fields stay: the retry applies them again.
             Err(e) => Err(IncomingError::Transient(e)),

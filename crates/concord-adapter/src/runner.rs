@@ -566,8 +566,8 @@ async fn incoming<A: SystemAdapter, L: Link>(
                 return Ok(());
             }
             Err(IncomingError::Permanent { reason, detail }) => {
-                warn!(reason, %detail, "dead-lettering an incoming message");
-                link.dead_letter(&m.body, reason, &detail).await?;
+                warn!(reason = reason.as_str(), %detail, "dead-lettering an incoming message");
+                link.dead_letter(&m.body, reason.as_str(), &detail).await?;
                 Metrics::inc(&engine.metrics().dead_lettered);
                 engine.metrics().touch();
                 link.ack(m.tag).await?;

@@ -47,7 +47,10 @@ pub use connection::{
 pub use consumer::{Consumer, Delivery, consume};
 pub use error::{AmqpError, PublishError};
 pub use publisher::{CONTENT_TYPE, MessageProps, PendingConfirm, Publisher, PublisherOptions};
-pub use topology::{PARTITION_HASH_HEADER, QueueType, Topology, queue_message_count};
+pub use topology::{
+    HEADER_DETAIL, HEADER_KEY, HEADER_ORIGIN, HEADER_REASON, HEADER_ROUTING_KEY,
+    PARTITION_HASH_HEADER, QueueType, Topology, queue_message_count,
+};
 
 /// The wall clock in milliseconds since the Unix epoch: the one clock read the services and
 /// tools share (the pure core takes time as a parameter). 0 before 1970, saturating far ahead.

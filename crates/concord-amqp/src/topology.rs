@@ -58,8 +58,19 @@ pub const DEFAULT_NAMESPACE: &str = "concord";
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
 /// Dead-letter key (and DLQ suffix) of the router queue.
 pub const ROUTER_DLQ_KEY: &str = "router";
-/// The header the partition exchange hashes: `<entity>/<key>`, the canonical record key.
-pub const PARTITION_HASH_HEADER: &str = "concord-key";
+/// Header naming the record of a message: `<entity>/<key>` (set by publishers; the partition
+/// exchange hashes it).
+pub const HEADER_KEY: &str = "concord-key";
+/// Header of a routed copy: the system the change comes from.
+pub const HEADER_ORIGIN: &str = "concord-origin";
+/// Header of a dead letter: the reason code.
+pub const HEADER_REASON: &str = "concord-reason";
+/// Header of a dead letter: what was wrong, for people.
+pub const HEADER_DETAIL: &str = "concord-detail";
+/// Header of a router dead letter: the routing key the message was published with.
+pub const HEADER_ROUTING_KEY: &str = "concord-routing-key";
+/// The header the partition exchange hashes: the record key.
+pub const PARTITION_HASH_HEADER: &str = HEADER_KEY;
 /// Largest number of router partitions (queue names stay short, the broker stays sane).
 pub const MAX_PARTITIONS: u16 = 1024;
 /// Exchange type of the partition exchange (plugin `rabbitmq_consistent_hash_exchange`).

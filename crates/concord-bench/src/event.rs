@@ -13,8 +13,7 @@ pub const SOURCE: &str = "src";
 pub const ENTITY: &str = "customer";
 /// Routing key of every published event: `<source>.<entity>`.
 pub const ROUTING_KEY: &str = "src.customer";
-/// Header naming the record, as the adapter SDK and the router set it.
-pub const HEADER_KEY: &str = "concord-key";
+pub use concord_amqp::HEADER_KEY;
 
 /// Every field of `concord.v1.Customer`; each event changes all of them.
 pub use concord_proto::CUSTOMER_FIELDS as FIELDS;

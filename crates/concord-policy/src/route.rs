@@ -49,7 +49,8 @@ pub struct Input<'a> {
     pub user_id: Option<&'a str>,
 }
 
-/// Why a message goes to the dead-letter queue.
+/// Why a message goes to a dead-letter queue: the codes of header `concord-reason`, for the
+/// router's dead letters and the adapters'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeadLetterReason {
     TooLarge,
@@ -69,6 +70,8 @@ pub enum DeadLetterReason {
     ClockSkew,
     InvalidRecord,
     UnknownField,
+    /// An adapter's system refused to apply the change (a permanent error of the adapter).
+    ApplyFailed,
 }
 
 impl DeadLetterReason {
@@ -93,6 +96,7 @@ impl DeadLetterReason {
             ClockSkew => "clock_skew",
             InvalidRecord => "invalid_record",
             UnknownField => "unknown_field",
+            ApplyFailed => "apply_failed",
         }
     }
 }

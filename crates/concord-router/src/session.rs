@@ -42,16 +42,9 @@ use tracing::{debug, info, warn};
 
 use crate::service::{Control, PolicyState, Shared, now_ms};
 
-/// Header naming the system a routed change comes from.
-pub const HEADER_ORIGIN: &str = "concord-origin";
-/// Header naming the record of a routed change: `<entity>/<key>`.
-pub const HEADER_KEY: &str = "concord-key";
-/// Header of a dead-lettered message: the reason code ([`concord_policy::DeadLetterReason::as_str`]).
-pub const HEADER_REASON: &str = "concord-reason";
-/// Header of a dead-lettered message: what exactly was wrong.
-pub const HEADER_DETAIL: &str = "concord-detail";
-/// Header of a dead-lettered message: the routing key it was published with.
-pub const HEADER_ROUTING_KEY: &str = "concord-routing-key";
+pub use concord_amqp::{
+    HEADER_DETAIL, HEADER_KEY, HEADER_ORIGIN, HEADER_REASON, HEADER_ROUTING_KEY,
+};
 /// Routing key of the router's dead letters on the dead-letter exchange.
 pub const DEAD_LETTER_KEY: &str = concord_amqp::topology::ROUTER_DLQ_KEY;
 

@@ -544,7 +544,7 @@ async fn drain_inbox(node: &mut Node, max_attempts: usize) -> bool {
             Err(IncomingError::Permanent { reason, detail }) => {
                 Metrics::inc(&node.metrics.dead_lettered);
                 node.dead.push(DeadLettered {
-                    reason: reason.to_owned(),
+                    reason: reason.as_str().to_owned(),
                     detail,
                     body,
                 });

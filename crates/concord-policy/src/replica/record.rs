@@ -16,6 +16,7 @@ use prost_reflect::MessageDescriptor;
 use super::{FieldState, Held, LocalWrite, classify_local, delete_is_new, predates};
 use crate::Op;
 use crate::clock::{Hlc, Stamp};
+use crate::route::DeadLetterReason;
 
 /// The encoded value of one field (a message of the entity's type with only that field set);
 /// `None` when the field is cleared.
@@ -679,10 +680,10 @@ pub fn change_event(
 
 /// Why a routed copy cannot be processed (it goes to the system's dead-letter queue).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{reason}: {detail}")]
+#[error("{}: {detail}", reason.as_str())]
 pub struct CopyError {
     /// The code for header `concord-reason`.
-    pub reason: &'static str,
+    pub reason: DeadLetterReason,
     pub detail: String,
 }
 
@@ -702,7 +703,7 @@ pub fn decode_copy(
     message: &MessageDescriptor,
 ) -> Result<DecodedCopy, CopyError> {
     let op = Op::from_wire(ev.op).ok_or_else(|| CopyError {
-        reason: "invalid_op",
+        reason: DeadLetterReason::InvalidOp,
         detail: format!("op {}", ev.op),
     })?;
     let ranks = ev
@@ -724,7 +725,7 @@ pub fn decode_copy(
     if op == Op::Delete {
         if decoded.copy.record_clock.is_none() {
             return Err(CopyError {
-                reason: "missing_clock",
+                reason: DeadLetterReason::MissingClock,
                 detail: "a delete needs record_clock".into(),
             });
         }
@@ -732,7 +733,7 @@ pub fn decode_copy(
     }
     let record = prost_reflect::DynamicMessage::decode(message.clone(), ev.record.as_slice())
         .map_err(|e| CopyError {
-            reason: "invalid_record",
+            reason: DeadLetterReason::InvalidRecord,
             detail: format!("record is not a valid {}: {e}", message.full_name()),
         })?;
     for name in &ev.field_mask {
