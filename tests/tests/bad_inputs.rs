@@ -3,7 +3,7 @@
 //! original body; every good event reaches its subscribers; the router never stops routing.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use concord_amqp::{MessageProps, Publisher, PublisherOptions, Topology};
@@ -18,11 +18,7 @@ use prost::Message;
 /// The router's size limit in this test.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+use concord_amqp::now_ms;
 
 fn clock(source: &str, at_ms: u64) -> FieldClock {
     FieldClock {

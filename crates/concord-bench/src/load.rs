@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use concord_amqp::{AckBatcher, Connection, MessageProps, PendingConfirm, Publisher, consume};
@@ -16,11 +16,7 @@ use crate::event::{self, EventFactory};
 /// A subscriber that receives nothing for this long fails the run.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use concord_amqp::now_ms;
 
 /// When each event was handed to its publisher, for end-to-end latency.
 #[derive(Debug)]

@@ -1,11 +1,11 @@
 //! Helpers shared by the router's broker tests.
 
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use concord_amqp::{Connection, Publisher, PublisherOptions, Topology, connect};
 use futures::FutureExt;
@@ -50,12 +50,7 @@ pub async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
 }
 
 /// Wall-clock milliseconds, for event clocks.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
+pub use concord_amqp::now_ms;
 
 /// A fresh namespace for one test: the seed policy in `dir` (as `policy.toml`), a client
 /// connection and its publisher.
