@@ -32,7 +32,7 @@ pub fn unique_namespace(test: &str) -> String {
     )
 }
 
-/// The seed policy file.
+/// The seed policy file (its schema, `customer.proto`, is next to it).
 pub fn seed_policy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed/policy.toml")
 }
@@ -81,7 +81,7 @@ impl Node {
             system,
             amqp_uri(),
             dir.join(format!("{system}.sqlite")),
-            [("customer".to_owned(), "concord.v1.Customer".to_owned())],
+            seed_policy(),
         );
         config.namespace = namespace.to_owned();
         let mut runner = concord_adapter::start(memory.clone(), config.clone());
@@ -236,7 +236,7 @@ pub fn fault_runner_config(namespace: &str, system: &str, dir: &Path, uri: &str)
         system,
         uri,
         dir.join(format!("{system}.sqlite")),
-        [("customer".to_owned(), "concord.v1.Customer".to_owned())],
+        seed_policy(),
     );
     config.namespace = namespace.to_owned();
     config.reconnect = concord_adapter::RetryConfig {

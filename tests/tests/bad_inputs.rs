@@ -10,8 +10,9 @@ use concord_amqp::{MessageProps, Publisher, PublisherOptions, Topology};
 use concord_it::*;
 use concord_policy::DeadLetterReason as R;
 use concord_policy::clock::from_ms;
-use concord_proto::v1::{ChangeEvent, Customer, FieldClock, Op};
+use concord_proto::v1::{ChangeEvent, FieldClock, Op};
 use concord_router::{HEADER_DETAIL, HEADER_REASON, HEADER_ROUTING_KEY, Router};
+use concord_seed_model::seed::v1::Customer;
 use futures::StreamExt;
 use prost::Message;
 

@@ -11,7 +11,7 @@ use concord_policy::replica::{
     FieldState, Held, LocalWrite, buried, classify_local, delete_is_new,
 };
 use concord_policy::route::{decode_field, encode_field};
-use concord_policy::{Hlc, Op, Stamp};
+use concord_policy::{Hlc, Op, Policy, Stamp};
 use concord_proto::v1::{ChangeEvent, FieldClock};
 use prost::Message;
 use prost_reflect::{DynamicMessage, FieldDescriptor, MessageDescriptor};
@@ -138,21 +138,16 @@ impl<A: SystemAdapter> Engine<A> {
         system: &str,
         adapter: Arc<A>,
         store: Store,
-        entities: &BTreeMap<String, String>,
+        policy: &Policy,
         metrics: Arc<Metrics>,
         publish_user_id: bool,
     ) -> Result<Engine<A>, EngineError> {
-        let pool = concord_proto::descriptor_pool();
-        let mut resolved = HashMap::new();
-        for (entity, message) in entities {
-            let desc =
-                pool.get_message_by_name(message)
-                    .ok_or_else(|| EngineError::UnknownMessage {
-                        entity: entity.clone(),
-                        message: message.clone(),
-                    })?;
-            resolved.insert(entity.clone(), desc);
-        }
+        // The entities and their messages come from the policy (and the schema it names).
+        let resolved = policy
+            .entities()
+            .iter()
+            .map(|e| (e.name.clone(), e.message.clone()))
+            .collect();
         let hlc = Hlc::starting_at(store.max_hlc().await?);
         Ok(Engine {
             system: system.to_owned(),

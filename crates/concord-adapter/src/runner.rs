@@ -53,6 +53,9 @@ use crate::transport::{Inbox, Incoming, Link, Transport, TransportError};
 pub enum RunError {
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The policy file or the schema it names could not be loaded.
+    #[error("cannot load the policy and its schema: {0}")]
+    Deployment(concord_schema::LoadError),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -212,6 +215,15 @@ async fn serve<A: SystemAdapter, T: Transport>(
     ready: watch::Sender<bool>,
 ) -> Result<(), RunError> {
     config.validate().map_err(RunError::Config)?;
+    let deployment =
+        concord_schema::Deployment::load(&config.policy).map_err(RunError::Deployment)?;
+    if deployment.policy.system_id(&config.system).is_none() {
+        return Err(RunError::Config(format!(
+            "system {:?} is not in policy {}",
+            config.system,
+            config.policy.display()
+        )));
+    }
     let store = Store::open(&config.state).await?;
     let retention_ms = config.dedup_retention_hours.saturating_mul(3_600_000);
     let now = now_ms();
@@ -223,7 +235,7 @@ async fn serve<A: SystemAdapter, T: Transport>(
         &config.system,
         adapter.clone(),
         store.clone(),
-        &config.entities,
+        &deployment.policy,
         metrics.clone(),
         config.publish_user_id,
     )

@@ -283,19 +283,13 @@ impl TestBus {
         if self.nodes.iter().any(|n| n.system == system) {
             return Err(TestkitError::DuplicateSystem(system.to_owned()));
         }
-        let entities = self
-            .policy
-            .entities()
-            .iter()
-            .map(|e| (e.name.clone(), e.message.full_name().to_owned()))
-            .collect();
         let metrics = Arc::new(Metrics::default());
         let cursor = store.cursor().await?;
         let engine = Engine::new(
             system,
             adapter.clone(),
             store,
-            &entities,
+            &self.policy,
             metrics.clone(),
             false,
         )
