@@ -159,6 +159,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn policies_may_not_name_a_system_after_the_routers_dead_letter_queue() {
+        // The policy refuses the names the router reserves (so `concord check` refuses them too).
+        assert!(
+            concord_policy::RESERVED_SYSTEM_NAMES.contains(&concord_amqp::topology::ROUTER_DLQ_KEY)
+        );
+    }
+
+    #[test]
     fn targets_are_files_by_name_and_directories_by_prefix() {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("model");

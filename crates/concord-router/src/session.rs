@@ -512,7 +512,7 @@ async fn handle(
     let now = now_ms();
     state.handles.event_in(&delivery.routing_key);
     let outcome = route::process(
-        &state.policy(),
+        state.policy(),
         &shared.settings,
         now,
         Input {

@@ -18,7 +18,7 @@ pub enum LoadError {
     },
     /// The policy names no schema.
     #[error(
-        "{file}: no [schema] table: name the .proto files of the entities, e.g. `[schema] files = [\"customer.proto\"]` (relative to the policy), or `descriptor_set = \"model.binpb\"`"
+        "{file}: no [schema] table: name the .proto files of the entities, e.g. `[schema] files = [\"model.proto\"]` (relative to the policy), or `descriptor_set = \"model.binpb\"`"
     )]
     NoSchema { file: String },
     /// The schema the policy names could not be loaded.
