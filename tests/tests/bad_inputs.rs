@@ -429,6 +429,11 @@ async fn bad_inputs_are_dead_lettered_with_their_reason_and_routing_goes_on() ->
     )
     .await?;
     for n in [support, delivery] {
+        // A record shows in the system before the runner counts it as applied.
+        n.wait(30, "every good event counted", |m| {
+            m.incoming_applied as usize >= names.len()
+        })
+        .await?;
         let m = n.metrics();
         ensure!(
             m.incoming_applied as usize == names.len() && m.dead_lettered == 0,

@@ -270,6 +270,7 @@ impl Router {
         };
         info!(
             policy = %policy_path.display(),
+            schema = ?state.deployment.schema.sources(),
             systems = ?state.policy().systems(),
             namespace = %config.namespace,
             %http_addr,
