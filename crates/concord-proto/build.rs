@@ -1,13 +1,11 @@
-//! Compiles `proto/**/*.proto` with protox (pure Rust, no `protoc`) and prost-build.
+//! Compiles the envelope (`proto/concord/v1/envelope.proto`) with protox (pure Rust, no
+//! `protoc`) and prost-build. Entities are not compiled in: they are run-time configuration.
 
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = [
-        root.join("concord/v1/envelope.proto"),
-        root.join("concord/v1/customer.proto"),
-    ];
+    let files = [root.join("concord/v1/envelope.proto")];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

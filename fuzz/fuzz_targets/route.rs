@@ -22,7 +22,10 @@ const KEYS: [&str; 6] = [
 fn policy() -> &'static Policy {
     static P: OnceLock<Policy> = OnceLock::new();
     P.get_or_init(|| {
-        Policy::from_toml_canonical(include_str!("../../examples/seed/policy.toml"), "policy.toml")
+        // The seed schema, compiled into the seed model crate (the library knows no entity).
+        let pool = prost_reflect::DescriptorPool::decode(concord_seed_model::FILE_DESCRIPTOR_SET)
+            .unwrap_or_else(|e| panic!("seed schema: {e}"));
+        Policy::from_toml(concord_seed_model::POLICY, "policy.toml", &pool)
             .unwrap_or_else(|e| panic!("seed policy: {e}"))
     })
 }

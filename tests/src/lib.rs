@@ -32,9 +32,15 @@ pub fn unique_namespace(test: &str) -> String {
     )
 }
 
-/// The seed policy file.
+/// The seed policy file (its schema, `customer.proto`, is next to it).
 pub fn seed_policy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed/policy.toml")
+}
+
+/// The order example's policy (`examples/order`): the seed Customer and the shop's Order, two
+/// schema files no Rust code knows.
+pub fn order_policy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/order/policy.toml")
 }
 
 /// The systems of the seed policy.
@@ -70,18 +76,31 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts the SDK runner for `system` over `memory`, with its state under `dir`.
+    /// Starts the SDK runner for `system` over `memory` with the seed policy, with its state
+    /// under `dir`.
     pub async fn start(
         namespace: &str,
         system: &str,
         memory: MemorySystem,
         dir: &Path,
     ) -> anyhow::Result<Node> {
+        Node::start_with_policy(namespace, system, memory, dir, &seed_policy()).await
+    }
+
+    /// Starts the SDK runner for `system` over `memory` with the deployment of `policy` (the
+    /// policy and the schema it names), with its state under `dir`.
+    pub async fn start_with_policy(
+        namespace: &str,
+        system: &str,
+        memory: MemorySystem,
+        dir: &Path,
+        policy: &Path,
+    ) -> anyhow::Result<Node> {
         let mut config = RunnerConfig::new(
             system,
             amqp_uri(),
             dir.join(format!("{system}.sqlite")),
-            [("customer".to_owned(), "concord.v1.Customer".to_owned())],
+            policy,
         );
         config.namespace = namespace.to_owned();
         let mut runner = concord_adapter::start(memory.clone(), config.clone());
@@ -236,7 +255,7 @@ pub fn fault_runner_config(namespace: &str, system: &str, dir: &Path, uri: &str)
         system,
         uri,
         dir.join(format!("{system}.sqlite")),
-        [("customer".to_owned(), "concord.v1.Customer".to_owned())],
+        seed_policy(),
     );
     config.namespace = namespace.to_owned();
     config.reconnect = concord_adapter::RetryConfig {

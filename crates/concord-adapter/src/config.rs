@@ -1,6 +1,5 @@
 //! The runner's configuration.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -19,9 +18,10 @@ pub struct RunnerConfig {
     pub namespace: String,
     /// Path of the local SQLite state store (created when missing).
     pub state: PathBuf,
-    /// The entities this system exchanges: entity name → full name of its protobuf message, e.g.
-    /// `customer = "concord.v1.Customer"`.
-    pub entities: BTreeMap<String, String>,
+    /// The deployment's policy file (the router's). The runner loads it at start with the
+    /// schema its `[schema]` table names: the policy's entities, and their protobuf messages,
+    /// are the entities this system exchanges.
+    pub policy: PathBuf,
     /// Most unacknowledged incoming messages the broker hands out at once.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
@@ -115,14 +115,14 @@ impl RunnerConfig {
         system: impl Into<String>,
         amqp_uri: impl Into<String>,
         state: impl Into<PathBuf>,
-        entities: impl IntoIterator<Item = (String, String)>,
+        policy: impl Into<PathBuf>,
     ) -> RunnerConfig {
         RunnerConfig {
             system: system.into(),
             amqp_uri: amqp_uri.into(),
             namespace: default_namespace(),
             state: state.into(),
-            entities: entities.into_iter().collect(),
+            policy: policy.into(),
             prefetch: default_prefetch(),
             publish_user_id: false,
             publish_batch: default_publish_batch(),
@@ -150,16 +150,8 @@ impl RunnerConfig {
         if self.namespace.is_empty() {
             return Err("namespace must not be empty".into());
         }
-        if self.entities.is_empty() {
-            return Err("no entities configured".into());
-        }
-        for (entity, message) in &self.entities {
-            if !valid(entity) {
-                return Err(format!("entity name {entity:?} must match [a-z0-9_-]+"));
-            }
-            if message.is_empty() {
-                return Err(format!("entity {entity:?} names no protobuf message"));
-            }
+        if self.policy.as_os_str().is_empty() {
+            return Err("no policy file configured".into());
         }
         if self.prefetch == 0 {
             return Err("prefetch must be at least 1".into());
@@ -181,8 +173,7 @@ mod tests {
             system = "delivery"
             amqp_uri = "amqp://guest:guest@127.0.0.1:5672/%2f"
             state = "/var/lib/concord/delivery.sqlite"
-            [entities]
-            customer = "concord.v1.Customer"
+            policy = "/etc/concord/policy.toml"
             [retry]
             max_delay_ms = 5000
         "#;
@@ -197,7 +188,7 @@ mod tests {
                 max_delay_ms: 5000
             }
         );
-        assert_eq!(c.entities["customer"], "concord.v1.Customer");
+        assert_eq!(c.policy, PathBuf::from("/etc/concord/policy.toml"));
         c.validate().unwrap();
 
         let err = toml::from_str::<RunnerConfig>(&format!("{text}\nprefech = 3\n")).unwrap_err();

@@ -214,9 +214,12 @@ pub async fn run_process<A: Adapter>(
     let config = ProcessConfig::<A::Config>::load(&args.config, args.amqp_uri)
         .map_err(|e| anyhow::Error::new(ConfigProblem(e)))?;
     let system = config.runner.system.clone();
+    // A deployment that does not load is a configuration problem too.
+    let deployment = crate::runner::load_deployment(&config.runner)
+        .map_err(|e| anyhow::Error::new(ConfigProblem(e.into())))?;
     let context = Context {
         system: system.clone(),
-        entities: crate::runner::entities(&config.runner)?
+        entities: crate::runner::entities(&deployment.policy)
             .into_iter()
             .collect(),
     };

@@ -55,6 +55,9 @@ use crate::transport::{Inbox, Incoming, Link, Transport, TransportError};
 pub enum RunError {
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The policy file or the schema it names could not be loaded.
+    #[error("cannot load the policy and its schema: {0}")]
+    Deployment(concord_schema::LoadError),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -230,6 +233,7 @@ async fn serve<A: SystemAdapter, T: Transport>(
     ready: watch::Sender<bool>,
 ) -> Result<(), RunError> {
     config.validate().map_err(RunError::Config)?;
+    let deployment = load_deployment(&config)?;
     let store = Store::open(&config.state).await?;
     let retention_ms = config.dedup_retention_hours.saturating_mul(3_600_000);
     let now = now_ms();
@@ -237,7 +241,7 @@ async fn serve<A: SystemAdapter, T: Transport>(
     store
         .prune_echoes(now.saturating_sub(config.echo_window_secs.saturating_mul(1000)))
         .await?;
-    let entities = entities(&config)?;
+    let entities = entities(&deployment.policy);
     let mut engine = Engine::new(
         &config.system,
         adapter.clone(),
@@ -327,21 +331,28 @@ async fn serve<A: SystemAdapter, T: Transport>(
 }
 
 /// The deployment's entities: entity name → protobuf message.
-pub(crate) fn entities(
+pub(crate) fn entities(policy: &concord_policy::Policy) -> HashMap<String, MessageDescriptor> {
+    policy
+        .entities()
+        .iter()
+        .map(|e| (e.name.clone(), e.message.clone()))
+        .collect()
+}
+
+/// Loads the deployment the config names (policy and schema) and checks the system is in it.
+pub(crate) fn load_deployment(
     config: &RunnerConfig,
-) -> Result<HashMap<String, MessageDescriptor>, RunError> {
-    let mut entities = HashMap::new();
-    for (entity, message) in &config.entities {
-        let desc = concord_proto::descriptor_pool()
-            .get_message_by_name(message)
-            .ok_or_else(|| {
-                RunError::Config(format!(
-                    "entity {entity:?}: unknown protobuf message {message:?}"
-                ))
-            })?;
-        entities.insert(entity.clone(), desc);
+) -> Result<concord_schema::Deployment, RunError> {
+    let deployment =
+        concord_schema::Deployment::load(&config.policy).map_err(RunError::Deployment)?;
+    if deployment.policy.system_id(&config.system).is_none() {
+        return Err(RunError::Config(format!(
+            "system {:?} is not in policy {}",
+            config.system,
+            config.policy.display()
+        )));
     }
-    Ok(entities)
+    Ok(deployment)
 }
 
 /// Sleeps for `delay` unless asked to stop first; returns whether to stop.

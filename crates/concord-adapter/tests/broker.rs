@@ -52,12 +52,21 @@ impl Ns {
         let ch = conn.open_channel().await.unwrap();
         let systems: Vec<String> = systems.iter().map(|s| (*s).to_owned()).collect();
         topo.declare_router(&ch, &systems).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // The seed deployment, with every system of the test in it.
+        let mut policy = concord_seed_model::POLICY.to_owned();
+        for s in &systems {
+            if !policy.contains(&format!("[systems.{s}]")) {
+                policy.push_str(&format!("\n[systems.{s}]\n"));
+            }
+        }
+        concord_seed_model::write_deployment(dir.path(), &policy).unwrap();
         Ns {
             topo,
             systems,
             conn,
             ch,
-            dir: tempfile::tempdir().unwrap(),
+            dir,
         }
     }
 
@@ -66,7 +75,7 @@ impl Ns {
             system,
             uri(),
             self.dir.path().join(format!("{system}.sqlite")),
-            [("customer".to_owned(), "concord.v1.Customer".to_owned())],
+            self.dir.path().join("policy.toml"),
         );
         c.namespace = self.topo.namespace().to_owned();
         c.prefetch = 16;
@@ -139,8 +148,9 @@ async fn until(
 
 /// A routed copy of an `orders` change of the customer's name, as the router sends it.
 fn routed_name_change(key: &str, name: &str) -> ChangeEvent {
-    let desc = concord_proto::descriptor_pool()
-        .get_message_by_name("concord.v1.Customer")
+    let desc = prost_reflect::DescriptorPool::decode(concord_seed_model::FILE_DESCRIPTOR_SET)
+        .unwrap()
+        .get_message_by_name(concord_seed_model::CUSTOMER)
         .unwrap();
     let mut rec = DynamicMessage::new(desc);
     rec.set_field_by_name("name", Value::String(name.into()));
@@ -268,6 +278,49 @@ async fn an_inbox_event_delivered_twice_is_applied_once() {
                 system.field("customer", &id, "name"),
                 Some(Value::String("Grace Hopper".into()))
             );
+            handle.shutdown().await.unwrap();
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_field_the_adapters_schema_does_not_know_is_skipped_and_the_rest_applied() {
+    Ns::new(&["support"])
+        .await
+        .run(async |ns| {
+            let system = MemorySystem::new("support");
+            let mut handle = concord_adapter::start(system.clone(), ns.config("support"));
+            ready(&mut handle).await;
+            // A copy routed with a newer schema: field 13 (`loyalty_id`, a string) is unknown to
+            // this adapter's schema.
+            let mut ev = routed_name_change("c-7", "Ada");
+            ev.record.extend_from_slice(&[13 << 3 | 2, 3]);
+            ev.record.extend_from_slice(b"L-1");
+            ev.field_mask.push("loyalty_id".into());
+            let clock = ev.clocks["name"].clone();
+            ev.clocks.insert("loyalty_id".into(), clock.clone());
+            ns.publish_to_inbox("support", &ev.encode_to_vec()).await;
+            until(&handle, "the newer copy", |m| m.incoming_applied == 1).await;
+            let id = system.find("customer", "name", "Ada").unwrap();
+            assert_eq!(system.field("customer", &id, "loyalty_id"), None);
+            assert_eq!(system.applied().len(), 1);
+            assert_eq!(
+                system.applied()[0].fields.keys().collect::<Vec<_>>(),
+                ["name"]
+            );
+            // A copy of only unknown fields changes nothing and is not dead-lettered either.
+            let mut only_new = routed_name_change("c-7", "unused");
+            only_new.record = vec![13 << 3 | 2, 3, b'L', b'-', b'2'];
+            only_new.field_mask = vec!["loyalty_id".into()];
+            only_new.clocks = [("loyalty_id".to_owned(), clock)].into();
+            ns.publish_to_inbox("support", &only_new.encode_to_vec())
+                .await;
+            until(&handle, "the copy of unknown fields", |m| {
+                m.incoming_stale == 1
+            })
+            .await;
+            let m = handle.metrics();
+            assert_eq!((m.dead_lettered, m.incoming_applied), (0, 1));
             handle.shutdown().await.unwrap();
         })
         .await;

@@ -12,12 +12,18 @@ use prost_reflect::{DynamicMessage, Value};
 
 const CUSTOMER: &str = "customer";
 
+/// The seed scenario's schema (`examples/seed/customer.proto`).
+/// (Decoded once: descriptors of different pools never compare equal.)
+fn seed_pool() -> prost_reflect::DescriptorPool {
+    static POOL: std::sync::OnceLock<prost_reflect::DescriptorPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        prost_reflect::DescriptorPool::decode(concord_seed_model::FILE_DESCRIPTOR_SET).unwrap()
+    })
+    .clone()
+}
+
 fn seed_policy() -> Policy {
-    Policy::from_toml_canonical(
-        include_str!("../../../examples/seed/policy.toml"),
-        "policy.toml",
-    )
-    .unwrap()
+    Policy::from_toml(concord_seed_model::POLICY, "policy.toml", &seed_pool()).unwrap()
 }
 
 struct Seed {
@@ -50,9 +56,7 @@ async fn seed_with(system: impl Fn(&str) -> MemorySystem) -> Seed {
 }
 
 fn address(city: &str) -> Option<Value> {
-    let desc = concord_proto::descriptor_pool()
-        .get_message_by_name("concord.v1.Address")
-        .unwrap();
+    let desc = seed_pool().get_message_by_name("seed.v1.Address").unwrap();
     let mut m = DynamicMessage::new(desc);
     m.set_field_by_name("city", Value::String(city.into()));
     m.set_field_by_name("street", Value::String("1 Main St".into()));
@@ -99,9 +103,7 @@ fn names(ev: &ChangeEvent) -> Vec<&str> {
 }
 
 fn record_fields(ev: &ChangeEvent) -> Vec<String> {
-    let desc = concord_proto::descriptor_pool()
-        .get_message_by_name("concord.v1.Customer")
-        .unwrap();
+    let desc = seed_pool().get_message_by_name("seed.v1.Customer").unwrap();
     let m = DynamicMessage::decode(desc, ev.record.as_slice()).unwrap();
     m.fields().map(|(f, _)| f.name().to_owned()).collect()
 }
@@ -332,9 +334,7 @@ async fn duplicated_and_stale_events_never_overwrite_newer_data() {
     for c in newer.clocks.values_mut() {
         c.hlc += 1;
     }
-    let desc = concord_proto::descriptor_pool()
-        .get_message_by_name("concord.v1.Customer")
-        .unwrap();
+    let desc = seed_pool().get_message_by_name("seed.v1.Customer").unwrap();
     let mut rec = DynamicMessage::new(desc);
     rec.set_field_by_name("tier", s("silver"));
     newer.record = rec.encode_to_vec();
@@ -765,7 +765,7 @@ fn routed_write(
     source: &str,
     key: &str,
     field: &str,
-    record: concord_proto::v1::Customer,
+    record: concord_seed_model::seed::v1::Customer,
     (hlc, rank): (u64, u32),
     own_rank: u32,
 ) -> ChangeEvent {
@@ -838,7 +838,7 @@ async fn delete_and_update(
         "delivery",
         &key,
         "delivery_status",
-        concord_proto::v1::Customer {
+        concord_seed_model::seed::v1::Customer {
             delivery_status: Some("out_for_delivery".into()),
             ..Default::default()
         },
@@ -884,7 +884,7 @@ async fn delete_between_priority_writes(delete_first: bool) -> Vec<Vec<(String, 
         "delivery",
         &key,
         "delivery_notes",
-        concord_proto::v1::Customer {
+        concord_seed_model::seed::v1::Customer {
             delivery_notes: Some("leave at the door".into()),
             ..Default::default()
         },

@@ -85,11 +85,12 @@ impl Transport for Broker {
 }
 
 fn config(state: &std::path::Path) -> RunnerConfig {
+    let policy = concord_seed_model::write_seed(state).unwrap();
     let mut c = RunnerConfig::new(
         "orders",
         "amqp://unused",
         state.join("orders.sqlite"),
-        [("customer".to_owned(), "concord.v1.Customer".to_owned())],
+        policy,
     );
     c.reconnect = RetryConfig {
         min_delay_ms: 1,

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use concord_amqp::{Connection, Publisher, PublisherOptions, Topology, connect, connection_name};
-use concord_policy::Policy;
 use concord_policy::route::{self, Input, Outcome};
 use concord_router::RouterConfig;
 use serde::Serialize;
@@ -423,9 +422,10 @@ async fn run_inner(
     // The policy, checked with the router's own core before anything runs.
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
     let policy_path = dir.path().join("policy.toml");
-    let policy_text = event::policy_toml(fanout);
-    std::fs::write(&policy_path, &policy_text).context("writing the policy")?;
-    let policy = Policy::from_toml_canonical(&policy_text, "bench policy")?;
+    std::fs::write(dir.path().join("customer.proto"), event::SCHEMA)
+        .context("writing the schema")?;
+    std::fs::write(&policy_path, event::policy_toml(fanout)).context("writing the policy")?;
+    let policy = concord_schema::Deployment::load(&policy_path)?.policy;
     let factory = Arc::new(EventFactory::new(cli.keys, cli.size));
     let sample = factory.encode(0, load::now_ms());
     match route::process(

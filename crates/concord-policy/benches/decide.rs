@@ -10,7 +10,8 @@ use std::hint::black_box;
 
 use concord_policy::route::{self, Input, Outcome, RouterSettings};
 use concord_policy::{EntityPolicy, FieldSet, Op, Policy, SystemId};
-use concord_proto::v1::{Address, ChangeEvent, Customer, FieldClock};
+use concord_proto::v1::{ChangeEvent, FieldClock};
+use concord_seed_model::seed::v1::{Address, Customer};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message;
 use prost_reflect::DynamicMessage;
@@ -24,7 +25,7 @@ const POLICY: &str = r#"
 [systems.billing]
 
 [entities.customer]
-message = "concord.v1.Customer"
+message = "seed.v1.Customer"
 create = ["orders"]
 delete = ["orders"]
 
@@ -45,7 +46,7 @@ language = { owners = ["orders", "support"], merge = "lww", visible = ["*"] }
 
 const NOW_MS: u64 = 1_700_000_000_000;
 
-use concord_proto::CUSTOMER_FIELDS as FIELDS;
+use concord_seed_model::CUSTOMER_FIELDS as FIELDS;
 
 struct Setup {
     policy: Policy,
@@ -56,7 +57,11 @@ struct Setup {
 }
 
 fn setup() -> Result<Setup, Box<dyn std::error::Error>> {
-    let policy = Policy::from_toml_canonical(POLICY, "bench.toml")?;
+    let policy = Policy::from_toml(
+        POLICY,
+        "bench.toml",
+        &prost_reflect::DescriptorPool::decode(concord_seed_model::FILE_DESCRIPTOR_SET)?,
+    )?;
     let entity = policy.entity("customer").ok_or("no customer entity")?;
     let source = policy.system_id("orders").ok_or("no orders system")?;
     let mut changed = FieldSet::default();

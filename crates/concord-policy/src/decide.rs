@@ -159,7 +159,7 @@ mod tests {
 
     fn seed() -> Policy {
         let text = include_str!("../../../examples/seed/policy.toml");
-        Policy::from_toml_canonical(text, "policy.toml").unwrap()
+        Policy::from_toml(text, "policy.toml", &crate::seed_pool()).unwrap()
     }
 
     /// Accepted fields, rejections (field, reason) and deliveries (system, fields).

@@ -12,13 +12,17 @@ pub mod decide;
 pub mod model;
 pub mod replica;
 pub mod route;
+pub mod schema;
 pub mod sets;
 pub(crate) mod wire;
 
 pub use clock::{Hlc, Stamp};
 pub use decide::{RejectReason, Rejection, Verdict};
-pub use model::{EntityPolicy, FieldRule, MergeRule, Policy, PolicyError, Problem};
+pub use model::{
+    EntityPolicy, FieldRule, MergeRule, Policy, PolicyError, Problem, RESERVED_SYSTEM_NAMES,
+};
 pub use route::{DeadLetter, DeadLetterReason, Outcome, Routed, RouterSettings};
+pub use schema::{Location, SchemaSource, field_location, message_location, parse_schema_section};
 pub use sets::{FieldSet, SystemId, SystemSet};
 #[doc(hidden)]
 pub use wire::bench_filter;
@@ -76,4 +80,18 @@ impl Op {
             Op::Snapshot => W::Snapshot,
         }
     }
+}
+
+/// The seed scenario's schema (`examples/seed/customer.proto`), for the unit tests: the library
+/// itself knows no entity.
+#[cfg(test)]
+pub(crate) fn seed_pool() -> prost_reflect::DescriptorPool {
+    // Decoded once: descriptors of different pools never compare equal.
+    static POOL: std::sync::OnceLock<prost_reflect::DescriptorPool> = std::sync::OnceLock::new();
+    #[allow(clippy::expect_used)]
+    POOL.get_or_init(|| {
+        prost_reflect::DescriptorPool::decode(concord_seed_model::FILE_DESCRIPTOR_SET)
+            .expect("the seed model embeds a valid descriptor set")
+    })
+    .clone()
 }

@@ -1,8 +1,9 @@
 //! The policy: systems, entities and, per field, who owns it and who sees it.
 //!
 //! A policy is read from TOML once, validated against the protobuf descriptors of the canonical
-//! messages and compiled into bit sets for the decision hot path. Everything not declared is
-//! invisible and unowned (fail closed).
+//! model (the schema its `[schema]` table names, loaded by the caller) and compiled into bit
+//! sets for the decision hot path. Everything not declared is invisible and unowned (fail
+//! closed).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -11,12 +12,18 @@ use std::hash::{BuildHasherDefault, Hasher};
 use prost_reflect::{DescriptorPool, FieldDescriptor, MessageDescriptor};
 use serde::Deserialize;
 
+use crate::schema::{RawSchema, SchemaSource, message_location};
 use crate::sets::{FieldSet, SystemId, SystemSet};
+
+/// System names the router reserves: `router` names the router's own dead-letter queue
+/// (`{ns}.dlq.router`, routing key `router` on `{ns}.dlx`).
+pub const RESERVED_SYSTEM_NAMES: [&str; 1] = ["router"];
 
 /// The policy as written in TOML.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
+    schema: Option<RawSchema>,
     systems: BTreeMap<String, RawSystem>,
     #[serde(default)]
     entities: BTreeMap<String, RawEntity>,
@@ -212,10 +219,13 @@ pub struct Policy {
     system_index: HashMap<String, SystemId>,
     entities: Vec<EntityPolicy>,
     entity_index: HashMap<String, usize>,
+    schema: Option<SchemaSource>,
 }
 
 impl Policy {
-    /// Parses and validates a policy; `file` names the source in error messages.
+    /// Parses and validates a policy against the messages of `pool` (the schema the policy's
+    /// `[schema]` table names: `concord-schema` loads both together); `file` names the source
+    /// in error messages. The `[schema]` table is checked but optional here.
     pub fn from_toml(text: &str, file: &str, pool: &DescriptorPool) -> Result<Policy, PolicyError> {
         let raw: RawPolicy = toml::from_str(text).map_err(|e| PolicyError {
             problems: vec![Problem {
@@ -228,9 +238,9 @@ impl Policy {
         Builder::new(file).build(raw, pool)
     }
 
-    /// Parses and validates against Concord's canonical messages.
-    pub fn from_toml_canonical(text: &str, file: &str) -> Result<Policy, PolicyError> {
-        Policy::from_toml(text, file, concord_proto::descriptor_pool())
+    /// The policy's `[schema]` table, if it has one.
+    pub fn schema_source(&self) -> Option<&SchemaSource> {
+        self.schema.as_ref()
     }
 
     pub fn system_id(&self, name: &str) -> Option<SystemId> {
@@ -283,6 +293,17 @@ impl Builder {
     }
 
     fn build(mut self, raw: RawPolicy, pool: &DescriptorPool) -> Result<Policy, PolicyError> {
+        let schema = match raw.schema {
+            Some(s) => {
+                let mut problems = Vec::new();
+                let source = s.resolve(|m| problems.push(m));
+                for m in problems {
+                    self.problem(None, None, m);
+                }
+                source
+            }
+            None => None,
+        };
         if raw.systems.is_empty() {
             self.problem(None, None, "no systems declared under [systems]".into());
         }
@@ -308,6 +329,15 @@ impl Builder {
                     format!("system name `{name}` must match [a-z0-9_-]+ (it names queues and routing keys)"),
                 );
             }
+            if RESERVED_SYSTEM_NAMES.contains(&name.as_str()) {
+                self.problem(
+                    None,
+                    None,
+                    format!(
+                        "system name `{name}` is reserved: it names the router's dead-letter queue"
+                    ),
+                );
+            }
             system_index.insert(name.clone(), SystemId(systems.len() as u8));
             systems.push(name.clone());
             descriptions.push(sys.description.clone());
@@ -327,16 +357,23 @@ impl Builder {
                 self.problem(
                     Some(ename),
                     None,
-                    format!("unknown protobuf message `{}`", ent.message),
+                    format!(
+                        "unknown protobuf message `{}`: the schema ({}) does not declare it",
+                        ent.message,
+                        schema_files(pool)
+                    ),
                 );
                 continue;
             };
+            let declared = message_location(&message);
             if ent.fields.len() > FieldSet::CAPACITY {
                 self.problem(
                     Some(ename),
                     None,
                     format!(
-                        "at most {} fields per entity are supported",
+                        "{} fields listed for message `{}` ({declared}); at most {} fields per entity are supported",
+                        ent.fields.len(),
+                        ent.message,
                         FieldSet::CAPACITY
                     ),
                 );
@@ -354,7 +391,10 @@ impl Builder {
                     self.problem(
                         Some(ename),
                         Some(fname),
-                        format!("message `{}` has no field `{fname}`", ent.message),
+                        format!(
+                            "message `{}` ({declared}) has no field `{fname}`",
+                            ent.message
+                        ),
                     );
                     continue;
                 };
@@ -470,6 +510,7 @@ impl Builder {
                 system_index,
                 entities,
                 entity_index,
+                schema,
             })
         } else {
             Err(PolicyError {
@@ -507,6 +548,20 @@ impl Builder {
     }
 }
 
+/// The schema's files, for a message that names none of its messages.
+fn schema_files(pool: &DescriptorPool) -> String {
+    let files: Vec<String> = pool
+        .files()
+        .map(|f| f.name().to_owned())
+        .filter(|n| !n.starts_with("google/protobuf/"))
+        .collect();
+    if files.is_empty() {
+        "no file".to_owned()
+    } else {
+        files.join(", ")
+    }
+}
+
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
@@ -523,7 +578,7 @@ mod tests {
         [systems.delivery]
 
         [entities.customer]
-        message = "concord.v1.Customer"
+        message = "seed.v1.Customer"
         create = ["orders"]
         delete = ["orders"]
 
@@ -534,8 +589,10 @@ mod tests {
         tier = { owners = ["orders", "support"], merge = "priority" }
     "#;
 
+    use crate::seed_pool;
+
     fn load(text: &str) -> Result<Policy, PolicyError> {
-        Policy::from_toml_canonical(text, "policy.toml")
+        Policy::from_toml(text, "policy.toml", &seed_pool())
     }
 
     fn problems(text: &str) -> Vec<String> {
@@ -584,7 +641,7 @@ mod tests {
             [systems.orders]
             [systems.support]
             [entities.customer]
-            message = "concord.v1.Customer"
+            message = "seed.v1.Customer"
             create = ["ordres"]
             [entities.customer.fields]
             nmae = { owner = "orders" }
@@ -597,7 +654,7 @@ mod tests {
         let expect = [
             "policy.toml: entity `customer`: `create` names unknown system `ordres`",
             "policy.toml: entity `customer`, field `email`: no owner",
-            "policy.toml: entity `customer`, field `nmae`: message `concord.v1.Customer` has no field `nmae`",
+            "policy.toml: entity `customer`, field `nmae`: message `seed.v1.Customer` (customer.proto:17) has no field `nmae`",
             "policy.toml: entity `customer`, field `phone`: `visible` names system `support` twice",
             "policy.toml: entity `customer`, field `tier`: several owners need a merge rule",
             "policy.toml: entity `customer`, field `warehouse`: `owners` names unknown system `depot`",
@@ -613,10 +670,12 @@ mod tests {
 
     #[test]
     fn unknown_entity_message_and_keys_are_refused() {
-        let p = problems("[systems.a]\n[entities.x]\nmessage = \"concord.v1.Nope\"\n");
+        let p = problems("[systems.a]\n[entities.x]\nmessage = \"seed.v1.Nope\"\n");
         assert_eq!(
             p,
-            ["policy.toml: entity `x`: unknown protobuf message `concord.v1.Nope`"]
+            [
+                "policy.toml: entity `x`: unknown protobuf message `seed.v1.Nope`: the schema (customer.proto) does not declare it"
+            ]
         );
         let p = problems("[systems.a]\ncolour = 1\n");
         assert!(
@@ -630,8 +689,106 @@ mod tests {
     #[test]
     fn owners_listed_as_readers_are_refused() {
         let p = problems(
-            "[systems.a]\n[entities.c]\nmessage = \"concord.v1.Customer\"\n[entities.c.fields]\nname = { owner = \"a\", visible = [\"a\"] }\n",
+            "[systems.a]\n[entities.c]\nmessage = \"seed.v1.Customer\"\n[entities.c.fields]\nname = { owner = \"a\", visible = [\"a\"] }\n",
         );
         assert!(p[0].contains("owners always see their fields"), "{p:?}");
+    }
+
+    #[test]
+    fn the_router_name_is_reserved() {
+        let p = problems("[systems.router]\n[systems.orders]\n");
+        assert_eq!(
+            p,
+            [
+                "policy.toml: system name `router` is reserved: it names the router's dead-letter queue"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_schema_table_is_parsed_and_checked() {
+        let with = |table: &str| format!("{table}\n{OK}");
+        let p = load(&with(
+            "[schema]\nfiles = [\"customer.proto\", \"more/\"]\ninclude = [\".\", \"../common\"]",
+        ))
+        .unwrap();
+        assert_eq!(
+            p.schema_source(),
+            Some(&SchemaSource::Files {
+                files: vec!["customer.proto".into(), "more/".into()],
+                include: vec![".".into(), "../common".into()],
+            })
+        );
+        let p = load(&with("[schema]\ndescriptor_set = \"model.binpb\"")).unwrap();
+        assert_eq!(
+            p.schema_source(),
+            Some(&SchemaSource::DescriptorSet("model.binpb".into()))
+        );
+        assert_eq!(load(OK).unwrap().schema_source(), None);
+        for (table, expected) in [
+            (
+                "[schema]\nfiles = [\"a.proto\"]\ndescriptor_set = \"m.binpb\"",
+                "policy.toml: [schema]: set either `files` or `descriptor_set`, not both",
+            ),
+            (
+                "[schema]\n",
+                "policy.toml: [schema]: name the schema with `files",
+            ),
+            (
+                "[schema]\nfiles = []",
+                "policy.toml: [schema]: `files` lists no file or directory",
+            ),
+            (
+                "[schema]\ndescriptor_set = \"m.binpb\"\ninclude = [\".\"]",
+                "policy.toml: [schema]: `include` applies to `files` only",
+            ),
+            ("[schema]\nfile = [\"a.proto\"]", "unknown field `file`"),
+        ] {
+            let p = problems(&with(table));
+            assert_eq!(p.len(), 1, "{table}: {p:?}");
+            assert!(p[0].contains(expected), "{table}: {p:?}");
+            let alone = crate::schema::parse_schema_section(&with(table), "policy.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(alone.contains(expected), "{table}: {alone}");
+        }
+        assert_eq!(
+            crate::schema::parse_schema_section(
+                "[schema]\nfiles = [\"c.proto\"]\n[systems.a]\ncolour = 1\n",
+                "p.toml"
+            ),
+            Ok(Some(SchemaSource::Files {
+                files: vec!["c.proto".into()],
+                include: vec![],
+            }))
+        );
+        assert_eq!(crate::schema::parse_schema_section(OK, "p.toml"), Ok(None));
+    }
+
+    #[test]
+    fn locations_come_from_the_source_info() {
+        let pool = seed_pool();
+        let customer = pool.get_message_by_name("seed.v1.Customer").unwrap();
+        let at = crate::schema::message_location(&customer);
+        assert_eq!(at.to_string(), "customer.proto:17");
+        let warehouse = customer.get_field_by_name("warehouse").unwrap();
+        assert_eq!(
+            crate::schema::field_location(&warehouse).to_string(),
+            "customer.proto:27"
+        );
+        // Without source info, the file alone.
+        let mut set = pool.file_descriptor_protos().cloned().collect::<Vec<_>>();
+        for f in &mut set {
+            f.source_code_info = None;
+        }
+        let bare = DescriptorPool::from_file_descriptor_set(
+            prost_reflect::prost_types::FileDescriptorSet { file: set },
+        )
+        .unwrap();
+        let customer = bare.get_message_by_name("seed.v1.Customer").unwrap();
+        assert_eq!(
+            crate::schema::message_location(&customer).to_string(),
+            "customer.proto"
+        );
     }
 }

@@ -673,7 +673,7 @@ mod tests {
         [systems.support]
         [systems.delivery]
         [entities.customer]
-        message = "concord.v1.Customer"
+        message = "seed.v1.Customer"
         [entities.customer.fields]
         name = { owner = "orders", visible = ["*"] }
         email = { owners = ["orders", "support"], merge = "lww", visible = ["*"] }
@@ -745,7 +745,7 @@ mod tests {
             in_mask in any::<u8>(),
             in_copy in any::<u8>(),
         ) {
-            let policy = Policy::from_toml_canonical(POLICY, "policy.toml").unwrap();
+            let policy = Policy::from_toml(POLICY, "policy.toml", &crate::seed_pool()).unwrap();
             let entity = policy.entity("customer").unwrap();
             let systems = ["orders", "support", "delivery"];
             let mut ev = ChangeEvent {

@@ -585,7 +585,7 @@ fn write_varint(mut value: u64, buf: &mut [u8; 10]) -> usize {
 mod tests {
     use std::collections::HashMap;
 
-    use concord_proto::v1::{Address, Customer};
+    use concord_seed_model::seed::v1::{Address, Customer};
     use proptest::prelude::*;
     use prost::Message;
     use prost_reflect::{DescriptorPool, DynamicMessage, MapKey, Value};
@@ -728,7 +728,7 @@ mod tests {
     }
 
     fn customer_policy() -> Policy {
-        Policy::from_toml_canonical(CUSTOMER_POLICY, "customer.toml").unwrap()
+        Policy::from_toml(CUSTOMER_POLICY, "customer.toml", &crate::seed_pool()).unwrap()
     }
 
     fn rich_policy() -> Policy {

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use common::*;
 use concord_policy::route::{self, DeadLetterReason as R, Input, Outcome, Routed, RouterSettings};
 use concord_policy::{Op, Policy};
-use concord_proto::v1::{Address, ChangeEvent, Customer, FieldClock};
+use concord_proto::v1::{ChangeEvent, FieldClock};
+use concord_seed_model::seed::v1::{Address, Customer};
 use prost::Message;
 use prost_reflect::{DynamicMessage, ReflectMessage};
 
@@ -315,7 +316,7 @@ fn record_of_wrong_wire_types_is_invalid() {
     push_varint(&mut bad, 1 << 3);
     push_varint(&mut bad, 42);
     let ev = event("orders", &["name"], bad, clock_now());
-    assert_dead(run(&ev), R::InvalidRecord, "concord.v1.Customer");
+    assert_dead(run(&ev), R::InvalidRecord, "seed.v1.Customer");
     // `amount_paid` (field 8, int64) sent as a string.
     let mut bad = Vec::new();
     append_unknown(&mut bad, 8, "12");
@@ -354,9 +355,9 @@ fn unknown_field_name_is_routed_and_dead_lettered() {
         assert_eq!(d.field_mask, ["name"]);
     }
     // A name the message has but the policy does not declare is unknown to the router as well.
-    let text = "[systems.a]\n[systems.b]\n[entities.customer]\nmessage = \"concord.v1.Customer\"\n\
+    let text = "[systems.a]\n[systems.b]\n[entities.customer]\nmessage = \"seed.v1.Customer\"\n\
                 [entities.customer.fields]\nname = { owner = \"a\", visible = [\"b\"] }\n";
-    let p = Policy::from_toml_canonical(text, "p.toml").unwrap();
+    let p = Policy::from_toml(text, "p.toml", &seed_pool()).unwrap();
     let mut ev = event(
         "a",
         &["name", "email"],
@@ -736,7 +737,7 @@ fn unknown_fields_never_leak() {
                 delivery.system
             );
         }
-        assert_eq!(rec.descriptor().full_name(), "concord.v1.Customer");
+        assert_eq!(rec.descriptor().full_name(), "seed.v1.Customer");
     }
     // The driver sees neither the hidden strings nor what was paid.
     let to_delivery = &r

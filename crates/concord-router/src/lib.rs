@@ -8,8 +8,11 @@
 //! subscribes to every partition (its preferred ones first), and a standby takes a partition over
 //! when its active router goes away — per-record order is kept throughout.
 //!
-//! It also serves `/healthz`, `/readyz` and `/metrics`, reloads its policy on SIGHUP and on file
-//! change, and reconnects by itself after any connection loss.
+//! The policy and the schema it names (the canonical model: `.proto` files or a descriptor set)
+//! are loaded at start with `concord-schema`, and reloaded together on SIGHUP and when one of
+//! their files changes; a reload whose schema breaks fields the policy in force uses is refused.
+//! It also serves `/healthz`, `/readyz` and `/metrics` and reconnects by itself after any
+//! connection loss.
 //!
 //! This crate must never talk to the broker other than through `concord-amqp` (no `lapin`),
 //! make routing decisions itself (they belong to `concord-policy`), acknowledge an input
@@ -23,9 +26,9 @@ mod policy_file;
 mod service;
 mod session;
 
+pub use concord_schema::LoadError as PolicyLoadError;
 pub use config::{ConfigError, QueueType, RouterConfig};
 pub use metrics::{Metrics, ReloadResultLabel};
-pub use policy_file::PolicyLoadError;
 pub use service::{
     ReloadOutcome, Router, RouterError, RouterHandle, run, run_blocking, run_until_signalled,
 };

@@ -54,8 +54,11 @@ pub enum ReloadResultLabel {
     Applied,
     /// The file holds the policy already in force.
     Unchanged,
-    /// The new policy is invalid; the old one keeps running.
+    /// The new policy or schema is invalid; the old ones keep running.
     Invalid,
+    /// The new schema breaks fields the policy in force uses (renumbered, retyped, renamed,
+    /// removed); the old policy and schema keep running.
+    Breaking,
     /// The file could not be read, or the new inboxes could not be declared.
     Error,
 }
@@ -66,6 +69,7 @@ impl ReloadResultLabel {
             ReloadResultLabel::Applied => "applied",
             ReloadResultLabel::Unchanged => "unchanged",
             ReloadResultLabel::Invalid => "invalid",
+            ReloadResultLabel::Breaking => "breaking",
             ReloadResultLabel::Error => "error",
         }
     }
@@ -185,6 +189,7 @@ impl Metrics {
             ReloadResultLabel::Applied,
             ReloadResultLabel::Unchanged,
             ReloadResultLabel::Invalid,
+            ReloadResultLabel::Breaking,
             ReloadResultLabel::Error,
         ] {
             drop(
@@ -427,7 +432,7 @@ mod tests {
         [systems.orders]
         [systems.delivery]
         [entities.customer]
-        message = "concord.v1.Customer"
+        message = "seed.v1.Customer"
         [entities.customer.fields]
         name = { owner = "orders", visible = ["delivery"] }
     "#;
@@ -435,7 +440,9 @@ mod tests {
     #[test]
     fn labels_stay_within_the_policy() {
         let m = Metrics::new();
-        let policy = Policy::from_toml_canonical(POLICY, "p.toml").unwrap();
+        let pool =
+            prost_reflect::DescriptorPool::decode(concord_seed_model::FILE_DESCRIPTOR_SET).unwrap();
+        let policy = Policy::from_toml(POLICY, "p.toml", &pool).unwrap();
         let h = m.handles(&policy);
         h.event_in("orders.customer");
         h.event_in("orders.invoice");
@@ -474,6 +481,7 @@ mod tests {
             "concord_router_dead_lettered_total{reason=\"undecodable\"} 1",
             "concord_router_policy_reloads_total{result=\"invalid\"} 1",
             "concord_router_policy_reloads_total{result=\"applied\"} 0",
+            "concord_router_policy_reloads_total{result=\"breaking\"} 0",
             "concord_router_connected 1",
             "concord_router_partition_events_total{partition=\"3\"} 1",
             "concord_router_redelivered_total 1",

@@ -1,83 +1,183 @@
-//! Reading the policy file and watching it for changes.
+//! Loading the deployment (the policy file and the schema it names) and watching its files for
+//! changes.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use concord_policy::{Policy, PolicyError};
+use concord_schema::{Deployment, LoadError};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
+use tracing::warn;
 
-/// Quiet time after the last change of the file before it is reloaded: editors write a file in
-/// several steps (truncate, write, rename), and only the final content should be read.
+/// Quiet time after the last change of a file before the deployment is reloaded: editors write
+/// a file in several steps (truncate, write, rename), and a schema change often touches the
+/// policy and a `.proto` file; only the final content should be read.
 pub(crate) const DEBOUNCE: Duration = Duration::from_millis(150);
 
-/// Why the policy file could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum PolicyLoadError {
-    #[error("cannot read policy file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid policy:\n{0}")]
-    Invalid(#[from] PolicyError),
+/// Reads the policy file, loads the schema it names and validates the policy against it.
+pub(crate) fn load(path: &Path) -> Result<Deployment, LoadError> {
+    Deployment::load(path)
 }
 
-/// Reads and validates the policy file. Returns the policy and the text it was read from.
-pub(crate) fn load(path: &Path) -> Result<(Policy, String), PolicyLoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PolicyLoadError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let policy = Policy::from_toml_canonical(&text, &path.display().to_string())?;
-    Ok((policy, text))
+/// What a change must touch to count: a file (by its directory and name), or anything under a
+/// directory.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Targets {
+    files: BTreeSet<PathBuf>,
+    dirs: BTreeSet<PathBuf>,
 }
 
-/// Watches the directory of `path` and sends `make()` on `reload` once the file has been quiet for
-/// [`DEBOUNCE`] after a change. The directory, not the file, is watched, so that editors that
-/// replace the file by renaming a new one over it are followed. The returned watcher stops
-/// watching when dropped.
-pub(crate) fn watch<T: Send + 'static>(
-    path: &Path,
-    reload: mpsc::Sender<T>,
-    make: fn() -> T,
-) -> notify::Result<notify::RecommendedWatcher> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().map(ToOwned::to_owned);
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        let Ok(event) = res else { return };
-        if matches!(event.kind, EventKind::Access(_)) {
-            return;
-        }
-        let ours = event
-            .paths
-            .iter()
-            .any(|p| p.file_name().map(ToOwned::to_owned) == name);
-        if ours {
-            // The receiver is gone only when the router is stopping.
-            let _ = tx.send(());
-        }
-    })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-    tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            // Wait until no change arrived for DEBOUNCE.
-            loop {
-                match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                    Ok(Some(())) => continue,
-                    Ok(None) => return,
-                    Err(_) => break,
-                }
+impl Targets {
+    fn of(paths: &[PathBuf]) -> Targets {
+        let mut t = Targets::default();
+        for p in paths {
+            // Watch events carry absolute paths.
+            let abs = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            if abs.is_dir() {
+                t.dirs.insert(abs);
+            } else {
+                t.files.insert(abs);
             }
-            if reload.send(make()).await.is_err() {
+        }
+        t
+    }
+
+    /// The directories to watch: the parents of the files (not recursive: editors replace a
+    /// file by renaming a new one over it, which a watch on the file itself would lose) and
+    /// the directories (recursive).
+    fn watches(&self) -> BTreeSet<(PathBuf, bool)> {
+        let mut w: BTreeSet<(PathBuf, bool)> = self
+            .files
+            .iter()
+            .filter_map(|f| f.parent().map(|d| (d.to_owned(), false)))
+            .collect();
+        w.extend(self.dirs.iter().map(|d| (d.clone(), true)));
+        w
+    }
+
+    fn touched_by(&self, path: &Path) -> bool {
+        self.files.contains(path) || self.dirs.iter().any(|d| path.starts_with(d))
+    }
+}
+
+/// Watches the files of a deployment: sends `make()` on `reload` once they have been quiet for
+/// [`DEBOUNCE`] after a change. Call [`DeploymentWatcher::follow`] after a reload: the
+/// deployment may now consist of other files. Stops watching when dropped.
+pub(crate) struct DeploymentWatcher {
+    watcher: notify::RecommendedWatcher,
+    targets: Arc<Mutex<Targets>>,
+    watching: BTreeSet<(PathBuf, bool)>,
+}
+
+impl std::fmt::Debug for DeploymentWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeploymentWatcher")
+            .field("watching", &self.watching)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeploymentWatcher {
+    pub(crate) fn start<T: Send + 'static>(
+        paths: &[PathBuf],
+        reload: mpsc::Sender<T>,
+        make: fn() -> T,
+    ) -> notify::Result<DeploymentWatcher> {
+        let targets = Arc::new(Mutex::new(Targets::default()));
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let seen = targets.clone();
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let Ok(event) = res else { return };
+            if matches!(event.kind, EventKind::Access(_)) {
                 return;
             }
+            let ours = match seen.lock() {
+                Ok(t) => event.paths.iter().any(|p| t.touched_by(p)),
+                Err(_) => true,
+            };
+            if ours {
+                // The receiver is gone only when the router is stopping.
+                let _ = tx.send(());
+            }
+        })?;
+        tokio::spawn(async move {
+            while rx.recv().await.is_some() {
+                // Wait until no change arrived for DEBOUNCE.
+                loop {
+                    match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+                        Ok(Some(())) => continue,
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
+                }
+                if reload.send(make()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut w = DeploymentWatcher {
+            watcher,
+            targets,
+            watching: BTreeSet::new(),
+        };
+        w.follow(paths)?;
+        Ok(w)
+    }
+
+    /// Watches `paths` (the files and directories of the deployment in force) instead of the
+    /// previous ones.
+    pub(crate) fn follow(&mut self, paths: &[PathBuf]) -> notify::Result<()> {
+        let targets = Targets::of(paths);
+        let wanted = targets.watches();
+        for (dir, recursive) in wanted.difference(&self.watching) {
+            let mode = if *recursive {
+                RecursiveMode::Recursive
+            } else {
+                RecursiveMode::NonRecursive
+            };
+            self.watcher.watch(dir, mode)?;
         }
-    });
-    Ok(watcher)
+        for (dir, _) in self.watching.difference(&wanted) {
+            if !wanted.iter().any(|(d, _)| d == dir)
+                && let Err(e) = self.watcher.unwatch(dir)
+            {
+                warn!(dir = %dir.display(), error = %e, "cannot stop watching");
+            }
+        }
+        self.watching = wanted;
+        if let Ok(mut t) = self.targets.lock() {
+            *t = targets;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_may_not_name_a_system_after_the_routers_dead_letter_queue() {
+        // The policy refuses the names the router reserves (so `concord check` refuses them too).
+        assert!(
+            concord_policy::RESERVED_SYSTEM_NAMES.contains(&concord_amqp::topology::ROUTER_DLQ_KEY)
+        );
+    }
+
+    #[test]
+    fn targets_are_files_by_name_and_directories_by_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        std::fs::create_dir(&model).unwrap();
+        let policy = dir.path().join("policy.toml");
+        let t = Targets::of(&[policy.clone(), model.clone()]);
+        assert!(t.touched_by(&policy));
+        assert!(t.touched_by(&model.join("sub/order.proto")));
+        assert!(!t.touched_by(&dir.path().join("other.toml")));
+        let w = t.watches();
+        assert!(w.contains(&(dir.path().to_owned(), false)));
+        assert!(w.contains(&(model, true)));
+    }
 }

@@ -1,16 +1,18 @@
-//! The router service: start-up, the reconnecting supervisor, policy reloads, shutdown.
+//! The router service: start-up, the reconnecting supervisor, reloads of the policy and its
+//! schema, shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use concord_amqp::{AmqpError, BackoffBuilder, Connection, Topology};
-use concord_policy::{Policy, PolicyError, Problem, RouterSettings};
+use concord_policy::{Policy, RouterSettings};
+use concord_schema::{Deployment, LoadError};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -19,7 +21,7 @@ use tracing::{error, info, warn};
 use crate::config::{QueueType, RouterConfig};
 use crate::http::{self, HttpState};
 use crate::metrics::{Handles, Metrics, ReloadResultLabel};
-use crate::policy_file::{self, PolicyLoadError};
+use crate::policy_file::{self, DeploymentWatcher};
 use crate::session::{self, Session, SessionEnd};
 
 /// A session that lasted this long counts as healthy: the reconnect backoff starts over.
@@ -30,12 +32,17 @@ const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
 /// The router's only read of the wall clock: milliseconds since the Unix epoch.
 pub(crate) use concord_amqp::now_ms;
 
-/// The policy in force, with the metric handles of its label values.
+/// The policy in force and its schema, with the metric handles of its label values.
 #[derive(Debug)]
 pub(crate) struct PolicyState {
-    pub(crate) policy: Policy,
-    text: String,
+    deployment: Deployment,
     pub(crate) handles: Handles,
+}
+
+impl PolicyState {
+    pub(crate) fn policy(&self) -> &Policy {
+        &self.deployment.policy
+    }
 }
 
 /// Whether the router routes.
@@ -64,9 +71,10 @@ pub enum ReloadOutcome {
         /// The systems of the new policy.
         systems: Vec<String>,
     },
-    /// The file holds the policy already in force.
+    /// The files hold the policy and schema already in force.
     Unchanged,
-    /// The new policy is invalid and was refused; the old one keeps running. One line per
+    /// The new policy or schema is invalid, or the new schema breaks fields the policy in
+    /// force uses, and was refused; the old policy and schema keep running. One line per
     /// problem.
     Refused(String),
     /// The file could not be read, or the inboxes of the new policy could not be declared;
@@ -99,28 +107,23 @@ pub(crate) struct Shared {
     sessions: watch::Sender<u64>,
     /// Policy reloads applied so far.
     reloads_applied: watch::Sender<u64>,
-}
-
-/// Reads and validates the policy file, including the names the router reserves.
-fn load_policy(path: &Path) -> Result<(Policy, String), PolicyLoadError> {
-    let (policy, text) = policy_file::load(path)?;
-    let reserved = concord_amqp::topology::ROUTER_DLQ_KEY;
-    if policy.systems().iter().any(|s| s == reserved) {
-        return Err(PolicyLoadError::Invalid(PolicyError {
-            problems: vec![Problem {
-                file: path.display().to_string(),
-                entity: None,
-                field: None,
-                message: format!(
-                    "system name `{reserved}` is reserved: it names the router's dead-letter queue"
-                ),
-            }],
-        }));
-    }
-    Ok((policy, text))
+    /// Watches the files of the deployment in force (`watch_policy`).
+    watcher: Mutex<Option<DeploymentWatcher>>,
 }
 
 impl Shared {
+    /// Watches the files of the deployment now in force (when `watch_policy` is on).
+    fn follow(&self, paths: &[PathBuf]) {
+        let Ok(mut watcher) = self.watcher.lock() else {
+            return;
+        };
+        if let Some(w) = watcher.as_mut()
+            && let Err(e) = w.follow(paths)
+        {
+            warn!(error = %e, "cannot watch the files of the new policy and schema; SIGHUP still reloads");
+        }
+    }
+
     fn set_ready(&self, ready: bool) {
         if ready {
             self.sessions.send_modify(|n| *n += 1);
@@ -134,39 +137,67 @@ impl Shared {
         });
     }
 
-    /// Reloads the policy file. With a connection, the new policy's inboxes are declared
-    /// before it takes effect; without one, the next session declares them.
+    /// Reloads the policy file and the schema it names, together. A new schema that breaks
+    /// fields the policy in force uses is refused (see [`concord_schema::diff::for_policy`]).
+    /// With a connection, the new policy's inboxes are declared before it takes effect;
+    /// without one, the next session declares them.
     pub(crate) async fn reload(&self, conn: Option<&Connection>) -> ReloadOutcome {
         let path = &self.policy_path;
-        let (policy, text) = match load_policy(path) {
+        let deployment = match policy_file::load(path) {
             Ok(loaded) => loaded,
-            Err(PolicyLoadError::Invalid(e)) => {
-                self.metrics.reload(ReloadResultLabel::Invalid);
-                for p in &e.problems {
-                    warn!(problem = %p, "policy reload refused");
-                }
-                error!(
-                    path = %path.display(),
-                    problems = e.problems.len(),
-                    "the new policy is invalid; the old one stays in force"
-                );
-                return ReloadOutcome::Refused(e.to_string());
-            }
-            Err(e @ PolicyLoadError::Read { .. }) => {
+            Err(e) if e.is_unreadable_policy() => {
                 self.metrics.reload(ReloadResultLabel::Error);
                 error!(error = %e, "policy reload failed; the old policy stays in force");
                 return ReloadOutcome::Failed(e.to_string());
             }
+            Err(e) => {
+                self.metrics.reload(ReloadResultLabel::Invalid);
+                let problems = match &e {
+                    LoadError::Policy(p) => p.problems.iter().map(ToString::to_string).collect(),
+                    other => vec![other.to_string()],
+                };
+                for p in &problems {
+                    warn!(problem = %p, "policy reload refused");
+                }
+                error!(
+                    path = %path.display(),
+                    problems = problems.len(),
+                    "the new policy or its schema is invalid; the old ones stay in force"
+                );
+                return ReloadOutcome::Refused(e.to_string());
+            }
         };
-        if self.policy.load().text == text {
+        let current = self.policy.load_full();
+        if current.deployment.same_as(&deployment) {
             self.metrics.reload(ReloadResultLabel::Unchanged);
-            info!(path = %path.display(), "policy unchanged");
+            info!(path = %path.display(), "policy and schema unchanged");
             return ReloadOutcome::Unchanged;
         }
+        let diff = concord_schema::diff::for_policy(current.policy(), deployment.schema.pool());
+        if diff.is_breaking() {
+            self.metrics.reload(ReloadResultLabel::Breaking);
+            let problems: Vec<String> = diff
+                .breaking
+                .iter()
+                .map(|c| format!("{}: breaking schema change: {c}", path.display()))
+                .collect();
+            for p in &problems {
+                warn!(problem = %p, "policy reload refused");
+            }
+            error!(
+                path = %path.display(),
+                problems = problems.len(),
+                "the new schema breaks fields the policy in force uses; the old policy and schema \
+                 stay in force (to remove a field, drop it from the policy first, then from the schema)"
+            );
+            return ReloadOutcome::Refused(problems.join("\n"));
+        }
+        for change in &diff.additions {
+            info!(%change, "schema addition");
+        }
         let state = PolicyState {
-            handles: self.metrics.handles(&policy),
-            policy,
-            text,
+            handles: self.metrics.handles(&deployment.policy),
+            deployment,
         };
         if let Some(conn) = conn
             && let Err(e) = session::declare(self, conn, &state).await
@@ -175,8 +206,10 @@ impl Shared {
             error!(error = %e, "declaring the new policy's inboxes failed; the old policy stays in force");
             return ReloadOutcome::Failed(format!("declaring the inboxes failed: {e}"));
         }
-        let systems = state.policy.systems().to_vec();
+        let systems = state.policy().systems().to_vec();
+        let watched = state.deployment.watched_paths().to_vec();
         self.policy.store(Arc::new(state));
+        self.follow(&watched);
         self.metrics.reload(ReloadResultLabel::Applied);
         self.reloads_applied.send_modify(|n| *n += 1);
         info!(path = %path.display(), ?systems, "policy reloaded");
@@ -189,16 +222,17 @@ impl Shared {
 pub struct Router;
 
 impl Router {
-    /// Validates `config`, loads the policy (failing with every problem found), binds the
-    /// HTTP endpoints and starts routing in the background. Connecting to the broker happens
+    /// Validates `config`, loads the policy and the schema it names (failing with every
+    /// problem found), binds the HTTP endpoints and starts routing in the background. Connecting to the broker happens
     /// in the background too (with retries): await [`RouterHandle::wait_ready`].
     pub async fn start(config: RouterConfig, policy_path: PathBuf) -> anyhow::Result<RouterHandle> {
         config.validate("router configuration")?;
-        let (policy, text) = load_policy(&policy_path).map_err(|e| match e {
-            PolicyLoadError::Invalid(problems) => {
-                anyhow::anyhow!("invalid policy {}:\n{problems}", policy_path.display())
+        let deployment = policy_file::load(&policy_path).map_err(|e| {
+            if e.is_unreadable_policy() {
+                anyhow::Error::new(e)
+            } else {
+                anyhow::anyhow!("invalid policy {}:\n{e}", policy_path.display())
             }
-            other => anyhow::Error::new(other),
         })?;
         let http_addr = config.http_addr()?;
         let listener = TcpListener::bind(http_addr)
@@ -225,14 +259,15 @@ impl Router {
         ];
         let ready = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = watch::channel(Readiness::NotReady);
+        let watched = deployment.watched_paths().to_vec();
         let state = PolicyState {
-            handles: metrics.handles(&policy),
-            policy,
-            text,
+            handles: metrics.handles(&deployment.policy),
+            deployment,
         };
         info!(
             policy = %policy_path.display(),
-            systems = ?state.policy.systems(),
+            schema = ?state.deployment.schema.sources(),
+            systems = ?state.policy().systems(),
             namespace = %config.namespace,
             %http_addr,
             "router starting"
@@ -249,6 +284,7 @@ impl Router {
             ready_tx,
             sessions: watch::Sender::new(0),
             reloads_applied: watch::Sender::new(0),
+            watcher: Mutex::new(None),
         });
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -263,21 +299,27 @@ impl Router {
             },
         ));
 
-        let watcher = if shared.config.watch_policy {
-            let watcher = policy_file::watch(&shared.policy_path, control_tx.clone(), || {
-                Control::Reload(None)
-            })
-            .with_context(|| {
-                format!("cannot watch policy file {}", shared.policy_path.display())
-            })?;
-            Some(watcher)
-        } else {
-            None
-        };
+        if shared.config.watch_policy {
+            let watcher =
+                DeploymentWatcher::start(&watched, control_tx.clone(), || Control::Reload(None))
+                    .with_context(|| {
+                        format!(
+                            "cannot watch policy file {} and its schema",
+                            shared.policy_path.display()
+                        )
+                    })?;
+            if let Ok(mut slot) = shared.watcher.lock() {
+                *slot = Some(watcher);
+            }
+        }
 
         let supervised = shared.clone();
         let task = tokio::spawn(async move {
-            let result = supervise(supervised.clone(), control_rx, shutdown_rx, watcher).await;
+            let result = supervise(supervised.clone(), control_rx, shutdown_rx).await;
+            if let Ok(mut watcher) = supervised.watcher.lock() {
+                // Stop watching: nothing receives reloads any more.
+                watcher.take();
+            }
             supervised.set_ready(false);
             supervised.ready_tx.send_replace(Readiness::Stopped);
             result
@@ -332,7 +374,7 @@ impl RouterHandle {
         *self.ready.borrow() == Readiness::Ready
     }
 
-    /// Reloads the policy file (what SIGHUP does) and returns the outcome.
+    /// Reloads the policy file and its schema (what SIGHUP does) and returns the outcome.
     pub async fn reload(&self) -> Result<ReloadOutcome, RouterError> {
         let (tx, rx) = oneshot::channel();
         self.control
@@ -349,7 +391,12 @@ impl RouterHandle {
 
     /// The systems of the policy in force.
     pub fn systems(&self) -> Vec<String> {
-        self.shared.policy.load().policy.systems().to_vec()
+        self.shared.policy.load().policy().systems().to_vec()
+    }
+
+    /// The policy in force (its entities carry the descriptors of the schema in force).
+    pub fn policy(&self) -> Policy {
+        self.shared.policy.load().policy().clone()
     }
 
     /// The topology (names of exchanges and queues) the router uses.
@@ -484,7 +531,7 @@ pub async fn run_until_signalled(config: RouterConfig, policy_path: PathBuf) -> 
                 _ = term.recv() => { info!("SIGTERM: draining"); return; }
                 _ = int.recv() => { info!("SIGINT: draining"); return; }
                 _ = hup.recv() => {
-                    info!("SIGHUP: reloading the policy");
+                    info!("SIGHUP: reloading the policy and its schema");
                     // The outcome is logged and counted by the reload itself.
                     if control.send(Control::Reload(None)).await.is_err() {
                         return;
@@ -501,7 +548,6 @@ async fn supervise(
     shared: Arc<Shared>,
     mut control: mpsc::Receiver<Control>,
     mut shutdown: watch::Receiver<bool>,
-    _watcher: Option<notify::RecommendedWatcher>,
 ) -> anyhow::Result<()> {
     let mut delays = concord_amqp::backoff().build();
     loop {

@@ -505,7 +505,7 @@ async fn handle(
     let now = now_ms();
     state.handles.event_in(&delivery.routing_key);
     let outcome = route::process(
-        &state.policy,
+        state.policy(),
         &shared.settings,
         now,
         Input {
@@ -641,7 +641,7 @@ pub(crate) async fn declare(
     let channel = conn.open_channel().await?;
     let result = shared
         .topology
-        .declare_router(&channel, state.policy.systems())
+        .declare_router(&channel, state.policy().systems())
         .await;
     if channel.status().connected() {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "OK".into())).await;

@@ -14,8 +14,9 @@ use std::time::Instant;
 use concord_amqp::{
     AckBatcher, MessageProps, PARTITION_HASH_HEADER, Topology, consume, queue_message_count,
 };
-use concord_proto::v1::{ChangeEvent, Customer, FieldClock, Op};
+use concord_proto::v1::{ChangeEvent, FieldClock, Op};
 use concord_router::{QueueType, RouterConfig, RouterHandle};
+use concord_seed_model::seed::v1::Customer;
 use futures::StreamExt;
 use prost::Message;
 

@@ -17,8 +17,9 @@ use concord_amqp::{
     AckBatcher, Consumer, Delivery, MessageProps, Topology, consume, queue_message_count,
 };
 use concord_policy::DeadLetterReason;
-use concord_proto::v1::{ChangeEvent, Customer, FieldClock, Op};
+use concord_proto::v1::{ChangeEvent, FieldClock, Op};
 use concord_router::{ReloadOutcome, ReloadResultLabel, RouterConfig, RouterHandle};
+use concord_seed_model::seed::v1::Customer;
 use futures::StreamExt;
 use prost::Message;
 
@@ -26,8 +27,7 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn seed_policy() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed/policy.toml");
-    std::fs::read_to_string(path).unwrap()
+    concord_seed_model::POLICY.to_owned()
 }
 
 /// The seed policy plus a `billing` system that sees what was paid.
@@ -438,6 +438,123 @@ async fn a_changed_policy_file_is_reloaded_by_itself() {
     .await;
 }
 
+/// The seed schema with `loyalty_id` (number 13) added to the Customer.
+fn schema_with_loyalty() -> String {
+    let end = "  optional string language = 12;\n}";
+    assert!(concord_seed_model::CUSTOMER_PROTO.contains(end));
+    concord_seed_model::CUSTOMER_PROTO.replace(
+        end,
+        "  optional string language = 12;\n  optional string loyalty_id = 13;\n}",
+    )
+}
+
+/// The seed policy with `loyalty_id` owned by orders and visible to support.
+fn policy_with_loyalty() -> String {
+    seed_policy().replace(
+        "tier = { owner",
+        "loyalty_id = { owner = \"orders\", visible = [\"support\"] }\ntier = { owner",
+    )
+}
+
+/// An orders event setting `loyalty_id` (encoded by hand: no Rust type knows the field).
+fn loyalty_event(key: &str, id: &str) -> ChangeEvent {
+    let mut ev = event("orders", key, &Customer::default(), &["loyalty_id"]);
+    ev.record = [&[13 << 3 | 2, id.len() as u8][..], id.as_bytes()].concat();
+    ev
+}
+
+#[tokio::test]
+async fn a_schema_change_is_reloaded_with_the_policy_unless_it_breaks_a_used_field() {
+    with_world("schema-reload", |w| async move {
+        let router = w.start(w.config()).await;
+        let proto = w.dir.path().join("customer.proto");
+        let mut support = w.consumer(&w.topology.inbox("support")).await;
+
+        // A new field, in the schema and the policy: accepted without a restart.
+        write_policy(&proto, &schema_with_loyalty());
+        write_policy(&w.policy_path(), &policy_with_loyalty());
+        let outcome = within("reload", router.reload()).await.unwrap();
+        assert!(matches!(outcome, ReloadOutcome::Applied { .. }), "{outcome:?}");
+        let ev = loyalty_event("c-21", "L-1");
+        w.publish(&ev).await;
+        let d = next(&mut support, "the new field routed").await;
+        let got = ChangeEvent::decode(d.body.as_slice()).unwrap();
+        assert_eq!(got.event_id, ev.event_id);
+        assert_eq!(got.field_mask, ["loyalty_id"]);
+        assert_eq!(got.record, ev.record);
+        ack(&d).await;
+
+        // Renumbering or retyping a field the policy uses is refused: the old schema stays.
+        for (from, to, problem) in [
+            (
+                "warehouse = 7;",
+                "warehouse = 17;",
+                "field `seed.v1.Customer.warehouse` (customer.proto:27) was renumbered from 7 to 17",
+            ),
+            (
+                "optional int64 amount_paid = 8;",
+                "optional string amount_paid = 8;",
+                "field `seed.v1.Customer.amount_paid` (customer.proto:29) changed type from int64 to string",
+            ),
+        ] {
+            write_policy(&proto, &schema_with_loyalty().replace(from, to));
+            match within("reload", router.reload()).await.unwrap() {
+                ReloadOutcome::Refused(problems) => {
+                    assert!(problems.contains("breaking schema change"), "{problems}");
+                    assert!(problems.contains(problem), "{problems}");
+                    assert!(problems.contains("policy.toml"), "{problems}");
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        assert_eq!(router.metrics().policy_reloads_total(ReloadResultLabel::Breaking), 2);
+        assert_eq!(router.metrics().policy_reloads_total(ReloadResultLabel::Applied), 1);
+        let in_force = router.policy();
+        let amount = in_force
+            .entity("customer")
+            .unwrap()
+            .message
+            .get_field_by_name("amount_paid")
+            .unwrap();
+        assert_eq!(amount.kind(), prost_reflect::Kind::Int64);
+        // Routing goes on with the schema in force: amount_paid is still an int64.
+        let paid = payment_event("c-22", 4200);
+        w.publish(&paid).await;
+        let (got, record) = decode(&next(&mut support, "routing after the refusal").await);
+        assert_eq!(got.event_id, paid.event_id);
+        assert_eq!(record.amount_paid, Some(4200));
+
+        // Back to the schema in force: nothing to do.
+        write_policy(&proto, &schema_with_loyalty());
+        assert_eq!(router.reload().await.unwrap(), ReloadOutcome::Unchanged);
+        router.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_changed_schema_file_is_reloaded_by_itself() {
+    with_world("watch-schema", |w| async move {
+        let router = w
+            .start(RouterConfig {
+                watch_policy: true,
+                ..w.config()
+            })
+            .await;
+        write_policy(&w.dir.path().join("customer.proto"), &schema_with_loyalty());
+        within(
+            "schema reloaded from the file",
+            router.wait_reloads_applied(1),
+        )
+        .await;
+        let policy = router.policy();
+        let customer = &policy.entity("customer").unwrap().message;
+        assert!(customer.get_field_by_name("loyalty_id").is_some());
+        router.shutdown().await.unwrap();
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn http_endpoints_report_health_readiness_and_metrics() {
     with_world("http", |w| async move {
@@ -640,7 +757,7 @@ async fn an_invalid_policy_stops_the_start_with_every_problem() {
     let broken = seed_policy()
         .replace("owner = \"delivery\" }", "owner = \"nobody\" }")
         .replace("email = { owner", "emial = { owner");
-    std::fs::write(&path, broken).unwrap();
+    concord_seed_model::write_deployment(dir.path(), &broken).unwrap();
     let config = RouterConfig {
         http_listen: "127.0.0.1:0".into(),
         ..RouterConfig::default()
@@ -651,6 +768,11 @@ async fn an_invalid_policy_stops_the_start_with_every_problem() {
         .to_string();
     assert!(err.contains("unknown system `nobody`"), "{err}");
     assert!(err.contains("has no field `emial`"), "{err}");
+    // The problem about a field names where its message is declared.
+    assert!(
+        err.contains("`seed.v1.Customer` (customer.proto:17)"),
+        "{err}"
+    );
     assert!(err.lines().count() >= 3, "one line per problem:\n{err}");
 
     // A policy may not name a system `router`: that name is the router's dead-letter queue.
@@ -687,8 +809,7 @@ async fn an_invalid_policy_stops_the_start_with_every_problem() {
 #[tokio::test]
 async fn refused_credentials_stop_the_router() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("policy.toml");
-    std::fs::write(&path, seed_policy()).unwrap();
+    let path = concord_seed_model::write_seed(dir.path()).unwrap();
     let base = uri();
     let bad = match base.split_once('@') {
         Some((_, rest)) => format!("amqp://concord-nobody:wrong@{rest}"),

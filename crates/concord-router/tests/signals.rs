@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use concord_amqp::{Topology, connect, queue_message_count};
 use concord_router::RouterConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,10 +41,8 @@ async fn queue_exists(queue: &str) -> bool {
 async fn sighup_reloads_and_sigterm_drains_and_returns_ok() {
     let ns = format!("it-router-signals-{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
-    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed/policy.toml");
-    let seed = std::fs::read_to_string(seed).unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(&policy, &seed).unwrap();
+    let seed = concord_seed_model::POLICY;
+    let policy = concord_seed_model::write_seed(dir.path()).unwrap();
     // A free port for the HTTP endpoints (run_until_signalled does not expose the address).
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -1,11 +1,13 @@
-//! `concord explain` and `concord check`: pure dry runs over a policy file.
+//! `concord explain` and `concord check`: dry runs over a policy file and the schema it names
+//! (no broker).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use concord_policy::{MergeRule, Op, Policy};
+use concord_policy::{MergeRule, Op, Policy, message_location};
+use concord_schema::Deployment;
 use serde::{Deserialize, Serialize};
 
 /// One change event as JSON.
@@ -51,17 +53,13 @@ struct SystemFields {
     fields: Vec<String>,
 }
 
-pub(crate) fn load_policy(path: &Path) -> anyhow::Result<Policy> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read policy {}", path.display()))?;
-    Ok(Policy::from_toml_canonical(
-        &text,
-        &path.display().to_string(),
-    )?)
+/// Loads the policy and the schema its `[schema]` table names.
+pub(crate) fn load_deployment(path: &Path) -> anyhow::Result<Deployment> {
+    Ok(Deployment::load(path)?)
 }
 
 pub(crate) fn explain(policy_path: &Path, event_path: &Path) -> anyhow::Result<String> {
-    let policy = load_policy(policy_path)?;
+    let policy = load_deployment(policy_path)?.policy;
     let text = std::fs::read_to_string(event_path)
         .with_context(|| format!("cannot read event {}", event_path.display()))?;
     let ev: JsonEvent = serde_json::from_str(&text)
@@ -153,8 +151,60 @@ pub(crate) fn explain(policy_path: &Path, event_path: &Path) -> anyhow::Result<S
     Ok(serde_json::to_string(&out)?)
 }
 
-pub(crate) fn check(policy_path: &Path) -> anyhow::Result<String> {
-    let policy = load_policy(policy_path)?;
+/// What `concord check` prints, and whether it found no breaking change.
+#[derive(Debug)]
+pub(crate) struct CheckReport {
+    pub(crate) out: String,
+    pub(crate) compatible: bool,
+}
+
+/// Validates a policy with its schema and prints its matrix; with `against` (the policy in
+/// force), also the schema changes that break what that policy uses, as the router's reload
+/// would refuse them.
+pub(crate) fn check(policy_path: &Path, against: Option<&Path>) -> anyhow::Result<CheckReport> {
+    let deployment = load_deployment(policy_path)?;
+    let mut out = matrix(policy_path, &deployment.policy)?;
+    let mut compatible = true;
+    if let Some(old_path) = against {
+        let old = load_deployment(old_path)
+            .with_context(|| format!("loading the policy in force {}", old_path.display()))?;
+        let diff = concord_schema::diff::for_policy(&old.policy, deployment.schema.pool());
+        writeln!(out)?;
+        writeln!(out)?;
+        if diff.is_breaking() {
+            compatible = false;
+            writeln!(
+                out,
+                "against {}: {} breaking schema change(s); the router refuses this reload:",
+                old_path.display(),
+                diff.breaking.len()
+            )?;
+            for c in &diff.breaking {
+                writeln!(out, "  breaking: {c}")?;
+            }
+            writeln!(
+                out,
+                "  (to remove a field: drop it from the policy first, reload, then from the schema)"
+            )?;
+        } else {
+            writeln!(
+                out,
+                "against {}: no breaking schema change; the router accepts this reload",
+                old_path.display()
+            )?;
+        }
+        for c in &diff.additions {
+            writeln!(out, "  added: {c}")?;
+        }
+    }
+    Ok(CheckReport {
+        out: out.trim_end().to_owned(),
+        compatible,
+    })
+}
+
+/// The ownership/visibility matrix of a valid policy.
+fn matrix(policy_path: &Path, policy: &Policy) -> anyhow::Result<String> {
     let mut out = String::new();
     let systems = policy.systems();
     let width = systems.iter().map(String::len).max().unwrap_or(0).max(8);
@@ -173,9 +223,10 @@ pub(crate) fn check(policy_path: &Path) -> anyhow::Result<String> {
         writeln!(out)?;
         writeln!(
             out,
-            "entity {} ({})",
+            "entity {} ({}, {})",
             entity.name,
-            entity.message.full_name()
+            entity.message.full_name(),
+            message_location(&entity.message)
         )?;
         let names = |set: concord_policy::SystemSet| {
             set.iter()

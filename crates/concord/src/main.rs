@@ -2,12 +2,17 @@
 //!
 //! - `concord router --policy FILE [--config FILE]` runs the router service;
 //! - `concord explain --policy FILE --event FILE.json` dry-runs one event through the policy;
-//! - `concord check --policy FILE` validates a policy and prints its ownership/visibility matrix.
+//! - `concord check --policy FILE [--against OLD_POLICY]` validates a policy with its schema and
+//!   prints its ownership/visibility matrix (and the breaking schema changes against the policy
+//!   in force);
+//! - `concord schema diff OLD NEW [--policy FILE]` prints the changes between two schemas.
 //!
-//! This binary only parses arguments, reads files and prints; all decisions come from
-//! `concord-policy` and all broker work from `concord-router`.
+//! Every command loads the schema the policy names (its `[schema]` table). This binary only
+//! parses arguments, reads files and prints; all decisions come from `concord-policy`, schemas
+//! from `concord-schema` and all broker work from `concord-router`.
 
 mod explain;
+mod schema_cmd;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,10 +62,41 @@ enum Command {
         #[arg(long)]
         event: PathBuf,
     },
-    /// Validate a policy and print who owns and who sees every field.
+    /// Validate a policy with its schema and print who owns and who sees every field.
+    ///
+    /// Exit status: 0 valid; 1 breaking schema changes against `--against`; 2 invalid.
     Check {
         #[arg(long)]
         policy: PathBuf,
+        /// The policy in force: also list the schema changes that break the fields it uses
+        /// (what the router's reload refuses).
+        #[arg(long)]
+        against: Option<PathBuf>,
+    },
+    /// Work with schemas (the canonical model).
+    Schema {
+        #[command(subcommand)]
+        command: SchemaCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SchemaCommand {
+    /// Print the changes from OLD to NEW: breaking ones, then additions.
+    ///
+    /// OLD and NEW are each a policy file (`*.toml`: the schema it names), a `.proto` file, a
+    /// directory (every `.proto` under it) or an encoded FileDescriptorSet (any other file).
+    /// Exit status: 0 no breaking change; 1 breaking changes; 2 bad input.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        /// Only what this policy uses (validated against OLD): its entities' messages, the
+        /// fields it lists and the messages those hold, as the router checks on reload.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Extra include (import) paths for `.proto` files and directories.
+        #[arg(long, short = 'I')]
+        include: Vec<PathBuf>,
     },
 }
 
@@ -84,8 +120,29 @@ fn main() -> ExitCode {
             }
         }
         Command::Explain { policy, event } => report(explain::explain(&policy, &event)),
-        Command::Check { policy } => report(explain::check(&policy)),
+        Command::Check { policy, against } => match explain::check(&policy, against.as_deref()) {
+            Ok(r) => verdict(r.out, r.compatible),
+            Err(e) => report(Err(e)),
+        },
+        Command::Schema {
+            command:
+                SchemaCommand::Diff {
+                    old,
+                    new,
+                    policy,
+                    include,
+                },
+        } => match schema_cmd::diff(&old, &new, policy.as_deref(), &include) {
+            Ok(r) => verdict(r.out, r.compatible),
+            Err(e) => report(Err(e)),
+        },
     }
+}
+
+/// Prints `out` on stdout; exit code 1 when `ok` is false (breaking changes found).
+fn verdict(out: String, ok: bool) -> ExitCode {
+    let code = report(Ok(out));
+    if ok { code } else { ExitCode::from(1) }
 }
 
 /// Prints the output on stdout, or the error on stderr with exit code 2 (bad input).

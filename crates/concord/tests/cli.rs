@@ -1,4 +1,5 @@
-//! The `concord explain` and `concord check` commands, run as a user would.
+//! The `concord explain`, `concord check` and `concord schema diff` commands, run as a user
+//! would.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -129,7 +130,7 @@ fn malformed_events_exit_2_with_a_precise_message() {
         ),
         (
             r#"{"source":"orders","entity":"customer","fields":{"amount_paid":"lots"}}"#,
-            "do not fit concord.v1.Customer",
+            "do not fit seed.v1.Customer",
         ),
     ];
     for (event, expected) in cases {
@@ -144,10 +145,11 @@ fn malformed_events_exit_2_with_a_precise_message() {
 #[test]
 fn an_invalid_policy_exits_2_naming_file_entity_and_field() {
     let dir = tempfile::tempdir().unwrap();
+    concord_seed_model::write_seed(dir.path()).unwrap();
     let policy = dir.path().join("bad.toml");
     std::fs::write(
         &policy,
-        "[systems.orders]\n[entities.customer]\nmessage = \"concord.v1.Customer\"\n[entities.customer.fields]\nname = { owner = \"sales\" }\n",
+        "[schema]\nfiles = [\"customer.proto\"]\n[systems.orders]\n[entities.customer]\nmessage = \"seed.v1.Customer\"\n[entities.customer.fields]\nname = { owner = \"sales\" }\nnmae = { owner = \"orders\" }\n",
     )
     .unwrap();
     let out = concord(&["check", "--policy", policy.to_str().unwrap()]);
@@ -159,6 +161,188 @@ fn an_invalid_policy_exits_2_naming_file_entity_and_field() {
         ),
         "{err}"
     );
+    // A problem about a field names the .proto file and line of its message.
+    assert!(
+        err.contains(
+            "bad.toml: entity `customer`, field `nmae`: message `seed.v1.Customer` (customer.proto:17) has no field `nmae`"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_policy_without_a_schema_or_with_a_broken_one_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let no_schema =
+        concord_seed_model::POLICY.replace("[schema]\nfiles = [\"customer.proto\"]\n", "");
+    let policy = concord_seed_model::write_deployment(dir.path(), &no_schema).unwrap();
+    let out = concord(&["check", "--policy", policy.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("policy.toml: no [schema] table"), "{err}");
+
+    let policy = concord_seed_model::write_seed(dir.path()).unwrap();
+    std::fs::write(
+        dir.path().join("customer.proto"),
+        concord_seed_model::CUSTOMER_PROTO.replace(
+            "optional int64 amount_paid = 8;",
+            "optional int65 amount_paid = 8;",
+        ),
+    )
+    .unwrap();
+    for args in [
+        vec!["check", "--policy", policy.to_str().unwrap()],
+        vec![
+            "explain",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--event",
+            "unused.json",
+        ],
+    ] {
+        let out = concord(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("policy.toml: [schema]: "), "{err}");
+        assert!(err.contains("customer.proto:29:"), "{err}");
+    }
+}
+
+/// A copy of the seed deployment in a fresh directory, with `customer.proto` edited.
+fn seed_with(dir: &Path, from: &str, to: &str) -> PathBuf {
+    assert!(concord_seed_model::CUSTOMER_PROTO.contains(from), "{from}");
+    let policy = concord_seed_model::write_seed(dir).unwrap();
+    std::fs::write(
+        dir.join("customer.proto"),
+        concord_seed_model::CUSTOMER_PROTO.replace(from, to),
+    )
+    .unwrap();
+    policy
+}
+
+#[test]
+fn check_against_the_policy_in_force_lists_breaking_schema_changes() {
+    let added = tempfile::tempdir().unwrap();
+    let added = seed_with(
+        added.path(),
+        "  optional string language = 12;\n",
+        "  optional string language = 12;\n  optional string loyalty_id = 13;\n",
+    );
+    let in_force = seed_policy();
+    let out = concord(&[
+        "check",
+        "--policy",
+        added.to_str().unwrap(),
+        "--against",
+        in_force.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("no breaking schema change"), "{text}");
+    assert!(
+        text.contains("added: entity `customer`: field `seed.v1.Customer.loyalty_id` (customer.proto:38) was added (number 13)"),
+        "{text}"
+    );
+
+    let renumbered = tempfile::tempdir().unwrap();
+    let renumbered = seed_with(renumbered.path(), "warehouse = 7;", "warehouse = 17;");
+    let out = concord(&[
+        "check",
+        "--policy",
+        renumbered.to_str().unwrap(),
+        "--against",
+        in_force.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    // The matrix is still printed, then the breaking changes.
+    assert!(
+        text.contains("entity customer (seed.v1.Customer, customer.proto:17)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("breaking: entity `customer`: field `seed.v1.Customer.warehouse` (customer.proto:27) was renumbered from 7 to 17"),
+        "{text}"
+    );
+}
+
+#[test]
+fn schema_diff_compares_policies_proto_files_directories_and_descriptor_sets() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old");
+    let new = dir.path().join("new");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::create_dir_all(&new).unwrap();
+    let old_policy = concord_seed_model::write_seed(&old).unwrap();
+    let new_policy = seed_with(
+        &new,
+        "optional string tier = 5;",
+        "repeated string tier = 5;",
+    );
+    let set = dir.path().join("old.binpb");
+    std::fs::write(&set, concord_seed_model::FILE_DESCRIPTOR_SET).unwrap();
+    let expected = "breaking: field `seed.v1.Customer.tier` (customer.proto:23) changed cardinality from optional to repeated";
+    for (from, to) in [
+        (old_policy.clone(), new_policy.clone()),
+        (old.join("customer.proto"), new.join("customer.proto")),
+        (set.clone(), new.clone()),
+    ] {
+        let out = concord(&[
+            "schema",
+            "diff",
+            from.to_str().unwrap(),
+            to.to_str().unwrap(),
+        ]);
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{from:?} {to:?}: {text}");
+        assert!(text.contains(expected), "{text}");
+        assert!(
+            text.ends_with("1 breaking change(s), 0 addition(s)\n"),
+            "{text}"
+        );
+    }
+    // Restricted to a policy that does not use `tier`, nothing breaks.
+    let without_tier = old.join("no-tier.toml");
+    std::fs::write(
+        &without_tier,
+        concord_seed_model::POLICY.replace(
+            "tier = { owner = \"orders\", visible = [\"support\"] }\n",
+            "",
+        ),
+    )
+    .unwrap();
+    let out = concord(&[
+        "schema",
+        "diff",
+        old_policy.to_str().unwrap(),
+        new_policy.to_str().unwrap(),
+        "--policy",
+        without_tier.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("0 breaking change(s) in what"), "{text}");
+    // The same schema: no change at all.
+    let out = concord(&[
+        "schema",
+        "diff",
+        set.to_str().unwrap(),
+        old_policy.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "0 breaking change(s), 0 addition(s)\n"
+    );
+    // Bad input exits 2.
+    let out = concord(&[
+        "schema",
+        "diff",
+        dir.path().join("nope.proto").to_str().unwrap(),
+        set.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.proto"));
 }
 
 #[test]

@@ -31,8 +31,9 @@ fn every_example_policy_and_config_parses() {
         let text = std::fs::read_to_string(&path).unwrap();
         let name = path.display().to_string();
         if text.contains("[systems") {
-            concord_policy::Policy::from_toml_canonical(&text, &name)
-                .unwrap_or_else(|e| panic!("{e}"));
+            // A policy: it loads with the schema it names.
+            let d = concord_schema::Deployment::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!d.policy.entities().is_empty(), "{name}: no entity");
         } else if path
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with("router"))
@@ -49,21 +50,64 @@ fn every_example_policy_and_config_parses() {
 
 #[test]
 fn every_example_event_is_explained() {
-    for entry in std::fs::read_dir(root().join("examples/seed/events")).unwrap() {
-        let path = entry.unwrap().path();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_concord"))
-            .args(["explain", "--policy"])
-            .arg(root().join("examples/seed/policy.toml"))
-            .arg("--event")
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let mut explained = 0;
+    for example in std::fs::read_dir(root().join("examples")).unwrap() {
+        let example = example.unwrap().path();
+        let Ok(events) = std::fs::read_dir(example.join("events")) else {
+            continue;
+        };
+        for entry in events {
+            let path = entry.unwrap().path();
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_concord"))
+                .args(["explain", "--policy"])
+                .arg(example.join("policy.toml"))
+                .arg("--event")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            explained += 1;
+        }
+    }
+    assert!(explained >= 3, "{explained} events");
+}
+
+#[test]
+fn every_example_schema_file_is_named_by_a_policy() {
+    // A .proto file under examples/ that no policy loads would be a stale copy.
+    let mut protos = Vec::new();
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "proto") {
+                out.push(path.canonicalize().unwrap());
+            }
+        }
+    }
+    walk(&root().join("examples"), &mut protos);
+    let mut policies = Vec::new();
+    toml_files(&root().join("examples"), &mut policies);
+    let loaded: Vec<PathBuf> = policies
+        .iter()
+        .filter(|p| std::fs::read_to_string(p).unwrap().contains("[schema]"))
+        .flat_map(|p| {
+            concord_schema::Deployment::load(p)
+                .unwrap()
+                .schema
+                .sources()
+                .to_vec()
+        })
+        .collect();
+    assert!(protos.len() >= 2, "{protos:?}");
+    for p in protos {
+        assert!(loaded.contains(&p), "{} is named by no policy", p.display());
     }
 }
 
@@ -95,6 +139,34 @@ fn docker_compose_is_consistent() {
         .map(|v| v.as_str().unwrap())
         .collect();
     assert_eq!(cmd[0], "router");
+    // The schema the policy names is mounted next to it.
+    let mounts: Vec<(String, String)> = router["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let mut parts = v.as_str().unwrap().split(':');
+            let host = parts.next().unwrap().to_owned();
+            (host, parts.next().unwrap().to_owned())
+        })
+        .collect();
+    let policy_at = cmd[cmd.iter().position(|a| *a == "--policy").unwrap() + 1];
+    let (policy_host, _) = mounts.iter().find(|(_, c)| c == policy_at).unwrap();
+    let policy_host = root().join(policy_host);
+    let deployment = concord_schema::Deployment::load(&policy_host).unwrap();
+    let host_dir = policy_host.parent().unwrap().canonicalize().unwrap();
+    let container_dir = Path::new(policy_at).parent().unwrap();
+    for source in deployment.schema.sources() {
+        let relative = source.strip_prefix(&host_dir).unwrap();
+        let expected = container_dir.join(relative);
+        assert!(
+            mounts.iter().any(|(h, c)| Path::new(c) == expected
+                && root().join(h).canonicalize().unwrap() == *source),
+            "{} is not mounted at {}",
+            source.display(),
+            expected.display()
+        );
+    }
     // The router's metrics port is published and matches the config it mounts.
     let cfg = std::fs::read_to_string(root().join("deploy/router.toml")).unwrap();
     let cfg = concord_router::RouterConfig::from_toml(&cfg, "deploy/router.toml").unwrap();
@@ -129,7 +201,11 @@ fn dockerfile_builds_the_binaries_the_compose_file_runs() {
             "Dockerfile does not install {bin}"
         );
     }
-    for copied in ["examples/seed/policy.toml", "deploy/router.toml"] {
+    for copied in [
+        "examples/seed/policy.toml",
+        "examples/seed/customer.proto",
+        "deploy/router.toml",
+    ] {
         assert!(
             df.contains(copied) && root().join(copied).exists(),
             "{copied}"

@@ -20,31 +20,42 @@ use tokio::process::{Child, Command};
 const EXE: &str = env!("CARGO_BIN_EXE_concord-jsonl-adapter");
 const DEADLINE: Duration = Duration::from_secs(30);
 
-const POLICY: &str = r#"
+/// The test's policy: the seed schema, two systems.
+fn policy() -> String {
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../seed");
+    format!(
+        r#"
+[schema]
+files = ["{proto}"]
+include = ["{seed}"]
+
 [systems.shop]
 description = "The web shop: its records live in a JSON-lines change log"
 [systems.crm]
 
 [entities.customer]
-message = "concord.v1.Customer"
+message = "seed.v1.Customer"
 create = ["shop"]
 
 [entities.customer.fields]
-name = { owner = "shop", visible = ["crm"] }
-email = { owners = ["shop", "crm"], merge = "lww", visible = ["*"] }
-tier = { owner = "crm", visible = ["shop"] }
-amount_paid = { owner = "shop" }
-"#;
+name = {{ owner = "shop", visible = ["crm"] }}
+email = {{ owners = ["shop", "crm"], merge = "lww", visible = ["*"] }}
+tier = {{ owner = "crm", visible = ["shop"] }}
+amount_paid = {{ owner = "shop" }}
+"#,
+        proto = seed.join("customer.proto").display(),
+        seed = seed.display(),
+    )
+}
 
 fn config(dir: &Path, namespace: &str) -> String {
     format!(
         r#"
 system = "shop"
+policy = "{policy}"
 namespace = "{namespace}"
 state = "{state}"
 http_listen = "127.0.0.1:0"
-[entities]
-customer = "concord.v1.Customer"
 [reconnect]
 min_delay_ms = 50
 max_delay_ms = 500
@@ -52,6 +63,7 @@ max_delay_ms = 500
 path = "{log}"
 poll_ms = 10
 "#,
+        policy = dir.join("policy.toml").display(),
         state = dir.join("shop.sqlite").display(),
         log = dir.join("shop.jsonl").display(),
     )
@@ -175,11 +187,18 @@ async fn the_example_adapter_syncs_through_the_router_as_its_own_process() -> an
     };
     let dir = tempfile::tempdir()?;
     let policy = dir.path().join("policy.toml");
-    std::fs::write(&policy, POLICY)?;
+    std::fs::write(&policy, self::policy())?;
     let config = dir.path().join("shop.toml");
     std::fs::write(&config, self::config(dir.path(), &namespace))?;
     let router = start_router(&namespace, &policy).await?;
-    let crm = Node::start(&namespace, "crm", MemorySystem::new("crm"), dir.path()).await?;
+    let crm = Node::start_with_policy(
+        &namespace,
+        "crm",
+        MemorySystem::new("crm"),
+        dir.path(),
+        &policy,
+    )
+    .await?;
     let log = ChangeLog::open(dir.path().join("shop.jsonl"))?;
 
     // `--check` validates the config without touching the broker.
@@ -272,13 +291,15 @@ fn prost_value(s: &str) -> prost_reflect::Value {
 #[tokio::test]
 async fn a_bad_config_is_refused_naming_the_problem() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("policy.toml"), policy())?;
     for (extra, adapter, expect) in [
         ("prefech = 3\n", "path = \"x.jsonl\"", "prefech"),
         ("", "path = \"x.jsonl\"\npoll = 5", "poll"),
         ("", "poll_ms = 5", "path"),
     ] {
         let text = format!(
-            "system = \"shop\"\nstate = \"s.sqlite\"\n{extra}[entities]\ncustomer = \"concord.v1.Customer\"\n[adapter]\n{adapter}\n"
+            "system = \"shop\"\nstate = \"s.sqlite\"\npolicy = \"{}\"\n{extra}[adapter]\n{adapter}\n",
+            dir.path().join("policy.toml").display()
         );
         let config = dir.path().join("bad.toml");
         std::fs::write(&config, text)?;

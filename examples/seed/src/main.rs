@@ -15,7 +15,7 @@ use concord_adapter::{RunnerConfig, RunnerHandle};
 use prost_reflect::Value;
 
 const SYSTEMS: [&str; 3] = ["orders", "support", "delivery"];
-use concord_proto::CUSTOMER_FIELDS as FIELDS;
+use concord_seed_model::CUSTOMER_FIELDS as FIELDS;
 
 struct Node {
     name: &'static str,
@@ -75,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
             name,
             uri.clone(),
             state.path().join(format!("{name}.sqlite")),
-            [("customer".to_owned(), "concord.v1.Customer".to_owned())],
+            policy.clone(),
         );
         config.namespace = namespace.into();
         let mut runner = concord_adapter::start(memory.clone(), config);

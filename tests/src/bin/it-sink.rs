@@ -147,12 +147,7 @@ fn main() -> anyhow::Result<()> {
     let mut arg = || args.next().context(usage);
     let (uri, namespace, system, state, out) = (arg()?, arg()?, arg()?, arg()?, arg()?);
     let sink = FileSink::open(&PathBuf::from(out))?;
-    let mut config = RunnerConfig::new(
-        system,
-        uri,
-        state,
-        [("customer".to_owned(), "concord.v1.Customer".to_owned())],
-    );
+    let mut config = RunnerConfig::new(system, uri, state, concord_it::seed_policy());
     config.namespace = namespace;
     config.reconnect = concord_adapter::RetryConfig {
         min_delay_ms: 100,

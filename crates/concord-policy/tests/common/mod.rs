@@ -8,22 +8,30 @@ use std::fmt::Write as _;
 
 use concord_policy::Policy;
 use concord_proto::v1::{ChangeEvent, FieldClock};
-use prost_reflect::{DynamicMessage, FieldDescriptor, MessageDescriptor, Value};
+use prost_reflect::{DescriptorPool, DynamicMessage, FieldDescriptor, MessageDescriptor, Value};
 
-pub use concord_proto::CUSTOMER_FIELDS;
+pub use concord_seed_model::CUSTOMER_FIELDS;
 
 /// A fixed "router now" used by tests that do not care about time: 2023-11-14.
 pub const NOW_MS: u64 = 1_700_000_000_000;
 
 pub const SEED_POLICY: &str = include_str!("../../../../examples/seed/policy.toml");
 
+/// The seed scenario's schema (`examples/seed/customer.proto`).
+/// (Decoded once: descriptors of different pools never compare equal.)
+pub fn seed_pool() -> DescriptorPool {
+    static POOL: std::sync::OnceLock<DescriptorPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| DescriptorPool::decode(concord_seed_model::FILE_DESCRIPTOR_SET).unwrap())
+        .clone()
+}
+
 pub fn seed_policy() -> Policy {
-    Policy::from_toml_canonical(SEED_POLICY, "policy.toml").unwrap()
+    Policy::from_toml(SEED_POLICY, "policy.toml", &seed_pool()).unwrap()
 }
 
 pub fn customer() -> MessageDescriptor {
-    concord_proto::descriptor_pool()
-        .get_message_by_name("concord.v1.Customer")
+    seed_pool()
+        .get_message_by_name(concord_seed_model::CUSTOMER)
         .unwrap()
 }
 
@@ -115,7 +123,7 @@ impl PolicySpec {
             writeln!(t, "[systems.{}]", sys(i)).unwrap();
         }
         writeln!(t, "[entities.customer]").unwrap();
-        writeln!(t, "message = \"concord.v1.Customer\"").unwrap();
+        writeln!(t, "message = \"seed.v1.Customer\"").unwrap();
         writeln!(t, "create = {}", list(&self.create)).unwrap();
         writeln!(t, "delete = {}", list(&self.delete)).unwrap();
         writeln!(t, "[entities.customer.fields]").unwrap();
@@ -145,7 +153,7 @@ impl PolicySpec {
 
     pub fn load(&self) -> Policy {
         let text = self.to_toml();
-        Policy::from_toml_canonical(&text, "random.toml")
+        Policy::from_toml(&text, "random.toml", &seed_pool())
             .unwrap_or_else(|e| panic!("generated policy does not load: {e}\n{text}"))
     }
 

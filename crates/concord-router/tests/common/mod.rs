@@ -52,7 +52,8 @@ pub async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
 /// Wall-clock milliseconds, for event clocks.
 pub use concord_amqp::now_ms;
 
-/// A fresh namespace for one test: the seed policy in `dir` (as `policy.toml`), a client
+/// A fresh namespace for one test: the seed policy and its schema in `dir` (`policy.toml`,
+/// `customer.proto`), a client
 /// connection and its publisher.
 pub struct World {
     pub topology: Topology,
@@ -71,9 +72,7 @@ where
     Fut: Future<Output = ()>,
 {
     let dir = tempfile::tempdir().unwrap();
-    let policy =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/seed/policy.toml");
-    std::fs::copy(policy, dir.path().join("policy.toml")).unwrap();
+    concord_seed_model::write_seed(dir.path()).unwrap();
     let client = within(
         "connect",
         connect(&uri(), &format!("it-client/{}", topology.namespace())),
