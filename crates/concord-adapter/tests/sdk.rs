@@ -1,0 +1,172 @@
+//! The SDK's ergonomics for adapter authors: typed access to an incoming change, adapters that
+//! implement only their half (a sink, a source), and the process config file with its
+//! `[adapter]` table.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+
+use concord_adapter::testkit::{MemorySystem, TestBus, text};
+use concord_adapter::{AdapterError, Applied, Apply, LocalChange, ProcessConfig, SystemAdapter};
+use concord_policy::Policy;
+use concord_seed_model::seed::v1::{Address, Customer};
+use futures::Stream;
+use prost_reflect::Value;
+
+const CUSTOMER: &str = "customer";
+
+fn seed_policy() -> Policy {
+    let pool =
+        prost_reflect::DescriptorPool::decode(concord_seed_model::FILE_DESCRIPTOR_SET).unwrap();
+    Policy::from_toml(concord_seed_model::POLICY, "policy.toml", &pool).unwrap()
+}
+
+/// A sink that reads every incoming change as the generated `Customer` type.
+#[derive(Debug, Clone, Default)]
+struct TypedSink {
+    received: Arc<Mutex<Vec<Customer>>>,
+}
+
+impl SystemAdapter for TypedSink {
+    async fn apply(&self, change: &Apply) -> Result<Applied, AdapterError> {
+        let customer: Customer = change.record()?;
+        self.received.lock().unwrap().push(customer);
+        Ok(Applied::to(
+            change
+                .local_id
+                .clone()
+                .unwrap_or_else(|| change.key.clone()),
+        ))
+    }
+}
+
+/// A source: it only reports changes (from a `MemorySystem`), and implements no `apply`.
+#[derive(Debug, Clone)]
+struct Source(MemorySystem);
+
+impl SystemAdapter for Source {
+    fn changes(
+        &self,
+        cursor: Option<String>,
+    ) -> impl Stream<Item = Result<LocalChange, AdapterError>> + Send + 'static {
+        self.0.changes(cursor)
+    }
+}
+
+#[tokio::test]
+async fn a_sink_reads_changes_as_generated_types_and_a_source_needs_no_apply() {
+    let orders = MemorySystem::new("orders");
+    let support = TypedSink::default();
+    let delivery = MemorySystem::new("delivery");
+    let mut bus = TestBus::new(seed_policy());
+    bus.add("orders", Source(orders.clone())).await.unwrap();
+    bus.add("support", support.clone()).await.unwrap();
+    bus.add("delivery", delivery.clone()).await.unwrap();
+
+    let address = {
+        let desc = seed_policy()
+            .entity(CUSTOMER)
+            .unwrap()
+            .message
+            .get_field_by_name("address")
+            .unwrap()
+            .kind()
+            .as_message()
+            .unwrap()
+            .clone();
+        let mut m = prost_reflect::DynamicMessage::new(desc);
+        m.set_field_by_name("city", Value::String("London".into()));
+        Value::Message(m)
+    };
+    orders.edit(
+        CUSTOMER,
+        "o-1",
+        [
+            ("name", text("Ada")),
+            ("amount_paid", Some(Value::I64(12_500))),
+            ("address", Some(address)),
+        ],
+    );
+    bus.run_until_quiet().await.unwrap();
+    // Support receives the fields it may see, typed.
+    let received = support.received.lock().unwrap().clone();
+    assert_eq!(
+        received,
+        [Customer {
+            name: Some("Ada".into()),
+            address: Some(Address {
+                city: Some("London".into()),
+                ..Address::default()
+            }),
+            amount_paid: Some(12_500),
+            ..Customer::default()
+        }]
+    );
+
+    // Delivery edits the delivery status, which orders sees: the source implements no `apply`,
+    // so the change is dead-lettered there (`apply_failed`), naming the record.
+    let id = delivery.ids(CUSTOMER)[0].clone();
+    delivery.edit(CUSTOMER, &id, [("delivery_status", text("shipped"))]);
+    bus.run_until_quiet().await.unwrap();
+    let dead = bus.dead_lettered("orders");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].reason, "apply_failed");
+    assert!(
+        dead[0].detail.contains("applies no changes"),
+        "{}",
+        dead[0].detail
+    );
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    path: String,
+    #[serde(default)]
+    batch: u32,
+}
+
+const CONFIG: &str = r#"
+system = "orders"
+policy = "policy.toml"
+state = "orders.sqlite"
+amqp_uri = "amqp://from-the-file"
+http_listen = "0.0.0.0:9470"
+
+[adapter]
+path = "/var/lib/orders"
+batch = 7
+"#;
+
+#[test]
+fn the_process_config_holds_the_runner_settings_and_the_adapters_own_table() {
+    let c = ProcessConfig::<Settings>::parse(CONFIG, "orders.toml", None).unwrap();
+    assert_eq!(c.runner.system, "orders");
+    assert_eq!(c.runner.amqp_uri, "amqp://from-the-file");
+    assert_eq!(c.http_listen.to_string(), "0.0.0.0:9470");
+    assert_eq!(
+        (c.adapter.path.as_str(), c.adapter.batch),
+        ("/var/lib/orders", 7)
+    );
+    // The environment's broker URI wins over the file's (credentials stay out of files).
+    let c =
+        ProcessConfig::<Settings>::parse(CONFIG, "orders.toml", Some("amqp://env".into())).unwrap();
+    assert_eq!(c.runner.amqp_uri, "amqp://env");
+
+    // Every problem names the file and the key.
+    for (text, expect) in [
+        (CONFIG.replace("state =", "stat ="), "stat"),
+        (
+            CONFIG.replace("batch = 7", "batch = 7\ncolour = 1"),
+            "colour",
+        ),
+        (CONFIG.replace("path = \"/var/lib/orders\"", ""), "path"),
+        (CONFIG.replace("0.0.0.0:9470", "nowhere"), "http_listen"),
+        (CONFIG.replace("\"orders\"", "\"Orders\""), "system"),
+    ] {
+        let e = ProcessConfig::<Settings>::parse(&text, "orders.toml", None)
+            .map(|_| ())
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("orders.toml") && e.contains(expect), "{e}");
+    }
+}
