@@ -43,6 +43,11 @@ pub struct RunnerConfig {
     /// values were applied (feeds lag). The feed must report the SDK's own writes.
     #[serde(default = "default_echo_window_secs")]
     pub echo_window_secs: u64,
+    /// The router's `clock_skew_ms`: clocks further ahead of this system's wall clock than
+    /// twice this could not have come through the router and are never adopted (a clock found
+    /// that far ahead is reset to the wall clock).
+    #[serde(default = "default_clock_skew_ms")]
+    pub clock_skew_ms: u64,
     /// Backoff for transient failures (apply, change feed, publishing).
     #[serde(default)]
     pub retry: RetryConfig,
@@ -99,6 +104,9 @@ fn default_publish_batch() -> usize {
 fn default_dedup_retention_hours() -> u64 {
     24 * 7
 }
+fn default_clock_skew_ms() -> u64 {
+    concord_policy::replica::DEFAULT_CLOCK_SKEW_MS
+}
 fn default_echo_window_secs() -> u64 {
     3600
 }
@@ -129,6 +137,7 @@ impl RunnerConfig {
             snapshot_on_first_start: false,
             dedup_retention_hours: default_dedup_retention_hours(),
             echo_window_secs: default_echo_window_secs(),
+            clock_skew_ms: default_clock_skew_ms(),
             retry: RetryConfig::default(),
             reconnect: RetryConfig::default(),
         }

@@ -80,6 +80,25 @@ fn permanent(reason: DeadLetterReason, detail: impl Into<String>) -> IncomingErr
     }
 }
 
+/// How an engine works, beyond its system and adapter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EngineSettings {
+    /// Set the AMQP `user_id` of published events to the system's name.
+    pub(crate) publish_user_id: bool,
+    pub(crate) echo_window_ms: u64,
+    pub(crate) clock_skew_ms: u64,
+}
+
+impl EngineSettings {
+    pub(crate) fn of(config: &crate::config::RunnerConfig) -> EngineSettings {
+        EngineSettings {
+            publish_user_id: config.publish_user_id,
+            echo_window_ms: config.echo_window_secs.saturating_mul(1000),
+            clock_skew_ms: config.clock_skew_ms,
+        }
+    }
+}
+
 /// The engine of one system.
 #[derive(Debug)]
 pub(crate) struct Engine<A> {
@@ -100,15 +119,15 @@ impl<A: SystemAdapter> Engine<A> {
         store: Store,
         entities: HashMap<String, MessageDescriptor>,
         metrics: Arc<Metrics>,
-        publish_user_id: bool,
-        echo_window_ms: u64,
+        settings: EngineSettings,
     ) -> Result<Engine<A>, EngineError> {
         let replica = Replica::new(
             system,
             adapter.echoes(),
-            echo_window_ms,
+            settings.echo_window_ms,
             store.max_hlc().await?,
-        );
+        )
+        .with_clock_skew(settings.clock_skew_ms);
         Ok(Engine {
             system: system.to_owned(),
             adapter,
@@ -116,7 +135,7 @@ impl<A: SystemAdapter> Engine<A> {
             replica,
             entities,
             metrics,
-            publish_user_id,
+            publish_user_id: settings.publish_user_id,
         })
     }
 
@@ -198,7 +217,9 @@ impl<A: SystemAdapter> Engine<A> {
         let before = store::load_record(&mut tx, entity, key).await?;
         let ranks_before = store::load_ranks(&mut tx, entity).await?;
         let (mut state, mut ranks) = (before.clone(), ranks_before.clone());
-        let step = self.replica.incoming(&mut state, &mut ranks, &decoded.copy);
+        let step = self
+            .replica
+            .incoming(&mut state, &mut ranks, &decoded.copy, now_ms());
         store::save_ranks(&mut tx, entity, &ranks_before, &ranks).await?;
         let plan = match step {
             IncomingStep::Stale | IncomingStep::Recorded => {
@@ -342,7 +363,12 @@ impl<A: SystemAdapter> Engine<A> {
                 };
             let mut state = before.clone();
             let now = now_ms();
+            let resets = self.replica.clock_resets();
             let step = self.replica.local(&mut state, &entity_ranks, &edit, now);
+            if self.replica.clock_resets() > resets {
+                warn!(system = %self.system, "the clock was far ahead of the wall clock (beyond twice the router's skew): reset to the wall clock");
+                Metrics::inc(&self.metrics.clock_resets);
+            }
             self.count(&step);
             store::save_record(&mut tx, &ch.entity, &key, &before, &state).await?;
             if let Some(publish) = &step.publish {

@@ -78,6 +78,8 @@ counters! {
     corrections,
     /// Connections opened to the broker.
     connections,
+    /// Times the clock was found beyond twice the router's skew and reset to the wall clock.
+    clock_resets,
 }
 
 impl Metrics {

@@ -44,7 +44,7 @@ use tracing::{error, info, warn};
 use crate::adapter::{AdapterError, LocalChange, SystemAdapter};
 use crate::amqp::AmqpTransport;
 use crate::config::{RetryConfig, RunnerConfig};
-use crate::engine::{Engine, EngineError, IncomingError, now_ms};
+use crate::engine::{Engine, EngineError, EngineSettings, IncomingError, now_ms};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::store::{self, Store, StoreError};
 use crate::transport::{Inbox, Incoming, Link, Transport, TransportError};
@@ -248,8 +248,7 @@ async fn serve<A: SystemAdapter, T: Transport>(
         store.clone(),
         entities,
         metrics.clone(),
-        config.publish_user_id,
-        config.echo_window_secs.saturating_mul(1000),
+        EngineSettings::of(&config),
     )
     .await?;
     let mut snapshot_pending =

@@ -170,3 +170,53 @@ fn the_process_config_holds_the_runner_settings_and_the_adapters_own_table() {
         assert!(e.contains("orders.toml") && e.contains(expect), "{e}");
     }
 }
+
+/// A state store whose clock was poisoned (by an earlier release that adopted a forged record
+/// clock, and stamped the system's own writes with it) recovers: the next local write is stamped
+/// with the wall clock and routed, not dead-lettered as `clock_skew`.
+#[tokio::test]
+async fn an_adapter_with_a_poisoned_clock_recovers_at_its_next_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("support.sqlite");
+    // The poisoned state: support's own earlier write, stamped ten days ahead.
+    concord_adapter::Store::open(&state)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    let far = (concord_amqp::now_ms() + 10 * 24 * 3_600_000) << 16;
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", state.display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO fields (entity, key, field, value, rank, hlc, system, pending)
+         VALUES ('customer', 'k-1', 'support_agent', NULL, 1, ?, 'support', 0)",
+    )
+    .bind(i64::try_from(far).unwrap())
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let orders = MemorySystem::new("orders");
+    let support = MemorySystem::new("support");
+    let mut bus = TestBus::new(seed_policy());
+    bus.add("orders", orders.clone()).await.unwrap();
+    bus.add_with_state("support", support.clone(), &state)
+        .await
+        .unwrap();
+    orders.edit(CUSTOMER, "o-1", [("name", text("Ada"))]);
+    bus.run_until_quiet().await.unwrap();
+    let id = support.find(CUSTOMER, "name", "Ada").unwrap();
+    support.edit(CUSTOMER, &id, [("support_agent", text("Grace"))]);
+    bus.run_until_quiet().await.unwrap();
+    assert!(
+        bus.router_dead_letters().is_empty(),
+        "{:?}",
+        bus.router_dead_letters()
+    );
+    assert_eq!(bus.metrics("support").clock_resets, 1);
+    let ev = &bus.published("support")[0];
+    assert!(ev.clocks["support_agent"].hlc < far);
+    assert!(orders.find(CUSTOMER, "support_agent", "Grace").is_some());
+}

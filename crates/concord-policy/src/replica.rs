@@ -48,9 +48,9 @@ use crate::clock::Stamp;
 mod record;
 
 pub use record::{
-    ApplyOp, ApplyPlan, CopyError, DecodedCopy, DeleteStamp, Echo, Echoes, Incoming, IncomingField,
-    IncomingStep, LocalEdit, LocalOp, LocalStep, Publish, PublishedField, Ranks, RecordState,
-    Replica, Value, change_event, decode_copy,
+    ApplyOp, ApplyPlan, CopyError, DEFAULT_CLOCK_SKEW_MS, DecodedCopy, DeleteStamp, Echo, Echoes,
+    Incoming, IncomingField, IncomingStep, LocalEdit, LocalOp, LocalStep, Publish, PublishedField,
+    Ranks, RecordState, Replica, Value, change_event, decode_copy,
 };
 
 /// What a replica holds for one field of one record.

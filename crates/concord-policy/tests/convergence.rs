@@ -815,10 +815,13 @@ impl<'p> Sim<'p> {
         if self.cfg.ignore_receiver_ranks {
             decoded.copy.ranks.clear();
         }
+        let wall = self.wall(t);
         let n = &mut self.nodes[t];
         let before = n.state(key).clone();
         let mut state = n.records.remove(&key).unwrap_or_default();
-        let step = n.replica.incoming(&mut state, &mut n.ranks, &decoded.copy);
+        let step = n
+            .replica
+            .incoming(&mut state, &mut n.ranks, &decoded.copy, wall);
         n.records.insert(key, state);
         let plan = match step {
             IncomingStep::Stale | IncomingStep::Recorded => return Ok(()),

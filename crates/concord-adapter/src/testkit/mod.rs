@@ -34,7 +34,7 @@ use prost::Message;
 pub use memory::{MemorySystem, Record, text};
 
 use crate::adapter::{AdapterError, LocalChange, SystemAdapter};
-use crate::engine::{Engine, EngineError, IncomingError, Processed, now_ms};
+use crate::engine::{Engine, EngineError, EngineSettings, IncomingError, Processed, now_ms};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::store::{self, Store, StoreError};
 use crate::transport::{Link, Outgoing, TransportError};
@@ -300,8 +300,11 @@ impl TestBus {
             store,
             entities,
             metrics.clone(),
-            false,
-            self.echo_window_ms,
+            EngineSettings {
+                publish_user_id: false,
+                echo_window_ms: self.echo_window_ms,
+                clock_skew_ms: self.settings.clock_skew_ms,
+            },
         )
         .await?;
         let changes = adapter.changes(cursor).boxed();

@@ -15,7 +15,7 @@ use prost_reflect::MessageDescriptor;
 
 use super::{FieldState, Held, LocalWrite, classify_local, delete_is_new, predates};
 use crate::Op;
-use crate::clock::{Hlc, Stamp};
+use crate::clock::{Hlc, LOGICAL_BITS, Stamp, from_ms};
 use crate::route::DeadLetterReason;
 
 /// The encoded value of one field (a message of the entity's type with only that field set);
@@ -240,13 +240,28 @@ pub enum IncomingStep {
 
 /// The adapter rules of one system. Owns the system's hybrid logical clock; every other piece
 /// of state is passed in per record ([`RecordState`]) and per entity ([`Ranks`]).
+///
+/// The clock never takes a value the router would refuse. The router accepts clocks up to
+/// `clock_skew_ms` ahead of its own wall clock, and this system's wall clock may itself be up to
+/// that much behind the router's: so a clock more than twice the skew ahead of this system's
+/// wall clock cannot have come through the router honestly. Such clocks are not observed, and a
+/// clock found that far ahead when it ticks (a state poisoned by a forged clock before the
+/// router checked every clock, or a wall clock stepped far back) is reset to the wall clock
+/// first. No other system holds a write stamped that far ahead (the router refused it), so a
+/// reset loses nothing: the system's later writes simply carry honest stamps again.
+/// [`Replica::clock_resets`] counts the resets.
 #[derive(Debug, Clone)]
 pub struct Replica {
     system: String,
     echoes: Echoes,
     echo_window_ms: u64,
+    clock_skew_ms: u64,
     hlc: Hlc,
+    clock_resets: u64,
 }
+
+/// The router's default `clock_skew_ms`.
+pub const DEFAULT_CLOCK_SKEW_MS: u64 = 60_000;
 
 impl Replica {
     /// The rules of `system`, whose clock has issued or observed nothing above `last_hlc` (the
@@ -261,8 +276,37 @@ impl Replica {
             system: system.into(),
             echoes,
             echo_window_ms,
+            clock_skew_ms: DEFAULT_CLOCK_SKEW_MS,
             hlc: Hlc::starting_at(last_hlc),
+            clock_resets: 0,
         }
+    }
+
+    /// With the router's `clock_skew_ms` (how far ahead of the wall clock a clock may be).
+    pub fn with_clock_skew(mut self, clock_skew_ms: u64) -> Replica {
+        self.clock_skew_ms = clock_skew_ms;
+        self
+    }
+
+    /// How often the clock was found beyond the skew and reset to the wall clock.
+    pub fn clock_resets(&self) -> u64 {
+        self.clock_resets
+    }
+
+    /// The furthest clock that can have come through the router at this system's wall time
+    /// `now_ms` (see the type's docs).
+    fn clock_limit(&self, now_ms: u64) -> u64 {
+        let ms = now_ms.saturating_add(self.clock_skew_ms.saturating_mul(2));
+        from_ms(ms.min(u64::MAX >> LOGICAL_BITS)) | ((1 << LOGICAL_BITS) - 1)
+    }
+
+    /// A clock value for a local write at `now_ms`, never beyond the skew.
+    fn tick(&mut self, now_ms: u64) -> u64 {
+        if self.hlc.last() > self.clock_limit(now_ms) {
+            self.hlc = Hlc::starting_at(from_ms(now_ms));
+            self.clock_resets += 1;
+        }
+        self.hlc.tick(now_ms)
     }
 
     pub fn system(&self) -> &str {
@@ -292,7 +336,7 @@ impl Replica {
         }
         if edit.op == LocalOp::Delete {
             if state.live && !seen.exact {
-                let hlc = self.hlc.tick(now_ms);
+                let hlc = self.tick(now_ms);
                 state.tombstone = Some((hlc, self.system.clone()));
                 state.live = false;
                 // Every field was written before this delete (the clock just ticked past all of
@@ -340,7 +384,7 @@ impl Replica {
                     write_back.push((name.clone(), stored.and_then(|s| s.value.clone())));
                 }
                 LocalWrite::Publish => {
-                    let at = *hlc.get_or_insert_with(|| self.hlc.tick(now_ms));
+                    let at = *hlc.get_or_insert_with(|| self.tick(now_ms));
                     // A local write is the newest: nothing below it can come back.
                     state
                         .fields
@@ -388,21 +432,24 @@ impl Replica {
         step
     }
 
-    /// A routed copy. Learns this system's ranks into `ranks` and the clocks into the HLC.
+    /// A routed copy, received at wall time `now_ms`. Learns this system's ranks into `ranks`
+    /// and the clocks into the HLC (those within the skew).
     pub fn incoming(
         &mut self,
         state: &mut RecordState,
         ranks: &mut Ranks,
         copy: &Incoming,
+        now_ms: u64,
     ) -> IncomingStep {
         for (field, rank) in &copy.ranks {
             ranks.insert(field.clone(), *rank);
         }
-        for f in &copy.fields {
-            self.hlc.observe(f.stamp.hlc);
-        }
-        if let Some((hlc, _)) = &copy.record_clock {
-            self.hlc.observe(*hlc);
+        let limit = self.clock_limit(now_ms);
+        let clocks = copy.fields.iter().map(|f| f.stamp.hlc);
+        for hlc in clocks.chain(copy.record_clock.as_ref().map(|(h, _)| *h)) {
+            if hlc <= limit {
+                self.hlc.observe(hlc);
+            }
         }
         if copy.op == Op::Delete {
             return match &copy.record_clock {
@@ -790,7 +837,7 @@ mod tests {
         hlc: u64,
         version: Option<u64>,
     ) {
-        let IncomingStep::Apply(plan) = r.incoming(state, ranks, &routed(value, hlc)) else {
+        let IncomingStep::Apply(plan) = r.incoming(state, ranks, &routed(value, hlc), 1_000) else {
             panic!("{value} did not win");
         };
         r.applied(state, &plan, "local-1", version, 1_000);
@@ -879,9 +926,12 @@ mod tests {
     fn a_non_owner_edit_of_an_owned_value_is_written_back_and_not_published() {
         let mut r = Replica::new("sys", Echoes::Reported, 60_000, 0);
         let (mut state, mut ranks) = (RecordState::default(), Ranks::new());
-        let IncomingStep::Apply(plan) =
-            r.incoming(&mut state, &mut ranks, &routed_with_rank("owner's", 10, 0))
-        else {
+        let IncomingStep::Apply(plan) = r.incoming(
+            &mut state,
+            &mut ranks,
+            &routed_with_rank("owner's", 10, 0),
+            1_000,
+        ) else {
             panic!("the first write wins");
         };
         r.applied(&mut state, &plan, "local-1", None, 1_000);
@@ -904,23 +954,79 @@ mod tests {
             ranks: Vec::new(),
             record_clock: Some((30, "other".into())),
         };
-        let IncomingStep::Apply(plan) = r.incoming(&mut state, &mut ranks, &delete) else {
+        let IncomingStep::Apply(plan) = r.incoming(&mut state, &mut ranks, &delete, 1_000) else {
             panic!("the live record is deleted");
         };
         assert_eq!((plan.op, plan.record_first), (ApplyOp::Delete, false));
         assert!(state.fields.is_empty() && !state.live);
         // The same delete again changes nothing; an older write stays buried.
         assert_eq!(
-            r.incoming(&mut state, &mut ranks, &delete),
+            r.incoming(&mut state, &mut ranks, &delete, 1_000),
             IncomingStep::Stale
         );
         assert_eq!(
-            r.incoming(&mut state, &mut ranks, &routed("old", 20)),
+            r.incoming(&mut state, &mut ranks, &routed("old", 20), 1_000),
             IncomingStep::Stale
         );
         // The system reporting the delete (its echo) publishes nothing.
         let mut echo = user_sets("", None);
         echo.op = LocalOp::Delete;
         assert_eq!(r.local(&mut state, &ranks, &echo, 1_100).publish, None);
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+    use crate::clock::physical_ms;
+
+    const NOW: u64 = 1_700_000_000_000;
+    const FAR: u64 = NOW + 10 * 24 * 3_600_000;
+
+    fn edit(value: &str) -> LocalEdit {
+        LocalEdit {
+            op: LocalOp::Upsert,
+            local_id: "l-1".into(),
+            fields: vec![("f".into(), Some(value.as_bytes().to_vec()))],
+            version: None,
+            snapshot: false,
+        }
+    }
+
+    /// A clock far ahead — persisted by an earlier release from a forged record clock — is
+    /// reset at the next local write: the write carries an honest stamp the router accepts.
+    #[test]
+    fn a_poisoned_clock_is_reset_at_the_next_write() {
+        let mut r = Replica::new("sys", Echoes::Reported, 60_000, from_ms(FAR));
+        let mut state = RecordState::default();
+        let step = r.local(&mut state, &Ranks::new(), &edit("a"), NOW);
+        let hlc = step.publish.unwrap().hlc;
+        assert_eq!(physical_ms(hlc), NOW);
+        assert_eq!(r.clock_resets(), 1);
+        // Within the skew, the clock is trusted and keeps moving forward.
+        let step = r.local(&mut state, &Ranks::new(), &edit("b"), NOW);
+        assert!(step.publish.unwrap().hlc > hlc);
+        assert_eq!(r.clock_resets(), 1);
+    }
+
+    /// A routed copy carrying a clock no router would accept (a forged record clock on an
+    /// upsert) does not move the clock; one within the skew does.
+    #[test]
+    fn clocks_beyond_the_skew_are_not_observed() {
+        let mut r = Replica::new("sys", Echoes::Reported, 60_000, 0);
+        let (mut state, mut ranks) = (RecordState::default(), Ranks::new());
+        let copy = |record_clock: u64| Incoming {
+            op: Op::Upsert,
+            fields: Vec::new(),
+            ranks: Vec::new(),
+            record_clock: Some((record_clock, "other".into())),
+        };
+        r.incoming(&mut state, &mut ranks, &copy(from_ms(FAR)), NOW);
+        assert!(physical_ms(r.hlc().last()) < NOW);
+        r.incoming(&mut state, &mut ranks, &copy(from_ms(NOW + 30_000)), NOW);
+        assert_eq!(physical_ms(r.hlc().last()), NOW + 30_000);
+        let step = r.local(&mut state, &ranks, &edit("a"), NOW);
+        assert!(physical_ms(step.publish.unwrap().hlc) == NOW + 30_000);
+        assert_eq!(r.clock_resets(), 0);
     }
 }
