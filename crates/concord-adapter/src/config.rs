@@ -38,6 +38,9 @@ pub struct RunnerConfig {
     /// How long ids of processed incoming events are kept for deduplication, in hours.
     #[serde(default = "default_dedup_retention_hours")]
     pub dedup_retention_hours: u64,
+    /// Most ids of processed incoming events kept for deduplication (the oldest go first).
+    #[serde(default = "default_dedup_max_entries")]
+    pub dedup_max_entries: u64,
     /// How long the SDK waits for the change feed to report a value it applied, in seconds.
     /// Until then, a local change equal to that value is taken for its echo, even after newer
     /// values were applied (feeds lag). The feed must report the SDK's own writes.
@@ -101,6 +104,9 @@ fn default_prefetch() -> u16 {
 fn default_publish_batch() -> usize {
     256
 }
+fn default_dedup_max_entries() -> u64 {
+    1_000_000
+}
 fn default_dedup_retention_hours() -> u64 {
     24 * 7
 }
@@ -136,6 +142,7 @@ impl RunnerConfig {
             publish_batch: default_publish_batch(),
             snapshot_on_first_start: false,
             dedup_retention_hours: default_dedup_retention_hours(),
+            dedup_max_entries: default_dedup_max_entries(),
             echo_window_secs: default_echo_window_secs(),
             clock_skew_ms: default_clock_skew_ms(),
             retry: RetryConfig::default(),
@@ -164,6 +171,9 @@ impl RunnerConfig {
         }
         if self.prefetch == 0 {
             return Err("prefetch must be at least 1".into());
+        }
+        if self.dedup_max_entries == 0 {
+            return Err("dedup_max_entries must be at least 1".into());
         }
         if self.publish_batch == 0 {
             return Err("publish_batch must be at least 1".into());

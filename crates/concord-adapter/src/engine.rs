@@ -188,7 +188,8 @@ impl<A: SystemAdapter> Engine<A> {
                 "empty event_id",
             ));
         }
-        if self.store.seen(&ev.event_id).await? {
+        let seen_key = dedup_key(&ev);
+        if self.store.seen(&seen_key).await? {
             debug!(event_id = %ev.event_id, "duplicate event");
             return Ok(Processed::Duplicate);
         }
@@ -224,7 +225,7 @@ impl<A: SystemAdapter> Engine<A> {
         let plan = match step {
             IncomingStep::Stale | IncomingStep::Recorded => {
                 store::save_record(&mut tx, entity, key, &before, &state).await?;
-                store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
+                store::mark_seen(&mut tx, &seen_key, now_ms()).await?;
                 tx.commit().await?;
                 return Ok(if matches!(step, IncomingStep::Stale) {
                     Processed::Stale
@@ -261,7 +262,7 @@ impl<A: SystemAdapter> Engine<A> {
                 );
                 let mut tx = self.store.begin().await?;
                 store::save_record(&mut tx, entity, key, &recorded, &state).await?;
-                store::mark_seen(&mut tx, &ev.event_id, now_ms()).await?;
+                store::mark_seen(&mut tx, &seen_key, now_ms()).await?;
                 tx.commit().await?;
                 Ok(Processed::Applied)
             }
@@ -494,6 +495,27 @@ impl<A: SystemAdapter> Engine<A> {
             user_id: self.publish_user_id.then(|| self.system.clone()),
         }
     }
+}
+
+/// What identifies a processed copy for deduplication: its event id and the fields it carries.
+/// A copy of the same event with other fields (the router routed it again after a policy change,
+/// e.g. an event dead-lettered for an unknown field and replayed once the field is in the
+/// policy) is processed: the stamps make whatever it repeats stale, and nothing it adds is lost.
+fn dedup_key(ev: &ChangeEvent) -> String {
+    // FNV-1a over the op and the sorted mask.
+    let mut names: Vec<&str> = ev.field_mask.iter().map(String::as_str).collect();
+    names.sort_unstable();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in ev
+        .op
+        .to_le_bytes()
+        .iter()
+        .chain(names.join("\0").as_bytes())
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{}#{h:016x}", ev.event_id)
 }
 
 /// A stored field value (see `route::encode_field`) as the system receives it.

@@ -67,6 +67,12 @@ pub enum RunError {
     Task(String),
 }
 
+/// Processed event ids forgotten per pruning batch (one short transaction).
+const PRUNE_BATCH: u32 = 2_000;
+/// Pause between pruning batches while there is more to prune: the inbox and the feed are served
+/// in between.
+const PRUNE_PAUSE: Duration = Duration::from_millis(20);
+
 /// A stop signal.
 type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -235,11 +241,8 @@ async fn serve<A: SystemAdapter, T: Transport>(
     config.validate().map_err(RunError::Config)?;
     let deployment = load_deployment(&config)?;
     let store = Store::open(&config.state).await?;
-    let retention_ms = config.dedup_retention_hours.saturating_mul(3_600_000);
-    let now = now_ms();
-    store.prune_seen(now.saturating_sub(retention_ms)).await?;
     store
-        .prune_echoes(now.saturating_sub(config.echo_window_secs.saturating_mul(1000)))
+        .prune_echoes(now_ms().saturating_sub(config.echo_window_secs.saturating_mul(1000)))
         .await?;
     let entities = entities(&deployment.policy);
     let mut engine = Engine::new(
@@ -408,9 +411,10 @@ async fn session<A: SystemAdapter, L: Link>(
     }
     let mut flush = tokio::time::interval(Duration::from_millis(50));
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Pruning the state store goes in small batches between messages; while a batch comes back
+    // full, the next one follows shortly.
     let every = Duration::from_secs(config.echo_window_secs.clamp(60, 3600));
-    let mut prune = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prune_at = tokio::time::Instant::now() + Duration::from_secs(1);
     loop {
         let reopen = async {
             match *reopen_at {
@@ -476,14 +480,22 @@ async fn session<A: SystemAdapter, L: Link>(
                     Err(e) => return Stop::Fatal(e.into()),
                 }
             }
-            _ = prune.tick() => {
+            () = tokio::time::sleep_until(prune_at) => {
                 let now = now_ms();
                 let seen = now.saturating_sub(config.dedup_retention_hours.saturating_mul(3_600_000));
                 let echoes = now.saturating_sub(config.echo_window_secs.saturating_mul(1000));
                 let store = engine.store();
-                if let Err(e) = store.prune_seen(seen).await.and(store.prune_echoes(echoes).await) {
+                let more = match store.prune_seen(seen, config.dedup_max_entries, PRUNE_BATCH).await {
+                    Ok(n) => n >= u64::from(PRUNE_BATCH),
+                    Err(e) => {
+                        warn!(error = %e, "pruning the state store failed");
+                        false
+                    }
+                };
+                if let Err(e) = store.prune_echoes(echoes).await {
                     warn!(error = %e, "pruning the state store failed");
                 }
+                prune_at = tokio::time::Instant::now() + if more { PRUNE_PAUSE } else { every };
             }
             _ = flush.tick() => {
                 if let Err(e) = link.flush().await {

@@ -202,13 +202,42 @@ impl Store {
         Ok(row.try_get::<Option<i64>, _>(0)?.map_or(0, to_u64))
     }
 
-    /// Forgets processed event ids older than `before_ms`.
-    pub async fn prune_seen(&self, before_ms: u64) -> Result<u64, StoreError> {
-        let r = sqlx::query("DELETE FROM seen WHERE at_ms < ?")
-            .bind(to_i64(before_ms))
-            .execute(&self.pool)
+    /// Forgets at most `batch` processed event ids, oldest first: those recorded before
+    /// `before_ms`, and those beyond the newest `max_entries`. Returns how many it forgot (less
+    /// than `batch`: nothing more to forget now). One short transaction: applying never waits
+    /// long for pruning.
+    pub async fn prune_seen(
+        &self,
+        before_ms: u64,
+        max_entries: u64,
+        batch: u32,
+    ) -> Result<u64, StoreError> {
+        // Ids are appended in processing order, so rowids count them (`INSERT OR IGNORE`).
+        let newest: Option<i64> = sqlx::query_scalar("SELECT MAX(rowid) FROM seen")
+            .fetch_one(&self.pool)
             .await?;
+        let Some(newest) = newest else {
+            return Ok(0);
+        };
+        let beyond_cap = newest.saturating_sub(to_i64(max_entries));
+        let r = sqlx::query(
+            "DELETE FROM seen WHERE rowid IN (
+                SELECT rowid FROM seen WHERE rowid <= ?1 OR at_ms < ?2 ORDER BY rowid LIMIT ?3)",
+        )
+        .bind(beyond_cap)
+        .bind(to_i64(before_ms))
+        .bind(i64::from(batch))
+        .execute(&self.pool)
+        .await?;
         Ok(r.rows_affected())
+    }
+
+    /// Number of processed event ids kept.
+    pub async fn seen_count(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seen")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(to_u64(n))
     }
 
     /// Forgets expected echoes recorded before `before_ms` (the feed never reported them).
@@ -818,4 +847,113 @@ pub(crate) async fn save_ranks(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    async fn seen_ids(store: &Store, n: u64, at_ms: u64) {
+        let mut tx = store.begin().await.unwrap();
+        for i in 0..n {
+            mark_seen(&mut tx, &format!("e-{at_ms}-{i}"), at_ms)
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+
+    /// The deduplication store stays bounded by count and by age, pruned in batches of at most
+    /// `batch` rows (each one short transaction), oldest first.
+    #[tokio::test]
+    async fn processed_ids_are_pruned_in_batches_by_count_and_age() {
+        let store = Store::in_memory().await.unwrap();
+        seen_ids(&store, 1_000, 10).await; // old
+        seen_ids(&store, 9_000, 1_000).await; // recent
+        let mut batches = Vec::new();
+        loop {
+            let n = store.prune_seen(100, 5_000, 2_000).await.unwrap();
+            batches.push(n);
+            if n < 2_000 {
+                break;
+            }
+        }
+        assert_eq!(batches, [2_000, 2_000, 1_000]);
+        assert_eq!(store.seen_count().await.unwrap(), 5_000);
+        // The newest are kept, the oldest went first.
+        assert!(store.seen("e-1000-8999").await.unwrap());
+        assert!(!store.seen("e-1000-3999").await.unwrap());
+        assert!(store.seen("e-1000-4000").await.unwrap());
+        assert!(!store.seen("e-10-0").await.unwrap());
+    }
+
+    /// A store of the first release (no schema version, echoes without versions) is migrated
+    /// with its data; a store of a newer release is refused with a clear message.
+    #[tokio::test]
+    async fn the_schema_is_versioned_and_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.sqlite");
+        {
+            let opts = SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = SqlitePoolOptions::new().connect_with(opts).await.unwrap();
+            // Version 1's schema, as the first release created it.
+            let v1 = SCHEMA
+                .iter()
+                .map(|stmt| {
+                    if stmt.starts_with("CREATE TABLE echoes") {
+                        "CREATE TABLE echoes (id INTEGER PRIMARY KEY, entity TEXT NOT NULL,
+                            key TEXT NOT NULL, field TEXT NOT NULL, value BLOB,
+                            at_ms INTEGER NOT NULL)"
+                    } else if stmt.starts_with("CREATE INDEX echoes_record") {
+                        "CREATE INDEX echoes_field ON echoes(entity, key, field)"
+                    } else {
+                        stmt
+                    }
+                })
+                .chain([
+                    "INSERT INTO echoes (entity, key, field, value, at_ms) VALUES ('e', 'k', 'f', x'01', 5)",
+                ]);
+            for stmt in v1 {
+                sqlx::query(stmt).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }
+        let store = Store::open(&path).await.unwrap();
+        let mut c = store.pool.acquire().await.unwrap();
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let state = load_record(&mut c, "e", "k").await.unwrap();
+        assert_eq!(
+            state.echoes,
+            [Echo::Value {
+                field: "f".into(),
+                value: Some(vec![1]),
+                at_ms: 5
+            }]
+        );
+        drop(c);
+        store.close().await;
+
+        let path = dir.path().join("new.sqlite");
+        let store = Store::open(&path).await.unwrap();
+        let mut c = store.pool.acquire().await.unwrap();
+        sqlx::query("PRAGMA user_version = 99")
+            .execute(&mut *c)
+            .await
+            .unwrap();
+        drop(c);
+        store.close().await;
+        let err = Store::open(&path).await.unwrap_err().to_string();
+        assert!(
+            err.contains("schema version 99") && err.contains("newer"),
+            "{err}"
+        );
+    }
 }

@@ -220,3 +220,50 @@ async fn an_adapter_with_a_poisoned_clock_recovers_at_its_next_write() {
     assert!(ev.clocks["support_agent"].hlc < far);
     assert!(orders.find(CUSTOMER, "support_agent", "Grace").is_some());
 }
+
+/// An event dead-lettered for a field the policy did not have (`unknown_field`: the rest was
+/// routed) and replayed after the policy adds it delivers that field too: deduplication knows a
+/// copy by its event id and the fields it carries, so the replayed copy is not taken for the
+/// one already applied.
+#[tokio::test]
+async fn a_dead_letter_replayed_after_a_policy_fix_delivers_every_field_it_carried() {
+    let pool =
+        prost_reflect::DescriptorPool::decode(concord_seed_model::FILE_DESCRIPTOR_SET).unwrap();
+    let without_tier = concord_seed_model::POLICY
+        .lines()
+        .filter(|l| !l.starts_with("tier ="))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let v1 = Policy::from_toml(&without_tier, "policy.toml", &pool).unwrap();
+    let v2 = seed_policy();
+    let orders = MemorySystem::new("orders");
+    let support = MemorySystem::new("support");
+    let mut bus = TestBus::new(v1);
+    bus.add("orders", orders.clone()).await.unwrap();
+    bus.add("support", support.clone()).await.unwrap();
+    orders.edit(
+        CUSTOMER,
+        "o-1",
+        [("name", text("Ada")), ("tier", text("gold"))],
+    );
+    bus.run_until_quiet().await.unwrap();
+    let id = support.find(CUSTOMER, "name", "Ada").unwrap();
+    assert_eq!(support.field(CUSTOMER, &id, "tier"), None);
+    let dead = bus.router_dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].dead_letter.reason.as_str(), "unknown_field");
+
+    bus.set_policy(v2);
+    assert_eq!(bus.replay_router_dead_letters(), 1);
+    bus.run_until_quiet().await.unwrap();
+    assert!(bus.router_dead_letters().is_empty());
+    assert_eq!(
+        support.field(CUSTOMER, &id, "tier"),
+        Some(Value::String("gold".into()))
+    );
+    // The same copy again is a duplicate.
+    let last = bus.delivered("support").last().cloned().unwrap();
+    bus.inject("support", &last).unwrap();
+    bus.run_until_quiet().await.unwrap();
+    assert_eq!(bus.metrics("support").incoming_duplicate, 1);
+}

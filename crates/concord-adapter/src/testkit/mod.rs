@@ -358,44 +358,49 @@ impl TestBus {
     /// Routes what a system published through the router into the inboxes.
     fn route(&mut self, from: usize, out: Vec<Outgoing>) {
         for o in out {
-            self.messages += 1;
             if let (Ok(ev), Some(node)) = (
                 ChangeEvent::decode(o.body.as_slice()),
                 self.nodes.get_mut(from),
             ) {
                 node.published.push(ev);
             }
-            let input = Input {
-                routing_key: &o.routing_key,
-                body: &o.body,
-                user_id: o.user_id.as_deref(),
-            };
-            match route::process(&self.policy, &self.settings, now_ms(), input) {
-                Outcome::Routed(r) => {
-                    if let Some(d) = r.dead_letter {
-                        self.router_dead.push(RouterDeadLetter {
-                            routing_key: o.routing_key.clone(),
-                            dead_letter: d,
-                            body: o.body.clone(),
-                        });
-                    }
-                    for d in r.deliveries {
-                        // A system of the policy that is not on the bus receives nothing.
-                        if let Some(node) = self.nodes.iter_mut().find(|n| n.system == d.system) {
-                            self.messages += 1;
-                            if let Ok(ev) = ChangeEvent::decode(d.body.as_slice()) {
-                                node.delivered.push(ev);
-                            }
-                            node.inbox.push_back((d.body, 0));
+            self.route_input(o);
+        }
+    }
+
+    /// Routes one input of system `from` through the router into the inboxes.
+    fn route_input(&mut self, o: Outgoing) {
+        self.messages += 1;
+        let input = Input {
+            routing_key: &o.routing_key,
+            body: &o.body,
+            user_id: o.user_id.as_deref(),
+        };
+        match route::process(&self.policy, &self.settings, now_ms(), input) {
+            Outcome::Routed(r) => {
+                if let Some(d) = r.dead_letter {
+                    self.router_dead.push(RouterDeadLetter {
+                        routing_key: o.routing_key.clone(),
+                        dead_letter: d,
+                        body: o.body.clone(),
+                    });
+                }
+                for d in r.deliveries {
+                    // A system of the policy that is not on the bus receives nothing.
+                    if let Some(node) = self.nodes.iter_mut().find(|n| n.system == d.system) {
+                        self.messages += 1;
+                        if let Ok(ev) = ChangeEvent::decode(d.body.as_slice()) {
+                            node.delivered.push(ev);
                         }
+                        node.inbox.push_back((d.body, 0));
                     }
                 }
-                Outcome::DeadLetter(d) => self.router_dead.push(RouterDeadLetter {
-                    routing_key: o.routing_key,
-                    dead_letter: d,
-                    body: o.body,
-                }),
             }
+            Outcome::DeadLetter(d) => self.router_dead.push(RouterDeadLetter {
+                routing_key: o.routing_key,
+                dead_letter: d,
+                body: o.body,
+            }),
         }
     }
 
@@ -483,6 +488,31 @@ impl TestBus {
     /// Messages the router dead-lettered.
     pub fn router_dead_letters(&self) -> &[RouterDeadLetter] {
         &self.router_dead
+    }
+
+    /// The router reloads `policy` (systems on the bus keep running).
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    /// Routes the router's dead letters again, as an operator's redrive does after fixing their
+    /// cause; returns how many. Those dead-lettered again are kept.
+    pub fn replay_router_dead_letters(&mut self) -> usize {
+        let dead = std::mem::take(&mut self.router_dead);
+        let n = dead.len();
+        for d in dead {
+            let event_id = ChangeEvent::decode(d.body.as_slice())
+                .map(|ev| ev.event_id)
+                .unwrap_or_default();
+            self.route_input(Outgoing {
+                routing_key: d.routing_key,
+                body: d.body,
+                event_id,
+                concord_key: String::new(),
+                user_id: None,
+            });
+        }
+        n
     }
 
     /// Messages waiting in `system`'s inbox.
