@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 
 use crate::adapter::{AdapterError, Apply, LocalChange, SystemAdapter};
 use crate::metrics::Metrics;
-use crate::store::{self, Store, StoreError};
+use crate::store::{self, OutboxEntry, Parked, Store, StoreError};
 use crate::transport::{Link, Outgoing, TransportError};
 
 pub(crate) use concord_amqp::now_ms;
@@ -344,8 +344,9 @@ impl<A: SystemAdapter> Engine<A> {
                 cursor.clone_from(&ch.cursor);
             }
             let Some(message) = self.entities.get(&ch.entity).cloned() else {
-                warn!(entity = %ch.entity, local_id = %ch.local_id, "local change of an entity that is not in the policy: skipped");
-                Metrics::inc(&self.metrics.local_invalid);
+                let detail = format!("entity {:?} is not in the policy", ch.entity);
+                self.park(&mut tx, ch, None, DeadLetterReason::UnknownEntity, &detail)
+                    .await?;
                 continue;
             };
             let entity_ranks = match ranks.get(&ch.entity) {
@@ -356,12 +357,16 @@ impl<A: SystemAdapter> Engine<A> {
                     r
                 }
             };
-            let edit = self.edit(ch, &message, snapshot);
+            let (edit, problems) = self.edit(ch, &message, snapshot);
             let (key, before) =
                 match store::load_record_by_local(&mut tx, &ch.entity, &ch.local_id).await? {
                     Some(found) => found,
                     None => (uuid::Uuid::now_v7().to_string(), RecordState::default()),
                 };
+            if let Some((reason, detail)) = problems {
+                // The valid fields go on; the change is parked with what is wrong.
+                self.park(&mut tx, ch, Some(&key), reason, &detail).await?;
+            }
             let mut state = before.clone();
             let now = now_ms();
             let resets = self.replica.clock_resets();
@@ -399,34 +404,80 @@ impl<A: SystemAdapter> Engine<A> {
             // Committed already: a failure here must not make the caller process the batch
             // again.
             if let Err(e) = self.write_back(&entity, &key, &plan, &message).await {
-                warn!(%entity, %key, error = %e,
-                    "could not write back the value of a higher-priority owner");
+                // The system keeps the overruled value until the owner's next write replaces it;
+                // the failure is parked where an operator sees it.
+                let detail = format!(
+                    "could not write back the value of a higher-priority owner ({}): {e}",
+                    plan.fields
+                        .iter()
+                        .map(|(f, _)| f.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                let local_id = plan.local_id.clone().unwrap_or_default();
+                let ch = LocalChange::upsert(entity.clone(), local_id, Default::default());
+                let mut tx = self.store.begin().await?;
+                self.park(
+                    &mut tx,
+                    &ch,
+                    Some(&key),
+                    DeadLetterReason::WriteBackFailed,
+                    &detail,
+                )
+                .await?;
+                tx.commit().await.map_err(StoreError::from)?;
             }
         }
         Ok(staged)
     }
 
     /// A local change as the machine sees it: its values encoded. A field the entity does not
-    /// have, or a value of the wrong type, is left out (and counted as invalid).
-    fn edit(&self, ch: &LocalChange, message: &MessageDescriptor, snapshot: bool) -> LocalEdit {
+    /// have, or a value of the wrong type, is left out; what is wrong is returned, to park the
+    /// change.
+    fn edit(
+        &self,
+        ch: &LocalChange,
+        message: &MessageDescriptor,
+        snapshot: bool,
+    ) -> (LocalEdit, Option<(DeadLetterReason, String)>) {
         let mut fields = Vec::with_capacity(ch.fields.len());
+        let mut problems = Vec::new();
+        let mut reason = DeadLetterReason::InvalidRecord;
         for (name, value) in &ch.fields {
             match encoded(message, name, value.as_ref()) {
                 Ok(v) => fields.push((name.clone(), v)),
-                Err(e) => {
-                    warn!(entity = %ch.entity, local_id = %ch.local_id, field = %name, error = %e,
-                        "local change has a field that cannot be published: skipped");
-                    Metrics::inc(&self.metrics.local_invalid);
+                Err(Invalid::UnknownField(e)) => {
+                    reason = DeadLetterReason::UnknownField;
+                    problems.push(e);
                 }
+                Err(Invalid::Value(e)) => problems.push(format!("field {name}: {e}")),
             }
         }
-        LocalEdit {
+        let edit = LocalEdit {
             op: ch.op,
             local_id: ch.local_id.clone(),
             fields,
             version: ch.version,
             snapshot,
-        }
+        };
+        let problems = (!problems.is_empty()).then(|| (reason, problems.join("; ")));
+        (edit, problems)
+    }
+
+    /// Parks a local change that cannot be published (in the batch's transaction): it goes to
+    /// the system's dead-letter queue with the reason, and is counted and logged with its record.
+    async fn park(
+        &self,
+        c: &mut sqlx::SqliteConnection,
+        ch: &LocalChange,
+        key: Option<&str>,
+        reason: DeadLetterReason,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        warn!(system = %self.system, entity = %ch.entity, local_id = %ch.local_id, key = ?key,
+            reason = reason.as_str(), %detail, "a local change cannot be published: parked in the dead-letter queue");
+        Metrics::inc(&self.metrics.local_invalid);
+        store::push_parked(c, &parked(&self.system, ch, key, reason, detail)).await
     }
 
     fn count(&self, step: &LocalStep) {
@@ -478,7 +529,16 @@ impl<A: SystemAdapter> Engine<A> {
             return Ok(0);
         };
         let last = *last;
-        let out: Vec<Outgoing> = entries.into_iter().map(|(_, ev)| ev).collect();
+        let mut out = Vec::with_capacity(entries.len());
+        for (_, entry) in entries {
+            match entry {
+                OutboxEntry::Publish(ev) => out.push(ev),
+                OutboxEntry::Park(p) => {
+                    link.dead_letter(&p.body, &p.reason, &p.detail).await?;
+                    Metrics::inc(&self.metrics.dead_lettered);
+                }
+            }
+        }
         link.publish(&out).await?;
         self.store.outbox_done(last).await?;
         Metrics::add(&self.metrics.published, out.len() as u64);
@@ -528,20 +588,65 @@ fn decoded(
     decode_field(message, &fd, value?)
 }
 
+/// Why a local field value cannot be published.
+enum Invalid {
+    UnknownField(String),
+    Value(String),
+}
+
 /// A field value as the replica stores it; an error names what is wrong.
 fn encoded(
     message: &MessageDescriptor,
     name: &str,
     value: Option<&prost_reflect::Value>,
-) -> Result<Value, String> {
+) -> Result<Value, Invalid> {
     let Some(fd) = message.get_field_by_name(name) else {
-        return Err(format!("{} has no field {name:?}", message.full_name()));
+        return Err(Invalid::UnknownField(format!(
+            "{} has no field {name:?}",
+            message.full_name()
+        )));
     };
     let Some(v) = value else {
         return Ok(None);
     };
     let mut one = DynamicMessage::new(message.clone());
     one.try_set_field(&fd, v.clone())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Invalid::Value(e.to_string()))?;
     Ok(encode_field(&one, &fd))
+}
+
+/// A parked local change: what it was, as JSON, with what is wrong.
+fn parked(
+    system: &str,
+    ch: &LocalChange,
+    key: Option<&str>,
+    reason: DeadLetterReason,
+    detail: &str,
+) -> Parked {
+    let fields: serde_json::Map<String, serde_json::Value> = ch
+        .fields
+        .iter()
+        .map(|(name, v)| {
+            let shown = match v {
+                None => serde_json::Value::Null,
+                Some(v) => serde_json::Value::String(format!("{v:?}")),
+            };
+            (name.clone(), shown)
+        })
+        .collect();
+    let body = serde_json::json!({
+        "system": system,
+        "entity": ch.entity,
+        "local_id": ch.local_id,
+        "key": key,
+        "op": format!("{:?}", ch.op),
+        "fields": fields,
+        "reason": reason.as_str(),
+        "detail": detail,
+    });
+    Parked {
+        body: body.to_string().into_bytes(),
+        reason: reason.as_str().to_owned(),
+        detail: detail.to_owned(),
+    }
 }

@@ -68,9 +68,11 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE ranks (
         entity TEXT NOT NULL, field TEXT NOT NULL, rank INTEGER NOT NULL,
         PRIMARY KEY (entity, field))",
+    // Events to publish, and local changes that cannot be published, parked for the system's
+    // dead-letter queue (`reason` set).
     "CREATE TABLE outbox (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, routing_key TEXT NOT NULL,
-        body BLOB NOT NULL, concord_key TEXT NOT NULL, user_id TEXT)",
+        body BLOB NOT NULL, concord_key TEXT NOT NULL, user_id TEXT, reason TEXT, detail TEXT)",
 ];
 
 /// From version 1 (whose `echoes` had no `version` and a non-null `field`) to 2.
@@ -84,7 +86,31 @@ const MIGRATE_1_TO_2: &[&str] = &[
     "ALTER TABLE echoes_v2 RENAME TO echoes",
     "CREATE INDEX echoes_record ON echoes(entity, key)",
     "CREATE INDEX echoes_at ON echoes(at_ms)",
+    "ALTER TABLE outbox ADD COLUMN reason TEXT",
+    "ALTER TABLE outbox ADD COLUMN detail TEXT",
 ];
+
+/// One entry of the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboxEntry {
+    /// A change event for the ingress exchange.
+    Publish(Outgoing),
+    /// A local change that cannot be published, for the system's dead-letter queue.
+    Park(Parked),
+}
+
+/// A local change that cannot be published (an entity not in the policy, a field its message
+/// does not have, a value that does not fit it, a write-back the system refused): parked in the
+/// system's dead-letter queue, never dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parked {
+    /// What the change was (JSON: entity, local id, canonical key if known, fields).
+    pub body: Vec<u8>,
+    /// The code for header `concord-reason`.
+    pub reason: String,
+    /// What exactly is wrong.
+    pub detail: String,
+}
 
 /// Creates the schema of a new store, or brings an older one up to [`SCHEMA_VERSION`], in one
 /// transaction.
@@ -297,26 +323,33 @@ impl Store {
             .map(|r| r.key))
     }
 
-    /// The outbox: events committed but not yet confirmed by the broker, in insertion order,
+    /// The outbox: entries committed but not yet confirmed by the broker, in insertion order,
     /// each with its sequence number.
-    pub async fn outbox(&self) -> Result<Vec<(i64, Outgoing)>, StoreError> {
+    pub async fn outbox(&self) -> Result<Vec<(i64, OutboxEntry)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, event_id, routing_key, body, concord_key, user_id FROM outbox ORDER BY seq",
+            "SELECT seq, event_id, routing_key, body, concord_key, user_id, reason, detail
+             FROM outbox ORDER BY seq",
         )
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
             .map(|r| {
-                Ok((
-                    r.try_get::<i64, _>(0)?,
-                    Outgoing {
+                let seq = r.try_get::<i64, _>(0)?;
+                let entry = match r.try_get::<Option<String>, _>(6)? {
+                    Some(reason) => OutboxEntry::Park(Parked {
+                        body: r.try_get(3)?,
+                        reason,
+                        detail: r.try_get::<Option<String>, _>(7)?.unwrap_or_default(),
+                    }),
+                    None => OutboxEntry::Publish(Outgoing {
                         event_id: r.try_get(1)?,
                         routing_key: r.try_get(2)?,
                         body: r.try_get(3)?,
                         concord_key: r.try_get(4)?,
                         user_id: r.try_get(5)?,
-                    },
-                ))
+                    }),
+                };
+                Ok((seq, entry))
             })
             .collect()
     }
@@ -340,6 +373,20 @@ impl Store {
 pub(crate) const CURSOR: &str = "cursor";
 
 /// Adds an event to the outbox (in the caller's transaction).
+/// Parks a local change that cannot be published (in the caller's transaction).
+pub(crate) async fn push_parked(c: &mut SqliteConnection, p: &Parked) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO outbox (event_id, routing_key, body, concord_key, reason, detail)
+         VALUES ('', '', ?, '', ?, ?)",
+    )
+    .bind(&p.body)
+    .bind(&p.reason)
+    .bind(&p.detail)
+    .execute(&mut *c)
+    .await?;
+    Ok(())
+}
+
 pub(crate) async fn push_outbox(c: &mut SqliteConnection, ev: &Outgoing) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO outbox (event_id, routing_key, body, concord_key, user_id) VALUES (?, ?, ?, ?, ?)",

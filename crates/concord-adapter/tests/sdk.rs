@@ -267,3 +267,59 @@ async fn a_dead_letter_replayed_after_a_policy_fix_delivers_every_field_it_carri
     bus.run_until_quiet().await.unwrap();
     assert_eq!(bus.metrics("support").incoming_duplicate, 1);
 }
+
+/// Nothing is dropped on the way out either: a local change naming a field the entity does not
+/// have, or a value of the wrong type, publishes its valid fields and is parked in the system's
+/// dead-letter queue with the reason and the record; so is a write-back the system refuses.
+#[tokio::test]
+async fn local_changes_that_cannot_be_published_are_parked_not_dropped() {
+    let orders = MemorySystem::new("orders");
+    let support = MemorySystem::new("support");
+    let mut bus = TestBus::new(seed_policy());
+    bus.add("orders", orders.clone()).await.unwrap();
+    bus.add("support", support.clone()).await.unwrap();
+    orders.edit(
+        CUSTOMER,
+        "o-1",
+        [
+            ("name", text("Ada")),
+            ("nickname", text("A.")),
+            ("amount_paid", text("a lot")),
+        ],
+    );
+    bus.run_until_quiet().await.unwrap();
+    assert!(support.find(CUSTOMER, "name", "Ada").is_some());
+    let parked = bus.dead_lettered("orders");
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0].reason, "unknown_field");
+    assert!(
+        parked[0].detail.contains("nickname") && parked[0].detail.contains("amount_paid"),
+        "{}",
+        parked[0].detail
+    );
+    let body: serde_json::Value = serde_json::from_slice(&parked[0].body).unwrap();
+    assert_eq!(body["local_id"], "o-1");
+    assert_eq!(
+        body["key"],
+        bus.key_of("orders", CUSTOMER, "o-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .as_str()
+    );
+    assert_eq!(bus.metrics("orders").local_invalid, 1);
+
+    // Support renames the customer (orders owns the name): the write-back fails for good.
+    let id = support.find(CUSTOMER, "name", "Ada").unwrap();
+    support.fail_next_applies([AdapterError::permanent("read-only record")]);
+    support.edit(CUSTOMER, &id, [("name", text("Eve"))]);
+    bus.run_until_quiet().await.unwrap();
+    let parked = bus.dead_lettered("support");
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0].reason, "write_back_failed");
+    assert!(
+        parked[0].detail.contains("read-only record"),
+        "{}",
+        parked[0].detail
+    );
+}

@@ -72,6 +72,8 @@ pub enum DeadLetterReason {
     UnknownField,
     /// An adapter's system refused to apply the change (a permanent error of the adapter).
     ApplyFailed,
+    /// An adapter could not write a higher-priority owner's value back over a local edit.
+    WriteBackFailed,
 }
 
 impl DeadLetterReason {
@@ -97,6 +99,7 @@ impl DeadLetterReason {
             InvalidRecord => "invalid_record",
             UnknownField => "unknown_field",
             ApplyFailed => "apply_failed",
+            WriteBackFailed => "write_back_failed",
         }
     }
 }

@@ -85,10 +85,11 @@ pub struct Quiet {
     pub stuck: usize,
 }
 
-/// The in-memory link: collects what the engine publishes.
+/// The in-memory link: collects what the engine publishes and dead-letters.
 #[derive(Debug, Default)]
 struct BusLink {
     out: Mutex<Vec<Outgoing>>,
+    dead: Mutex<Vec<DeadLettered>>,
 }
 
 impl BusLink {
@@ -96,6 +97,15 @@ impl BusLink {
         std::mem::take(
             &mut *self
                 .out
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    fn take_dead(&self) -> Vec<DeadLettered> {
+        std::mem::take(
+            &mut *self
+                .dead
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
@@ -112,10 +122,18 @@ impl Link for BusLink {
     }
     async fn dead_letter(
         &self,
-        _body: &[u8],
-        _reason: &str,
-        _detail: &str,
+        body: &[u8],
+        reason: &str,
+        detail: &str,
     ) -> Result<(), TransportError> {
+        self.dead
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(DeadLettered {
+                reason: reason.to_owned(),
+                detail: detail.to_owned(),
+                body: body.to_vec(),
+            });
         Ok(())
     }
     async fn ack(&self, _tag: u64) -> Result<(), TransportError> {
@@ -418,6 +436,7 @@ impl TestBus {
                     continue;
                 };
                 progress |= node.driver.local(&link).await? > 0;
+                node.dead.extend(link.take_dead());
                 self.route(i, link.take());
             }
             for node in &mut self.nodes {
@@ -448,6 +467,9 @@ impl TestBus {
             Some(node) => node.driver.snapshot(&link).await?,
             None => 0,
         };
+        if let Some(node) = self.nodes.get_mut(i) {
+            node.dead.extend(link.take_dead());
+        }
         self.route(i, link.take());
         Ok(n)
     }
