@@ -955,6 +955,10 @@ mod tests {
                         "CREATE TABLE echoes (id INTEGER PRIMARY KEY, entity TEXT NOT NULL,
                             key TEXT NOT NULL, field TEXT NOT NULL, value BLOB,
                             at_ms INTEGER NOT NULL)"
+                    } else if stmt.starts_with("CREATE TABLE outbox") {
+                        "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                            event_id TEXT NOT NULL, routing_key TEXT NOT NULL, body BLOB NOT NULL,
+                            concord_key TEXT NOT NULL, user_id TEXT)"
                     } else if stmt.starts_with("CREATE INDEX echoes_record") {
                         "CREATE INDEX echoes_field ON echoes(entity, key, field)"
                     } else {
