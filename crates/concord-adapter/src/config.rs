@@ -51,6 +51,10 @@ pub struct RunnerConfig {
     /// that far ahead is reset to the wall clock).
     #[serde(default = "default_clock_skew_ms")]
     pub clock_skew_ms: u64,
+    /// Largest incoming message processed, in bytes (the router's `max_message_bytes`); a larger
+    /// one is dead-lettered (`too_large`) without being decoded.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
     /// Backoff for transient failures (apply, change feed, publishing).
     #[serde(default)]
     pub retry: RetryConfig,
@@ -110,6 +114,9 @@ fn default_dedup_max_entries() -> u64 {
 fn default_dedup_retention_hours() -> u64 {
     24 * 7
 }
+fn default_max_message_bytes() -> usize {
+    1024 * 1024
+}
 fn default_clock_skew_ms() -> u64 {
     concord_policy::replica::DEFAULT_CLOCK_SKEW_MS
 }
@@ -145,6 +152,7 @@ impl RunnerConfig {
             dedup_max_entries: default_dedup_max_entries(),
             echo_window_secs: default_echo_window_secs(),
             clock_skew_ms: default_clock_skew_ms(),
+            max_message_bytes: default_max_message_bytes(),
             retry: RetryConfig::default(),
             reconnect: RetryConfig::default(),
         }

@@ -87,6 +87,8 @@ pub(crate) struct EngineSettings {
     pub(crate) publish_user_id: bool,
     pub(crate) echo_window_ms: u64,
     pub(crate) clock_skew_ms: u64,
+    /// Largest incoming message processed; a larger one is dead-lettered undecoded.
+    pub(crate) max_message_bytes: usize,
 }
 
 impl EngineSettings {
@@ -95,6 +97,7 @@ impl EngineSettings {
             publish_user_id: config.publish_user_id,
             echo_window_ms: config.echo_window_secs.saturating_mul(1000),
             clock_skew_ms: config.clock_skew_ms,
+            max_message_bytes: config.max_message_bytes,
         }
     }
 }
@@ -109,6 +112,7 @@ pub(crate) struct Engine<A> {
     entities: HashMap<String, MessageDescriptor>,
     metrics: Arc<Metrics>,
     publish_user_id: bool,
+    max_message_bytes: usize,
 }
 
 impl<A: SystemAdapter> Engine<A> {
@@ -136,6 +140,7 @@ impl<A: SystemAdapter> Engine<A> {
             entities,
             metrics,
             publish_user_id: settings.publish_user_id,
+            max_message_bytes: settings.max_message_bytes,
         })
     }
 
@@ -170,6 +175,12 @@ impl<A: SystemAdapter> Engine<A> {
     }
 
     async fn incoming(&mut self, body: &[u8]) -> Result<Processed, IncomingError> {
+        if body.len() > self.max_message_bytes {
+            return Err(permanent(
+                DeadLetterReason::TooLarge,
+                format!("{} bytes, limit {}", body.len(), self.max_message_bytes),
+            ));
+        }
         let ev = ChangeEvent::decode(body).map_err(|e| {
             permanent(
                 DeadLetterReason::Undecodable,

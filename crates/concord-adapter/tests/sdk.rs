@@ -323,3 +323,19 @@ async fn local_changes_that_cannot_be_published_are_parked_not_dropped() {
         parked[0].detail
     );
 }
+
+/// An incoming message larger than the limit is dead-lettered (`too_large`) without being
+/// decoded; the next one is processed.
+#[tokio::test]
+async fn an_oversized_incoming_message_is_dead_lettered_undecoded() {
+    let support = MemorySystem::new("support");
+    let mut bus = TestBus::new(seed_policy());
+    bus.add("support", support.clone()).await.unwrap();
+    bus.inject_raw("support", vec![0xff; 1024 * 1024 + 1])
+        .unwrap();
+    bus.run_until_quiet().await.unwrap();
+    let dead = bus.dead_lettered("support");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "too_large");
+    assert_eq!(dead[0].body.len(), 1024 * 1024 + 1);
+}

@@ -322,6 +322,7 @@ impl TestBus {
                 publish_user_id: false,
                 echo_window_ms: self.echo_window_ms,
                 clock_skew_ms: self.settings.clock_skew_ms,
+                max_message_bytes: self.settings.max_message_bytes,
             },
         )
         .await?;
