@@ -220,6 +220,17 @@ pub trait SystemAdapter: Send + Sync + 'static {
         async move { Err(refused) }
     }
 
+    /// Every change up to feed position `cursor` (a cursor of [`SystemAdapter::changes`]) is
+    /// published and confirmed by the broker: the system may now forget them (e.g. delete its
+    /// change-log rows up to there). Called after each confirmed batch, and at start for what
+    /// an earlier run published; an error is logged and the call repeated later.
+    ///
+    /// Default: nothing to do.
+    fn published(&self, cursor: &str) -> impl Future<Output = Result<(), AdapterError>> + Send {
+        let _ = cursor;
+        async { Ok(()) }
+    }
+
     /// Whether the change feed reports the adapter's own writes (default: it does).
     fn echoes(&self) -> Echoes {
         Echoes::Reported

@@ -113,6 +113,8 @@ pub(crate) struct Engine<A> {
     metrics: Arc<Metrics>,
     publish_user_id: bool,
     max_message_bytes: usize,
+    /// The last cursor the adapter was told is published.
+    confirmed: Option<String>,
 }
 
 impl<A: SystemAdapter> Engine<A> {
@@ -141,6 +143,7 @@ impl<A: SystemAdapter> Engine<A> {
             metrics,
             publish_user_id: settings.publish_user_id,
             max_message_bytes: settings.max_message_bytes,
+            confirmed: None,
         })
     }
 
@@ -537,6 +540,7 @@ impl<A: SystemAdapter> Engine<A> {
     pub(crate) async fn flush_outbox<L: Link>(&mut self, link: &L) -> Result<usize, EngineError> {
         let entries = self.store.outbox().await?;
         let Some((last, _)) = entries.last() else {
+            self.confirm_cursor().await;
             return Ok(0);
         };
         let last = *last;
@@ -554,7 +558,31 @@ impl<A: SystemAdapter> Engine<A> {
         self.store.outbox_done(last).await?;
         Metrics::add(&self.metrics.published, out.len() as u64);
         self.metrics.touch();
+        self.confirm_cursor().await;
         Ok(out.len())
+    }
+
+    /// Tells the adapter the feed position up to which every change is confirmed by the broker
+    /// (the outbox is empty: everything committed with the persisted cursor is published).
+    async fn confirm_cursor(&mut self) {
+        let cursor = match self.store.cursor().await {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(error = %e, "reading the cursor");
+                return;
+            }
+        };
+        if self.confirmed.as_deref() == Some(cursor.as_str()) {
+            return;
+        }
+        match self.adapter.published(&cursor).await {
+            Ok(()) => self.confirmed = Some(cursor),
+            // Told again after the next publish.
+            Err(e) => {
+                warn!(%cursor, error = %e, "the adapter could not take note of published changes")
+            }
+        }
     }
 
     fn outgoing(&self, ev: &ChangeEvent) -> Outgoing {

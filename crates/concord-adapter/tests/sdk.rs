@@ -339,3 +339,30 @@ async fn an_oversized_incoming_message_is_dead_lettered_undecoded() {
     assert_eq!(dead[0].reason, "too_large");
     assert_eq!(dead[0].body.len(), 1024 * 1024 + 1);
 }
+
+/// The adapter learns up to which feed position its changes are published and confirmed (to
+/// forget them, e.g. delete change-log rows); a restart tells it again.
+#[tokio::test]
+async fn the_adapter_is_told_which_changes_are_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("orders.sqlite");
+    let orders = MemorySystem::new("orders");
+    let mut bus = TestBus::new(seed_policy());
+    bus.add_with_state("orders", orders.clone(), &state)
+        .await
+        .unwrap();
+    orders.edit(CUSTOMER, "o-1", [("name", text("Ada"))]);
+    orders.edit(CUSTOMER, "o-2", [("name", text("Grace"))]);
+    bus.run_until_quiet().await.unwrap();
+    assert_eq!(
+        orders.published_cursors().last().map(String::as_str),
+        Some("2")
+    );
+    bus.remove("orders").await.unwrap();
+    let again = MemorySystem::new("orders");
+    bus.add_with_state("orders", again.clone(), &state)
+        .await
+        .unwrap();
+    bus.run_until_quiet().await.unwrap();
+    assert_eq!(again.published_cursors(), ["2"]);
+}

@@ -30,6 +30,8 @@ struct State {
     versions: HashMap<(String, String), u64>,
     /// The feed does not report what `apply` writes.
     skips_own_writes: bool,
+    /// The cursors the SDK said were published, in order.
+    published: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -201,6 +203,12 @@ impl MemorySystem {
         found.first().map(|s| (*s).clone())
     }
 
+    /// The feed positions the SDK confirmed as published, in order
+    /// ([`SystemAdapter::published`]).
+    pub fn published_cursors(&self) -> Vec<String> {
+        self.state().published.clone()
+    }
+
     /// Every change `apply` was called with, in order.
     pub fn applied(&self) -> Vec<Apply> {
         self.state().applied.clone()
@@ -330,6 +338,11 @@ impl SystemAdapter for MemorySystem {
             local_id: id,
             version,
         })
+    }
+
+    async fn published(&self, cursor: &str) -> Result<(), AdapterError> {
+        self.state().published.push(cursor.to_owned());
+        Ok(())
     }
 
     fn echoes(&self) -> Echoes {

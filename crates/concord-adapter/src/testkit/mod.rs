@@ -161,12 +161,18 @@ struct EngineDriver<A> {
     engine: Engine<A>,
     changes: Option<BoxStream<'static, Result<LocalChange, AdapterError>>>,
     batch: usize,
+    /// Whether the outbox a previous run left was republished (as the runner does first).
+    started: bool,
 }
 
 impl<A: SystemAdapter> Driver for EngineDriver<A> {
     fn local<'a>(&'a mut self, link: &'a BusLink) -> BoxFuture<'a, Result<usize, EngineError>> {
         async move {
             let mut total = 0;
+            if !self.started {
+                total += self.engine.flush_outbox(link).await?;
+                self.started = true;
+            }
             loop {
                 let mut batch = Vec::new();
                 while batch.len() < self.batch {
@@ -333,6 +339,7 @@ impl TestBus {
                 engine,
                 changes: Some(changes),
                 batch: 64,
+                started: false,
             }),
             inbox: VecDeque::new(),
             published: Vec::new(),
