@@ -235,4 +235,37 @@ pub trait SystemAdapter: Send + Sync + 'static {
     fn echoes(&self) -> Echoes {
         Echoes::Reported
     }
+
+    /// Whether the system can be worked with now (e.g. its database answers). `/readyz` of an
+    /// adapter process reports not ready while this fails (the SDK keeps retrying meanwhile).
+    ///
+    /// Default: always.
+    fn check(&self) -> impl Future<Output = Result<(), AdapterError>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// A shared adapter is an adapter (so a process can keep a handle on the one the runner runs).
+impl<A: SystemAdapter> SystemAdapter for std::sync::Arc<A> {
+    fn changes(
+        &self,
+        cursor: Option<String>,
+    ) -> impl Stream<Item = Result<LocalChange, AdapterError>> + Send + 'static {
+        (**self).changes(cursor)
+    }
+    fn snapshot(&self) -> impl Stream<Item = Result<LocalChange, AdapterError>> + Send + 'static {
+        (**self).snapshot()
+    }
+    fn apply(&self, change: &Apply) -> impl Future<Output = Result<Applied, AdapterError>> + Send {
+        (**self).apply(change)
+    }
+    fn published(&self, cursor: &str) -> impl Future<Output = Result<(), AdapterError>> + Send {
+        (**self).published(cursor)
+    }
+    fn echoes(&self) -> Echoes {
+        (**self).echoes()
+    }
+    fn check(&self) -> impl Future<Output = Result<(), AdapterError>> + Send {
+        (**self).check()
+    }
 }

@@ -19,15 +19,31 @@ use tokio::sync::watch;
 
 use crate::metrics::{COUNTERS, Metrics};
 
+/// Checks whether the system can be worked with (see `SystemAdapter::check`).
+pub(crate) type Check =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
 /// What the endpoints read.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct HttpState {
     pub(crate) ready: watch::Receiver<bool>,
     pub(crate) registry: Arc<Registry>,
+    pub(crate) check: Check,
+}
+
+impl std::fmt::Debug for HttpState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpState").finish_non_exhaustive()
+    }
 }
 
 impl HttpState {
-    pub(crate) fn new(system: &str, ready: watch::Receiver<bool>, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(
+        system: &str,
+        ready: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
+        check: Check,
+    ) -> Self {
         let mut registry = Registry::with_prefix_and_labels(
             "concord_adapter",
             [("system".into(), system.to_owned().into())].into_iter(),
@@ -39,6 +55,7 @@ impl HttpState {
         HttpState {
             ready,
             registry: Arc::new(registry),
+            check,
         }
     }
 }
@@ -78,13 +95,22 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    if *state.ready.borrow() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
+    if !*state.ready.borrow() {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: not connected to the broker\n",
-        )
+            "not ready: not connected to the broker\n".to_owned(),
+        );
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(5), (state.check)()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the system: {e}\n"),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the system did not answer in 5 s\n".to_owned(),
+        ),
     }
 }
 

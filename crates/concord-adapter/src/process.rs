@@ -235,8 +235,18 @@ pub async fn run_process<A: Adapter>(
         .with_context(|| format!("cannot listen on {}", config.http_listen))?;
     let http = listener.local_addr().context("the endpoints' address")?;
     info!(%system, %http, "adapter starting");
-    let mut runner = crate::runner::start(adapter, config.runner);
-    let state = HttpState::new(&system, runner.ready_watch(), runner.metrics_handle());
+    let adapter = std::sync::Arc::new(adapter);
+    let mut runner = crate::runner::start(adapter.clone(), config.runner);
+    let check: crate::http::Check = std::sync::Arc::new(move || {
+        let adapter = adapter.clone();
+        Box::pin(async move { adapter.check().await.map_err(|e| e.to_string()) })
+    });
+    let state = HttpState::new(
+        &system,
+        runner.ready_watch(),
+        runner.metrics_handle(),
+        check,
+    );
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(http::serve(listener, state, async move {
         let _ = http_stopped.await;
