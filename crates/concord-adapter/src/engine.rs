@@ -11,7 +11,8 @@ use concord_policy::replica::{
     ApplyPlan, IncomingStep, LocalEdit, LocalStep, Ranks, RecordState, Replica, Value,
     change_event, decode_copy,
 };
-use concord_policy::route::{DeadLetterReason, decode_field, encode_field};
+use concord_policy::route::DeadLetterReason;
+use concord_policy::value::{decode_field, encode_field};
 use concord_proto::v1::ChangeEvent;
 use prost::Message;
 use prost_reflect::{DynamicMessage, MessageDescriptor};
@@ -470,7 +471,7 @@ impl<A: SystemAdapter> Engine<A> {
     }
 }
 
-/// A stored field value (see `route::encode_field`) as the system receives it.
+/// A stored field value (see `value::encode_field`) as the system receives it.
 fn decoded(
     message: &MessageDescriptor,
     name: &str,

@@ -488,7 +488,10 @@ impl Builder {
                     visible,
                 });
             }
-            let record_plan = crate::wire::RecordPlan::new(&message, &fields);
+            let record_plan = crate::wire::RecordPlan::new(
+                &message,
+                fields.iter().map(|rule| &rule.descriptor).enumerate(),
+            );
             entity_index.insert(ename.clone(), entities.len());
             entities.push(EntityPolicy {
                 name: ename.clone(),
