@@ -21,6 +21,7 @@ pub use clock::{Hlc, Stamp};
 pub use decide::{RejectReason, Rejection, Verdict};
 pub use model::{
     EntityPolicy, FieldRule, MergeRule, Policy, PolicyError, Problem, RESERVED_SYSTEM_NAMES,
+    valid_name,
 };
 #[doc(hidden)]
 pub use route::bench_filter;
