@@ -137,8 +137,8 @@ impl Shared {
             .topology
             .declare_router(&channel, state.policy().systems())
             .await;
-        if channel.status().connected() {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "OK".into())).await;
+        if channel.is_connected() {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close()).await;
         }
         result
     }
