@@ -471,7 +471,7 @@ impl<A: SystemAdapter> Engine<A> {
     }
 }
 
-/// A stored field value (see `value::encode_field`) as the system receives it.
+/// A stored field value (see `route::encode_field`) as the system receives it.
 fn decoded(
     message: &MessageDescriptor,
     name: &str,
