@@ -397,7 +397,7 @@ async fn bad_inputs_are_dead_lettered_with_their_reason_and_routing_goes_on() ->
             "{}: no detail",
             c.what
         );
-        d.acker().ack(Default::default()).await?;
+        d.ack().await?;
         if std::ptr::eq(c, last) {
             break;
         }

@@ -892,19 +892,7 @@ async fn memory_alarm_blocks_publishers_and_nothing_is_lost() -> anyhow::Result<
     let probe = concord_amqp::connect(&amqp_uri(), &format!("it-alarm-probe-{ns}")).await?;
     let mut blocked = probe.watch_blocked()?;
     let probe_channel = probe.open_channel().await?;
-    let probe_queue = probe_channel
-        .queue_declare(
-            "".into(),
-            lapin::options::QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await?
-        .name()
-        .to_string();
+    let probe_queue = probe_channel.declare_exclusive_queue().await?;
     let probe_publisher = Publisher::open(&probe, PublisherOptions::default()).await?;
 
     let stream = EditStream::create(&orders, RECORDS);

@@ -70,7 +70,7 @@ async fn poison_messages_are_dead_lettered_with_their_reason() -> anyhow::Result
             d.header_str("concord-detail")
                 .is_some_and(|s| !s.is_empty())
         );
-        d.acker().ack(Default::default()).await?;
+        d.ack().await?;
     }
     // The router did not stall: a good change still goes through.
     orders

@@ -160,12 +160,7 @@ impl RunnerConfig {
 
     /// Checks what serde cannot: names and limits.
     pub fn validate(&self) -> Result<(), String> {
-        let valid = |s: &str| {
-            !s.is_empty()
-                && s.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-        };
-        if !valid(&self.system) {
+        if !concord_policy::valid_name(&self.system) {
             return Err(format!(
                 "system name {:?} must match [a-z0-9_-]+",
                 self.system

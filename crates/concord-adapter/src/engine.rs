@@ -11,7 +11,8 @@ use concord_policy::replica::{
     ApplyPlan, IncomingStep, LocalEdit, LocalStep, Ranks, RecordState, Replica, Value,
     change_event, decode_copy,
 };
-use concord_policy::route::{DeadLetterReason, decode_field, encode_field};
+use concord_policy::route::DeadLetterReason;
+use concord_policy::value::{decode_field, encode_field};
 use concord_proto::v1::ChangeEvent;
 use prost::Message;
 use prost_reflect::{DynamicMessage, MessageDescriptor};

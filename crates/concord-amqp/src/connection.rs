@@ -13,7 +13,7 @@ use lapin::{ConnectionProperties, Event, uri::AMQPUri};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::error::AmqpError;
+use crate::{channel::Channel, error::AmqpError};
 
 /// Options for [`connect_with`]. `Default` gives sensible production values.
 #[derive(Debug, Clone)]
@@ -208,8 +208,8 @@ pub enum ConnectionEvent {
     Other,
 }
 
-impl From<Event> for ConnectionEvent {
-    fn from(event: Event) -> Self {
+impl ConnectionEvent {
+    fn from_lapin(event: Event) -> Self {
         match event {
             Event::Connected => ConnectionEvent::Connected,
             Event::ConnectionBlocked(reason) => ConnectionEvent::Blocked { reason },
@@ -228,8 +228,8 @@ impl Connection {
     }
 
     /// Open a new channel.
-    pub async fn open_channel(&self) -> Result<lapin::Channel, AmqpError> {
-        Ok(self.inner.create_channel().await?)
+    pub async fn open_channel(&self) -> Result<Channel, AmqpError> {
+        Ok(Channel::new(self.inner.create_channel().await?))
     }
 
     /// Whether the connection is currently usable.
@@ -247,7 +247,9 @@ impl Connection {
     /// Stream of connection events (blocked / unblocked / errors). Only events emitted
     /// after this call are seen.
     pub fn events(&self) -> impl Stream<Item = ConnectionEvent> + Send + 'static {
-        self.inner.events_listener().map(ConnectionEvent::from)
+        self.inner
+            .events_listener()
+            .map(ConnectionEvent::from_lapin)
     }
 
     /// A watch of the broker's publishing block: `Some(reason)` while blocked by a
@@ -297,12 +299,6 @@ impl Connection {
             Err(e) => Err(e.into()),
         }
     }
-
-    /// The underlying lapin connection, for tests and exceptional needs only.
-    #[must_use]
-    pub fn lapin(&self) -> &lapin::Connection {
-        &self.inner
-    }
 }
 
 #[cfg(test)]
@@ -346,11 +342,11 @@ mod tests {
     #[test]
     fn blocked_events_are_mapped() {
         assert!(matches!(
-            ConnectionEvent::from(Event::ConnectionBlocked("low on memory".into())),
+            ConnectionEvent::from_lapin(Event::ConnectionBlocked("low on memory".into())),
             ConnectionEvent::Blocked { reason } if reason == "low on memory"
         ));
         assert!(matches!(
-            ConnectionEvent::from(Event::ConnectionUnblocked),
+            ConnectionEvent::from_lapin(Event::ConnectionUnblocked),
             ConnectionEvent::Unblocked
         ));
     }

@@ -8,14 +8,15 @@ use std::{
 
 use futures::Stream;
 use lapin::{
-    Acker, BasicProperties, Channel,
-    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    Acker, BasicProperties,
+    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable},
 };
 use tracing::warn;
 
 use crate::{
     ack::AckHandle,
+    channel::Channel,
     error::{AmqpError, short},
 };
 
@@ -32,9 +33,11 @@ pub async fn consume(
     prefetch: u16,
 ) -> Result<Consumer, AmqpError> {
     channel
+        .lapin()
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
     let inner = channel
+        .lapin()
         .basic_consume(
             short(queue)?,
             short(consumer_tag)?,
@@ -98,6 +101,7 @@ impl Consumer {
     pub async fn cancel(&mut self) -> Result<(), AmqpError> {
         self.cancelled_by_us = true;
         self.channel
+            .lapin()
             .basic_cancel(short(&self.consumer_tag)?, BasicCancelOptions::default())
             .await?;
         Ok(())
@@ -114,7 +118,7 @@ impl Stream for Consumer {
         }
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(delivery))) => Poll::Ready(Some(Ok(Delivery::from(delivery)))),
+            Poll::Ready(Some(Ok(delivery))) => Poll::Ready(Some(Ok(Delivery::new(delivery)))),
             Poll::Ready(Some(Err(e))) => {
                 this.errored = true;
                 warn!(queue = %this.queue, error = %e, "consumer failed");
@@ -140,9 +144,9 @@ impl Stream for Consumer {
 
 /// A received message. The body is opaque bytes; headers are carried, not interpreted.
 ///
-/// Settle it exactly once, either through an [`crate::AckBatcher`] (preferred) or through
-/// [`Delivery::acker`] — never both: a cumulative (`multiple`) ack also covers this
-/// delivery, and acking it again makes the broker close the channel.
+/// Settle it exactly once, either through an [`crate::AckBatcher`] (preferred) or with
+/// [`Delivery::ack`] — never both: a cumulative (`multiple`) ack also covers this delivery,
+/// and acking it again makes the broker close the channel.
 #[derive(Debug)]
 pub struct Delivery {
     /// Message body.
@@ -155,86 +159,114 @@ pub struct Delivery {
     pub redelivered: bool,
     /// Channel-scoped delivery tag.
     pub delivery_tag: u64,
-    properties: BasicProperties,
+    properties: Properties,
     acker: Acker,
 }
 
-impl From<lapin::message::Delivery> for Delivery {
-    fn from(d: lapin::message::Delivery) -> Self {
+impl Delivery {
+    fn new(d: lapin::message::Delivery) -> Self {
         Self {
             body: d.data,
             routing_key: d.routing_key.into(),
             exchange: d.exchange.into(),
             redelivered: d.redelivered,
             delivery_tag: d.delivery_tag,
-            properties: d.properties,
+            properties: Properties(d.properties),
             acker: d.acker,
         }
     }
-}
 
-impl Delivery {
     /// A header's value if it is a string (long or short string, valid UTF-8).
     #[must_use]
     pub fn header_str(&self, name: &str) -> Option<&str> {
-        match self.header(name)? {
-            AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
-            AMQPValue::ShortString(s) => Some(s.as_str()),
-            _ => None,
-        }
-    }
-
-    /// A header's raw value.
-    #[must_use]
-    pub fn header(&self, name: &str) -> Option<&AMQPValue> {
-        self.properties.headers().as_ref()?.inner().get(name)
-    }
-
-    /// All headers, if any.
-    #[must_use]
-    pub fn headers(&self) -> Option<&FieldTable> {
-        self.properties.headers().as_ref()
+        self.properties.header_str(name)
     }
 
     /// The `user_id` property (validated by RabbitMQ against the publisher's login).
     #[must_use]
     pub fn user_id(&self) -> Option<&str> {
-        self.properties.user_id().as_ref().map(|s| s.as_str())
+        self.properties.user_id()
     }
 
     /// The `message_id` property.
     #[must_use]
     pub fn message_id(&self) -> Option<&str> {
-        self.properties.message_id().as_ref().map(|s| s.as_str())
+        self.properties.message_id()
     }
 
     /// The `timestamp` property (seconds since the Unix epoch).
     #[must_use]
     pub fn timestamp(&self) -> Option<u64> {
-        *self.properties.timestamp()
+        self.properties.timestamp()
     }
 
     /// The `content_type` property.
     #[must_use]
     pub fn content_type(&self) -> Option<&str> {
-        self.properties.content_type().as_ref().map(|s| s.as_str())
+        self.properties.content_type()
     }
 
     /// All AMQP properties.
     #[must_use]
-    pub fn properties(&self) -> &BasicProperties {
+    pub fn properties(&self) -> &Properties {
         &self.properties
     }
 
-    /// lapin's acker of this delivery (single-message ack/nack/reject).
-    #[must_use]
-    pub fn acker(&self) -> &Acker {
-        &self.acker
+    /// Acknowledge this delivery alone (not cumulatively). See the type docs.
+    pub async fn ack(&self) -> Result<(), AmqpError> {
+        self.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
     }
 
     /// What an [`crate::AckBatcher`] needs to settle this delivery; keeps no body.
     #[must_use]
     pub fn ack_handle(&self) -> AckHandle {
         AckHandle::new(self.delivery_tag, self.acker.clone())
+    }
+}
+
+/// The AMQP properties of a [`Delivery`].
+#[derive(Debug, Clone)]
+pub struct Properties(BasicProperties);
+
+impl Properties {
+    /// A header's value if it is a string (long or short string, valid UTF-8).
+    #[must_use]
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        match self.0.headers().as_ref()?.inner().get(name)? {
+            AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+            AMQPValue::ShortString(s) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+
+    /// The `user_id` property.
+    #[must_use]
+    pub fn user_id(&self) -> Option<&str> {
+        self.0.user_id().as_ref().map(|s| s.as_str())
+    }
+
+    /// The `message_id` property.
+    #[must_use]
+    pub fn message_id(&self) -> Option<&str> {
+        self.0.message_id().as_ref().map(|s| s.as_str())
+    }
+
+    /// The `timestamp` property (seconds since the Unix epoch).
+    #[must_use]
+    pub fn timestamp(&self) -> Option<u64> {
+        *self.0.timestamp()
+    }
+
+    /// The `content_type` property.
+    #[must_use]
+    pub fn content_type(&self) -> Option<&str> {
+        self.0.content_type().as_ref().map(|s| s.as_str())
+    }
+
+    /// The `delivery_mode` property (2: persistent), as the properties hold it.
+    #[must_use]
+    pub fn delivery_mode(&self) -> &Option<u8> {
+        self.0.delivery_mode()
     }
 }

@@ -1,6 +1,6 @@
 //! Error types.
 
-use std::time::Duration;
+use std::{fmt, time::Duration};
 
 use lapin::{ErrorKind, protocol::AMQPErrorKind};
 
@@ -46,7 +46,7 @@ pub enum AmqpError {
 
     /// An error reported by the AMQP client (I/O, protocol, closed channel/connection).
     #[error("AMQP: {0}")]
-    Lapin(#[from] lapin::Error),
+    Client(#[source] ClientError),
 
     /// The consumer was cancelled without us asking: channel or connection closed,
     /// queue deleted, or a broker-side cancel.
@@ -82,7 +82,7 @@ impl AmqpError {
     #[must_use]
     pub fn reply_code(&self) -> Option<u16> {
         match self {
-            AmqpError::Lapin(e) => match e.kind() {
+            AmqpError::Client(e) => match e.0.kind() {
                 ErrorKind::ProtocolError(p) => Some(p.get_id()),
                 _ => None,
             },
@@ -102,7 +102,7 @@ impl AmqpError {
     pub(crate) fn is_permanent_connect_error(&self) -> bool {
         match self {
             AmqpError::InvalidUri(_) | AmqpError::InvalidName { .. } | AmqpError::NoRuntime => true,
-            AmqpError::Lapin(e) => match e.kind() {
+            AmqpError::Client(e) => match e.0.kind() {
                 ErrorKind::ProtocolError(p) => matches!(
                     p.kind(),
                     AMQPErrorKind::Hard(lapin::protocol::AMQPHardError::NOTALLOWED)
@@ -113,6 +113,30 @@ impl AmqpError {
             },
             _ => false,
         }
+    }
+}
+
+/// An error of the AMQP client library, opaque to callers (see [`AmqpError::reply_code`] for
+/// the broker's reply code).
+#[derive(Debug, Clone)]
+pub struct ClientError(lapin::Error);
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// For this crate's calls into lapin (and tests that poke the broker with lapin directly).
+impl From<lapin::Error> for AmqpError {
+    fn from(e: lapin::Error) -> Self {
+        AmqpError::Client(ClientError(e))
     }
 }
 

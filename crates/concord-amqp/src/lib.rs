@@ -14,8 +14,10 @@
 //!   directions; headers are only carried, never interpreted (apart from the private
 //!   [`publisher::CONFIRM_SEQ_HEADER`] used to correlate returned messages).
 //!
-//! Other crates must not depend on `lapin` directly: every lapin type they need is
-//! re-exported from here ([`FieldTable`], [`AMQPValue`], [`Channel`], ...).
+//! Other crates must not depend on `lapin`, and nothing here hands them a lapin type: they
+//! work with this crate's own [`Connection`], [`Channel`], [`Consumer`], [`Delivery`] (with its
+//! [`Properties`]), [`Publisher`] and [`AmqpError`] (whose client errors are opaque
+//! [`ClientError`]s); lapin stays an implementation detail.
 //!
 //! # Throughput design
 //!
@@ -34,18 +36,23 @@
 //! for the next delay of [`backoff()`] in between.
 
 pub mod ack;
+pub mod channel;
 pub mod connection;
 pub mod consumer;
 pub mod error;
 pub mod publisher;
 pub mod topology;
 
+#[cfg(test)]
+mod broker_tests;
+
 pub use ack::{AckBatcher, AckHandle};
+pub use channel::{Channel, QueueDeleteOptions};
 pub use connection::{
     ConnectOptions, Connection, ConnectionEvent, backoff, connect, connect_with, connection_name,
 };
-pub use consumer::{Consumer, Delivery, consume};
-pub use error::{AmqpError, PublishError};
+pub use consumer::{Consumer, Delivery, Properties, consume};
+pub use error::{AmqpError, ClientError, PublishError};
 pub use publisher::{CONTENT_TYPE, MessageProps, PendingConfirm, Publisher, PublisherOptions};
 pub use topology::{
     HEADER_DETAIL, HEADER_KEY, HEADER_ORIGIN, HEADER_REASON, HEADER_ROUTING_KEY,
@@ -63,9 +70,3 @@ pub fn now_ms() -> u64 {
 /// Re-exported so that callers never need a direct `backon` dependency to drive
 /// [`backoff()`] (`backoff().build()` yields the delays).
 pub use backon::{BackoffBuilder, ExponentialBuilder};
-
-/// Re-exported lapin types; other crates must use these rather than depend on lapin.
-pub use lapin::{
-    Acker, BasicProperties, Channel, ExchangeKind,
-    types::{AMQPValue, FieldTable, LongString, ShortString},
-};

@@ -36,7 +36,7 @@ use std::{
 
 use futures::{StreamExt, stream::FuturesUnordered};
 use lapin::{
-    BasicProperties, Channel, Confirmation, PublisherConfirm,
+    BasicProperties, Confirmation, PublisherConfirm,
     message::BasicReturnMessage,
     options::{BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions},
     types::{AMQPValue, FieldTable, LongString},
@@ -46,6 +46,7 @@ use tracing::{debug, error, warn};
 
 use crate::{
     Connection,
+    channel::Channel,
     error::{AmqpError, PublishError, short},
 };
 
@@ -150,7 +151,7 @@ impl MessageProps {
     }
 
     /// The string headers as an AMQP table.
-    pub fn headers_table(&self) -> Result<FieldTable, AmqpError> {
+    pub(crate) fn headers_table(&self) -> Result<FieldTable, AmqpError> {
         let mut table = FieldTable::default();
         for (name, value) in &self.headers {
             table.insert(
@@ -249,14 +250,15 @@ impl Publisher {
         let channel = connection.open_channel().await?;
         let control = connection.open_channel().await?;
         channel
+            .lapin()
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         let window = options.window.clamp(1, Semaphore::MAX_PERMITS);
         let permits = Arc::new(Semaphore::new(window));
         let (tx, rx) = mpsc::unbounded_channel();
         let tracker = Tracker {
-            channel: channel.clone(),
-            control,
+            channel: channel.lapin().clone(),
+            control: control.lapin().clone(),
             permits: permits.clone(),
             window,
             submissions: rx,
@@ -309,7 +311,7 @@ impl Publisher {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let seq = sequencer.next_seq;
         let properties = props.to_basic_properties(seq)?;
-        let channel = self.channel.clone();
+        let channel = self.channel.lapin().clone();
         let mut send: SendFuture = Box::pin(async move {
             let options = BasicPublishOptions {
                 mandatory: true,
@@ -386,7 +388,7 @@ impl Publisher {
     /// Whether the underlying channel is still open.
     #[must_use]
     pub fn is_open(&self) -> bool {
-        self.channel.status().connected()
+        self.channel.is_connected()
     }
 
     /// The confirm-mode channel (do not publish on it directly).
@@ -398,8 +400,8 @@ impl Publisher {
     /// Wait for in-flight confirms, then close the channel.
     pub async fn close(self) -> Result<(), AmqpError> {
         self.wait_idle().await?;
-        if self.channel.status().connected() {
-            self.channel.close(200, "OK".into()).await?;
+        if self.channel.is_connected() {
+            self.channel.close().await?;
         }
         Ok(())
     }
@@ -466,9 +468,9 @@ impl Future for Tracked {
 
 /// Background task resolving `PendingConfirm`s (see the module docs).
 struct Tracker {
-    channel: Channel,
+    channel: lapin::Channel,
     /// Idle channel of the same connection for the ordering round trip.
-    control: Channel,
+    control: lapin::Channel,
     permits: Arc<Semaphore>,
     window: usize,
     submissions: mpsc::UnboundedReceiver<Tracked>,
@@ -535,7 +537,7 @@ impl Tracker {
     /// returns preceding it. Falls back to the publishing channel if the control channel
     /// is gone; if both fail the connection is closed, which lapin also processes in
     /// frame order (pending confirms are then failed, none is left to mis-attribute).
-    async fn barrier(control: &Channel, publishing: &Channel) {
+    async fn barrier(control: &lapin::Channel, publishing: &lapin::Channel) {
         for channel in [control, publishing] {
             match channel.basic_qos(0, BasicQosOptions::default()).await {
                 Ok(()) => return,

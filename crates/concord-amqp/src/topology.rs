@@ -41,7 +41,7 @@
 //! out of order; the receivers' per-field clocks still make the newest value win.
 
 use lapin::{
-    Channel, ExchangeKind,
+    ExchangeKind,
     options::{
         ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
         QueueDeclareOptions, QueueDeleteOptions,
@@ -50,7 +50,10 @@ use lapin::{
 };
 use tracing::{debug, warn};
 
-use crate::error::{AmqpError, short};
+use crate::{
+    channel::Channel,
+    error::{AmqpError, short},
+};
 
 /// Default namespace of every name.
 pub const DEFAULT_NAMESPACE: &str = "concord";
@@ -314,6 +317,7 @@ impl Topology {
             ..ExchangeDeclareOptions::default()
         };
         channel
+            .lapin()
             .exchange_declare(short(name)?, kind, options, arguments)
             .await?;
         Ok(())
@@ -341,9 +345,11 @@ impl Topology {
             ..QueueDeclareOptions::default()
         };
         channel
+            .lapin()
             .queue_declare(short(queue)?, options, arguments)
             .await?;
         channel
+            .lapin()
             .queue_bind(
                 short(queue)?,
                 short(exchange)?,
@@ -432,6 +438,7 @@ impl Topology {
             return Err(e);
         }
         channel
+            .lapin()
             .exchange_bind(
                 short(&exchange)?,
                 short(&self.ingress_exchange())?,
@@ -478,6 +485,7 @@ impl Topology {
         }
         for queue in queues {
             let result = channel
+                .lapin()
                 .queue_delete(short(&queue)?, QueueDeleteOptions::default())
                 .await;
             ignore_not_found(result.map(|_| ()))?;
@@ -489,6 +497,7 @@ impl Topology {
             self.dlx(),
         ] {
             let result = channel
+                .lapin()
                 .exchange_delete(short(&exchange)?, ExchangeDeleteOptions::default())
                 .await;
             ignore_not_found(result)?;
@@ -512,6 +521,7 @@ pub async fn queue_message_count(channel: &Channel, queue: &str) -> Result<u32, 
         ..QueueDeclareOptions::default()
     };
     let queue = channel
+        .lapin()
         .queue_declare(short(queue)?, options, FieldTable::default())
         .await?;
     Ok(queue.message_count())

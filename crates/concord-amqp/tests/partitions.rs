@@ -50,8 +50,8 @@ async fn count(conn: &Connection, queue: &str) -> Result<u32, AmqpError> {
     // A scratch channel: a passive declare of a missing queue closes it.
     let channel = conn.open_channel().await?;
     let n = queue_message_count(&channel, queue).await;
-    if channel.status().connected() {
-        let _ = channel.close(200, "OK".into()).await;
+    if channel.is_connected() {
+        let _ = channel.close().await;
     }
     n
 }
@@ -235,7 +235,7 @@ async fn single_active_consumer_takes_over(queue_type: QueueType) {
                 "the standby consumer got nothing"
             );
             // The active consumer goes away: the standby takes over at m2.
-            first_channel.close(200, "OK".into()).await.unwrap();
+            first_channel.close().await.unwrap();
             let mut batcher = AckBatcher::new(1);
             for i in 2..6 {
                 let d = next(&mut second, "second consumer").await;

@@ -158,14 +158,14 @@ impl Ctx {
             .declare_router(&channel, &self.systems)
             .await
             .with_context(|| format!("declaring namespace {}", topology.namespace()))?;
-        let _ = channel.close(200, "OK".into()).await;
+        let _ = channel.close().await;
         Ok(topology)
     }
 
     async fn delete(&self, topology: &Topology) -> anyhow::Result<()> {
         let channel = self.admin.open_channel().await?;
         topology.delete_all(&channel, &self.systems).await?;
-        let _ = channel.close(200, "OK".into()).await;
+        let _ = channel.close().await;
         if let Ok(mut live) = self.live.lock() {
             live.retain(|t| t != topology);
         }

@@ -231,7 +231,7 @@ pub async fn spawn_sinks(
             }
             batcher.flush().await?;
             let _ = consumer.cancel().await;
-            let _ = channel.close(200, "OK".into()).await;
+            let _ = channel.close().await;
             Ok(SinkReport {
                 last_at,
                 latencies_us,

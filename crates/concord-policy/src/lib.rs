@@ -14,18 +14,20 @@ pub mod replica;
 pub mod route;
 pub mod schema;
 pub mod sets;
+pub mod value;
 pub(crate) mod wire;
 
 pub use clock::{Hlc, Stamp};
 pub use decide::{RejectReason, Rejection, Verdict};
 pub use model::{
     EntityPolicy, FieldRule, MergeRule, Policy, PolicyError, Problem, RESERVED_SYSTEM_NAMES,
+    valid_name,
 };
+#[doc(hidden)]
+pub use route::bench_filter;
 pub use route::{DeadLetter, DeadLetterReason, Outcome, Routed, RouterSettings};
 pub use schema::{Location, SchemaSource, field_location, message_location, parse_schema_section};
 pub use sets::{FieldSet, SystemId, SystemSet};
-#[doc(hidden)]
-pub use wire::bench_filter;
 
 /// The operation of a change, as the pure core sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -488,7 +488,10 @@ impl Builder {
                     visible,
                 });
             }
-            let record_plan = crate::wire::RecordPlan::new(&message, &fields);
+            let record_plan = crate::wire::RecordPlan::new(
+                &message,
+                fields.iter().map(|rule| &rule.descriptor).enumerate(),
+            );
             entity_index.insert(ename.clone(), entities.len());
             entities.push(EntityPolicy {
                 name: ename.clone(),
@@ -562,7 +565,9 @@ fn schema_files(pool: &DescriptorPool) -> String {
     }
 }
 
-fn valid_name(s: &str) -> bool {
+/// Whether `s` is a valid system or entity name: `[a-z0-9_-]+` (names are parts of queue names
+/// and routing keys).
+pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
@@ -692,6 +697,16 @@ mod tests {
             "[systems.a]\n[entities.c]\nmessage = \"seed.v1.Customer\"\n[entities.c.fields]\nname = { owner = \"a\", visible = [\"a\"] }\n",
         );
         assert!(p[0].contains("owners always see their fields"), "{p:?}");
+    }
+
+    #[test]
+    fn names_are_lowercase_ascii_digits_underscores_and_dashes() {
+        for ok in ["a", "orders", "crm-2", "big_erp", "0"] {
+            assert!(valid_name(ok), "{ok:?}");
+        }
+        for bad in ["", "Orders", "a.b", "a b", "é", "a/b", "a*"] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@
 //!   adapter needs no copy of the policy for this: the router tells each receiver its rank.
 //! - **Delivery**: for each field of the mask, [`crate::Hlc::observe`] its clock, remember the
 //!   rank from `receiver_ranks` (absent = 0), unless [`predates`] hand the write (value encoded
-//!   with [`crate::route::encode_field`], the incoming stamp, `pending: true`) to the field's
+//!   with [`crate::value::encode_field`], the incoming stamp, `pending: true`) to the field's
 //!   [`Held`]: if it wins ([`incoming_wins`]) it becomes the stored value; apply the
 //!   winners to the system, clear `pending`, then acknowledge. A crash in between leaves the
 //!   fields pending, so the redelivered message is applied again.
@@ -56,7 +56,7 @@ pub use record::{
 /// What a replica holds for one field of one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldState {
-    /// The encoded value (see [`crate::route::encode_field`]); `None` when the field is cleared.
+    /// The encoded value (see [`crate::value::encode_field`]); `None` when the field is cleared.
     pub value: Option<Vec<u8>>,
     pub stamp: Stamp,
     /// Recorded before the value was applied to the system and not yet confirmed applied: an

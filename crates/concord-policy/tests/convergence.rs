@@ -60,7 +60,7 @@ use concord_policy::replica::{
     RecordState, Replica, change_event, classify_local, decode_copy, incoming_wins, predates,
 };
 use concord_policy::route::{self, DeadLetterReason, Input, Outcome, RouterSettings};
-use concord_policy::{EntityPolicy, FieldSet, Policy, Stamp};
+use concord_policy::{EntityPolicy, FieldSet, Policy, Stamp, value};
 use concord_proto::v1::ChangeEvent;
 use prost::Message;
 use prost_reflect::DynamicMessage;
@@ -407,7 +407,7 @@ impl<'p> Sim<'p> {
             return None;
         }
         let rec = record_with(&[f], self.tag);
-        route::encode_field(&rec, &field(f))
+        value::encode_field(&rec, &field(f))
     }
 
     fn next_event_id(&mut self) -> String {
@@ -1179,7 +1179,7 @@ fn rejected_local_write_is_overwritten_by_the_next_owner_write() {
     };
     // Support's local edit, with a clock 60 s ahead: a new value, published...
     let mut support = Hlc::default();
-    let local = route::encode_field(&value("Typo Corrected"), &name);
+    let local = value::encode_field(&value("Typo Corrected"), &name);
     assert_eq!(
         classify_local(None, local.as_deref(), "support", 0),
         LocalWrite::Publish
@@ -1250,7 +1250,7 @@ fn rejected_local_write_is_overwritten_by_the_next_owner_write() {
     // Once support holds sales' value, its user's next edit of `name` is overruled locally
     // (written back), not published.
     let held = FieldState {
-        value: route::encode_field(&value("Ada"), &name),
+        value: value::encode_field(&value("Ada"), &name),
         stamp: sales,
         pending: false,
     };

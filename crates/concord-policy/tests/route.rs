@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use common::*;
 use concord_policy::route::{self, DeadLetterReason as R, Input, Outcome, Routed, RouterSettings};
-use concord_policy::{Op, Policy};
+use concord_policy::{Op, Policy, value};
 use concord_proto::v1::{ChangeEvent, FieldClock};
 use concord_seed_model::seed::v1::{Address, Customer};
 use prost::Message;
@@ -780,9 +780,9 @@ fn encode_and_decode_field_round_trip_and_strip_unknown_fields() {
     bytes.extend_from_slice(&addr);
     let rec = DynamicMessage::decode(desc.clone(), bytes.as_slice()).unwrap();
     let f = field("address");
-    let enc = route::encode_field(&rec, &f).unwrap();
+    let enc = value::encode_field(&rec, &f).unwrap();
     assert!(!contains(&enc, b"LEAK"));
-    let v = route::decode_field(&desc, &f, &enc).unwrap();
+    let v = value::decode_field(&desc, &f, &enc).unwrap();
     assert_eq!(
         v.as_message()
             .unwrap()
@@ -791,8 +791,8 @@ fn encode_and_decode_field_round_trip_and_strip_unknown_fields() {
             .as_str(),
         Some("Paris")
     );
-    assert_eq!(route::encode_field(&rec, &field("name")), None);
-    assert_eq!(route::decode_field(&desc, &field("name"), &enc), None);
+    assert_eq!(value::encode_field(&rec, &field("name")), None);
+    assert_eq!(value::decode_field(&desc, &field("name"), &enc), None);
     // Equal values encode equally whatever the input looked like: replicas compare bytes.
     let plain = Customer {
         address: Some(Address {
@@ -802,5 +802,5 @@ fn encode_and_decode_field_round_trip_and_strip_unknown_fields() {
         ..Default::default()
     };
     let plain = DynamicMessage::decode(desc, plain.encode_to_vec().as_slice()).unwrap();
-    assert_eq!(route::encode_field(&plain, &f).unwrap(), enc);
+    assert_eq!(value::encode_field(&plain, &f).unwrap(), enc);
 }

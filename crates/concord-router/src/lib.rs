@@ -23,15 +23,16 @@ pub mod config;
 mod http;
 pub mod metrics;
 mod policy_file;
+mod reload;
 mod service;
 mod session;
+mod state;
 
 pub use concord_schema::LoadError as PolicyLoadError;
 pub use config::{ConfigError, QueueType, RouterConfig};
 pub use metrics::{Metrics, ReloadResultLabel};
-pub use service::{
-    ReloadOutcome, Router, RouterError, RouterHandle, run, run_blocking, run_until_signalled,
-};
+pub use service::{Router, RouterError, RouterHandle, run, run_blocking, run_until_signalled};
 pub use session::{
     DEAD_LETTER_KEY, HEADER_DETAIL, HEADER_KEY, HEADER_ORIGIN, HEADER_REASON, HEADER_ROUTING_KEY,
 };
+pub use state::ReloadOutcome;

@@ -1,18 +1,16 @@
-//! The router service: start-up, the reconnecting supervisor, reloads of the policy and its
-//! schema, shutdown.
+//! The router service: start-up, the handle, the reconnecting supervisor, shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use concord_amqp::{AmqpError, BackoffBuilder, Connection, Topology};
-use concord_policy::{Policy, RouterSettings};
-use concord_schema::{Deployment, LoadError};
+use concord_amqp::{AmqpError, BackoffBuilder, Topology};
+use concord_policy::Policy;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -20,67 +18,16 @@ use tracing::{error, info, warn};
 
 use crate::config::{QueueType, RouterConfig};
 use crate::http::{self, HttpState};
-use crate::metrics::{Handles, Metrics, ReloadResultLabel};
+use crate::metrics::Metrics;
 use crate::policy_file::{self, DeploymentWatcher};
-use crate::session::{self, Session, SessionEnd};
+use crate::reload::reload;
+use crate::session::{Session, SessionEnd};
+use crate::state::{Control, PolicyState, Readiness, ReloadOutcome, Shared};
 
 /// A session that lasted this long counts as healthy: the reconnect backoff starts over.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// Largest delay between reconnection rounds when the backoff gives none.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
-
-/// The router's only read of the wall clock: milliseconds since the Unix epoch.
-pub(crate) use concord_amqp::now_ms;
-
-/// The policy in force and its schema, with the metric handles of its label values.
-#[derive(Debug)]
-pub(crate) struct PolicyState {
-    deployment: Deployment,
-    pub(crate) handles: Handles,
-}
-
-impl PolicyState {
-    pub(crate) fn policy(&self) -> &Policy {
-        &self.deployment.policy
-    }
-}
-
-/// Whether the router routes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Readiness {
-    /// Connecting, or disconnected and about to reconnect.
-    NotReady,
-    /// Connected, topology declared, consuming.
-    Ready,
-    /// The router stopped (shut down, or failed for good).
-    Stopped,
-}
-
-/// Requests to the supervisor.
-#[derive(Debug)]
-pub(crate) enum Control {
-    /// Reload the policy file; the outcome is sent back if a reply channel is given.
-    Reload(Option<oneshot::Sender<ReloadOutcome>>),
-}
-
-/// The result of a policy reload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReloadOutcome {
-    /// The new policy is valid and in force; the inboxes of its systems are declared.
-    Applied {
-        /// The systems of the new policy.
-        systems: Vec<String>,
-    },
-    /// The files hold the policy and schema already in force.
-    Unchanged,
-    /// The new policy or schema is invalid, or the new schema breaks fields the policy in
-    /// force uses, and was refused; the old policy and schema keep running. One line per
-    /// problem.
-    Refused(String),
-    /// The file could not be read, or the inboxes of the new policy could not be declared;
-    /// the old policy keeps running.
-    Failed(String),
-}
 
 /// Errors of a [`RouterHandle`] request.
 #[derive(Debug, thiserror::Error)]
@@ -88,133 +35,6 @@ pub enum RouterError {
     /// The router is not running any more.
     #[error("the router has stopped")]
     Stopped,
-}
-
-/// State shared by the supervisor, its sessions and the handle.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: RouterConfig,
-    pub(crate) settings: RouterSettings,
-    pub(crate) topology: Topology,
-    /// Names of the consuming and the publishing connection.
-    pub(crate) connection_names: [String; 2],
-    policy_path: PathBuf,
-    pub(crate) policy: ArcSwap<PolicyState>,
-    pub(crate) metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
-    ready_tx: watch::Sender<Readiness>,
-    /// Sessions started (connected and consuming) so far.
-    sessions: watch::Sender<u64>,
-    /// Policy reloads applied so far.
-    reloads_applied: watch::Sender<u64>,
-    /// Watches the files of the deployment in force (`watch_policy`).
-    watcher: Mutex<Option<DeploymentWatcher>>,
-}
-
-impl Shared {
-    /// Watches the files of the deployment now in force (when `watch_policy` is on).
-    fn follow(&self, paths: &[PathBuf]) {
-        let Ok(mut watcher) = self.watcher.lock() else {
-            return;
-        };
-        if let Some(w) = watcher.as_mut()
-            && let Err(e) = w.follow(paths)
-        {
-            warn!(error = %e, "cannot watch the files of the new policy and schema; SIGHUP still reloads");
-        }
-    }
-
-    fn set_ready(&self, ready: bool) {
-        if ready {
-            self.sessions.send_modify(|n| *n += 1);
-        }
-        self.ready.store(ready, Ordering::Relaxed);
-        self.metrics.set_connected(ready);
-        self.ready_tx.send_replace(if ready {
-            Readiness::Ready
-        } else {
-            Readiness::NotReady
-        });
-    }
-
-    /// Reloads the policy file and the schema it names, together. A new schema that breaks
-    /// fields the policy in force uses is refused (see [`concord_schema::diff::for_policy`]).
-    /// With a connection, the new policy's inboxes are declared before it takes effect;
-    /// without one, the next session declares them.
-    pub(crate) async fn reload(&self, conn: Option<&Connection>) -> ReloadOutcome {
-        let path = &self.policy_path;
-        let deployment = match policy_file::load(path) {
-            Ok(loaded) => loaded,
-            Err(e) if e.is_unreadable_policy() => {
-                self.metrics.reload(ReloadResultLabel::Error);
-                error!(error = %e, "policy reload failed; the old policy stays in force");
-                return ReloadOutcome::Failed(e.to_string());
-            }
-            Err(e) => {
-                self.metrics.reload(ReloadResultLabel::Invalid);
-                let problems = match &e {
-                    LoadError::Policy(p) => p.problems.iter().map(ToString::to_string).collect(),
-                    other => vec![other.to_string()],
-                };
-                for p in &problems {
-                    warn!(problem = %p, "policy reload refused");
-                }
-                error!(
-                    path = %path.display(),
-                    problems = problems.len(),
-                    "the new policy or its schema is invalid; the old ones stay in force"
-                );
-                return ReloadOutcome::Refused(e.to_string());
-            }
-        };
-        let current = self.policy.load_full();
-        if current.deployment.same_as(&deployment) {
-            self.metrics.reload(ReloadResultLabel::Unchanged);
-            info!(path = %path.display(), "policy and schema unchanged");
-            return ReloadOutcome::Unchanged;
-        }
-        let diff = concord_schema::diff::for_policy(current.policy(), deployment.schema.pool());
-        if diff.is_breaking() {
-            self.metrics.reload(ReloadResultLabel::Breaking);
-            let problems: Vec<String> = diff
-                .breaking
-                .iter()
-                .map(|c| format!("{}: breaking schema change: {c}", path.display()))
-                .collect();
-            for p in &problems {
-                warn!(problem = %p, "policy reload refused");
-            }
-            error!(
-                path = %path.display(),
-                problems = problems.len(),
-                "the new schema breaks fields the policy in force uses; the old policy and schema \
-                 stay in force (to remove a field, drop it from the policy first, then from the schema)"
-            );
-            return ReloadOutcome::Refused(problems.join("\n"));
-        }
-        for change in &diff.additions {
-            info!(%change, "schema addition");
-        }
-        let state = PolicyState {
-            handles: self.metrics.handles(&deployment.policy),
-            deployment,
-        };
-        if let Some(conn) = conn
-            && let Err(e) = session::declare(self, conn, &state).await
-        {
-            self.metrics.reload(ReloadResultLabel::Error);
-            error!(error = %e, "declaring the new policy's inboxes failed; the old policy stays in force");
-            return ReloadOutcome::Failed(format!("declaring the inboxes failed: {e}"));
-        }
-        let systems = state.policy().systems().to_vec();
-        let watched = state.deployment.watched_paths().to_vec();
-        self.policy.store(Arc::new(state));
-        self.follow(&watched);
-        self.metrics.reload(ReloadResultLabel::Applied);
-        self.reloads_applied.send_modify(|n| *n += 1);
-        info!(path = %path.display(), ?systems, "policy reloaded");
-        ReloadOutcome::Applied { systems }
-    }
 }
 
 /// Starts routers (see [`Router::start`]).
@@ -320,8 +140,7 @@ impl Router {
                 // Stop watching: nothing receives reloads any more.
                 watcher.take();
             }
-            supervised.set_ready(false);
-            supervised.ready_tx.send_replace(Readiness::Stopped);
+            supervised.set_stopped();
             result
         });
         Ok(RouterHandle {
@@ -617,7 +436,7 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 async fn reload_offline(shared: &Shared, cmd: Control) {
     match cmd {
         Control::Reload(reply) => {
-            let outcome = shared.reload(None).await;
+            let outcome = reload(shared, None).await;
             if let Some(reply) = reply {
                 let _ = reply.send(outcome);
             }

@@ -40,7 +40,8 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::service::{Control, PolicyState, Shared, now_ms};
+use crate::reload::reload;
+use crate::state::{CLOSE_TIMEOUT, Control, PolicyState, Shared, now_ms};
 
 pub use concord_amqp::{
     HEADER_DETAIL, HEADER_KEY, HEADER_ORIGIN, HEADER_REASON, HEADER_ROUTING_KEY,
@@ -55,8 +56,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const FAILURE_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Largest such delay.
 const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// Bound of closing a connection or channel during teardown.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Events = Pin<Box<dyn Stream<Item = ConnectionEvent> + Send>>;
 
@@ -215,7 +214,7 @@ impl Session {
         publish_conn: &Connection,
     ) -> Result<(Inputs, Publisher), AmqpError> {
         let state = shared.policy.load_full();
-        declare(shared, publish_conn, &state).await?;
+        shared.declare(publish_conn, &state).await?;
         let publisher = Publisher::open(
             publish_conn,
             PublisherOptions {
@@ -336,7 +335,7 @@ impl Session {
                             batcher.flush().await?;
                             tokio::time::sleep(delay).await;
                             let state = shared.policy.load_full();
-                            if let Err(e) = declare(shared, &self.publish_conn, &state).await {
+                            if let Err(e) = shared.declare(&self.publish_conn, &state).await {
                                 warn!(error = %e, "re-declaring the topology failed");
                                 if !self.publish_conn.is_connected() {
                                     return Err(e);
@@ -395,7 +394,7 @@ impl Session {
                 }
                 cmd = control.recv(), if control_open => match cmd {
                     Some(Control::Reload(reply)) => {
-                        let outcome = shared.reload(Some(&self.publish_conn)).await;
+                        let outcome = reload(shared, Some(&self.publish_conn)).await;
                         if let Some(reply) = reply {
                             let _ = reply.send(outcome);
                         }
@@ -630,23 +629,6 @@ fn connection_event(
         }
         _ => Ok(()),
     }
-}
-
-/// Declares the whole router topology for `state`'s systems on a scratch channel of `conn`.
-pub(crate) async fn declare(
-    shared: &Shared,
-    conn: &Connection,
-    state: &PolicyState,
-) -> Result<(), AmqpError> {
-    let channel = conn.open_channel().await?;
-    let result = shared
-        .topology
-        .declare_router(&channel, state.policy().systems())
-        .await;
-    if channel.status().connected() {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "OK".into())).await;
-    }
-    result
 }
 
 async fn close_connection(conn: &Connection) {

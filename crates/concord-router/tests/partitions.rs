@@ -113,7 +113,7 @@ impl World {
     async fn count(&self, queue: &str) -> u32 {
         let channel = self.client.open_channel().await.unwrap();
         let n = queue_message_count(&channel, queue).await.unwrap();
-        let _ = channel.close(200, "OK".into()).await;
+        let _ = channel.close().await;
         n
     }
 

@@ -159,7 +159,7 @@ impl World {
         let channel = self.client.open_channel().await.unwrap();
         let n = queue_message_count(&channel, queue).await.ok();
         if n.is_some() {
-            let _ = channel.close(200, "OK".into()).await;
+            let _ = channel.close().await;
         }
         n
     }

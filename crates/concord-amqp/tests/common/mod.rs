@@ -39,3 +39,15 @@ pub async fn connect_test(role: &str) -> Connection {
         .await
         .expect("connect")
 }
+
+/// A lapin connection of the test's own, to poke the broker below this crate's API.
+pub async fn raw_connect(role: &str) -> lapin::Connection {
+    let properties =
+        lapin::ConnectionProperties::default().with_connection_name(connection_name(role).into());
+    within(
+        "raw connect",
+        lapin::Connection::connect(&uri(), properties),
+    )
+    .await
+    .expect("raw connect")
+}

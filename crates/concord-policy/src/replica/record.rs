@@ -5,7 +5,7 @@
 //! performs the step's effects (the state store write, the publish, the apply); the convergence
 //! simulation and the in-memory test kit run the very same steps.
 //!
-//! Values are the encoded form of one field (see [`crate::route::encode_field`]), so the machine
+//! Values are the encoded form of one field (see [`crate::value::encode_field`]), so the machine
 //! needs no descriptors; [`change_event`] turns a [`Publish`] into the envelope.
 
 use std::collections::BTreeMap;
@@ -794,7 +794,7 @@ pub fn decode_copy(
         };
         decoded.copy.fields.push(IncomingField {
             name: name.clone(),
-            value: crate::route::encode_field(&record, &fd),
+            value: crate::value::encode_field(&record, &fd),
             stamp: Stamp::new(clock.rank, clock.hlc, clock.system.clone()),
         });
     }
