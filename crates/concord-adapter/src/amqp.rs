@@ -26,11 +26,13 @@ pub struct AmqpTransport {
     system: String,
     prefetch: u16,
     topology: Topology,
+    tls: Option<concord_amqp::TlsFiles>,
 }
 
 impl AmqpTransport {
     pub fn new(config: &RunnerConfig) -> AmqpTransport {
         AmqpTransport {
+            tls: config.tls.clone(),
             uri: config.amqp_uri.clone(),
             system: config.system.clone(),
             prefetch: config.prefetch,
@@ -48,14 +50,29 @@ impl Transport for AmqpTransport {
 
     async fn connect(&self) -> Result<(AmqpLink, Inbox), TransportError> {
         let name = concord_amqp::connection_name(&format!("concord-adapter-{}", self.system));
-        let conn = concord_amqp::connect(&self.uri, &name)
+        let tls = match &self.tls {
+            Some(files) => Some(files.load().map_err(conn_err)?),
+            None => None,
+        };
+        let options = concord_amqp::ConnectOptions {
+            tls,
+            ..concord_amqp::ConnectOptions::default()
+        };
+        let conn = concord_amqp::connect_with(&self.uri, &name, &options)
             .await
             .map_err(conn_err)?;
+        // The router (or the broker definitions) declares the inbox; the adapter only checks it
+        // is there, which needs no permission.
         let consume_channel = conn.open_channel().await.map_err(conn_err)?;
         self.topology
-            .declare_inbox(&consume_channel, &self.system)
+            .check_inbox(&consume_channel, &self.system)
             .await
-            .map_err(conn_err)?;
+            .map_err(|e| {
+                conn_err(format!(
+                    "inbox {} not found (is the router running, with this system in its policy?): {e}",
+                    self.topology.inbox(&self.system)
+                ))
+            })?;
         let publisher = Publisher::open(&conn, PublisherOptions::default())
             .await
             .map_err(conn_err)?;
@@ -72,10 +89,12 @@ impl Transport for AmqpTransport {
                     let handle = d.ack_handle();
                     let tag = d.delivery_tag;
                     lock(&inbox_handles).insert(tag, handle);
+                    let user_id = d.user_id().map(str::to_owned);
                     Ok(Incoming {
                         body: d.body,
                         tag,
                         redelivered: d.redelivered,
+                        user_id,
                     })
                 }
                 Err(e) => Err(conn_err(e)),

@@ -25,10 +25,15 @@ pub struct RunnerConfig {
     /// Most unacknowledged incoming messages the broker hands out at once.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
-    /// Set the AMQP `user_id` property to the system name on published events (the broker then
-    /// checks it against the connection's user, and the router can trust it).
-    #[serde(default)]
+    /// Set the AMQP `user_id` property of published events to the broker user of `amqp_uri`
+    /// (the broker checks it against the connection's user, and the router takes it as the
+    /// source). On by default: a router with `require_user_id` refuses events without it.
+    #[serde(default = "default_true")]
     pub publish_user_id: bool,
+    /// The broker user the router publishes as: only messages it published (`user_id`) are
+    /// applied; anything else in the inbox is dead-lettered (`untrusted_publisher`).
+    #[serde(default = "default_router_user")]
+    pub router_user: String,
     /// Most local changes published in one batch (one confirm round trip, one transaction).
     #[serde(default = "default_publish_batch")]
     pub publish_batch: usize,
@@ -61,6 +66,9 @@ pub struct RunnerConfig {
     /// Backoff between reconnection attempts to the broker.
     #[serde(default)]
     pub reconnect: RetryConfig,
+    /// TLS for `amqps://` URIs: the broker's CA and a client certificate (`[tls]`).
+    #[serde(default)]
+    pub tls: Option<concord_amqp::TlsFiles>,
 }
 
 /// Exponential backoff settings. Retries never stop: a failure that lasts is retried at
@@ -114,6 +122,12 @@ fn default_dedup_max_entries() -> u64 {
 fn default_dedup_retention_hours() -> u64 {
     24 * 7
 }
+fn default_true() -> bool {
+    true
+}
+fn default_router_user() -> String {
+    "router".to_owned()
+}
 fn default_max_message_bytes() -> usize {
     1024 * 1024
 }
@@ -145,7 +159,8 @@ impl RunnerConfig {
             state: state.into(),
             policy: policy.into(),
             prefetch: default_prefetch(),
-            publish_user_id: false,
+            publish_user_id: true,
+            router_user: default_router_user(),
             publish_batch: default_publish_batch(),
             snapshot_on_first_start: false,
             dedup_retention_hours: default_dedup_retention_hours(),
@@ -155,6 +170,7 @@ impl RunnerConfig {
             max_message_bytes: default_max_message_bytes(),
             retry: RetryConfig::default(),
             reconnect: RetryConfig::default(),
+            tls: None,
         }
     }
 
@@ -165,6 +181,12 @@ impl RunnerConfig {
                 "system name {:?} must match [a-z0-9_-]+",
                 self.system
             ));
+        }
+        if let Some(tls) = &self.tls {
+            tls.load().map_err(|e| format!("tls: {e}"))?;
+        }
+        if let Err(e) = concord_amqp::login_of(&self.amqp_uri) {
+            return Err(format!("amqp_uri is not a valid AMQP URI: {e}"));
         }
         if self.namespace.is_empty() {
             return Err("namespace must not be empty".into());
@@ -202,7 +224,8 @@ mod tests {
         let c: RunnerConfig = toml::from_str(text).unwrap();
         assert_eq!(c.namespace, "concord");
         assert_eq!(c.prefetch, 64);
-        assert!(!c.publish_user_id);
+        assert!(c.publish_user_id);
+        assert_eq!(c.router_user, "router");
         assert_eq!(
             c.retry,
             RetryConfig {

@@ -82,10 +82,12 @@ fn permanent(reason: DeadLetterReason, detail: impl Into<String>) -> IncomingErr
 }
 
 /// How an engine works, beyond its system and adapter.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct EngineSettings {
-    /// Set the AMQP `user_id` of published events to the system's name.
-    pub(crate) publish_user_id: bool,
+    /// The AMQP `user_id` of published events (the broker user the adapter logs in as).
+    pub(crate) publish_user_id: Option<String>,
+    /// The broker user the router publishes as: only what it published is applied.
+    pub(crate) router_user: String,
     pub(crate) echo_window_ms: u64,
     pub(crate) clock_skew_ms: u64,
     /// Largest incoming message processed; a larger one is dead-lettered undecoded.
@@ -94,8 +96,12 @@ pub(crate) struct EngineSettings {
 
 impl EngineSettings {
     pub(crate) fn of(config: &crate::config::RunnerConfig) -> EngineSettings {
+        // The URI was checked when the configuration was validated; a URI without a user logs
+        // in as guest.
+        let login = concord_amqp::login_of(&config.amqp_uri).unwrap_or_else(|_| "guest".into());
         EngineSettings {
-            publish_user_id: config.publish_user_id,
+            publish_user_id: config.publish_user_id.then_some(login),
+            router_user: config.router_user.clone(),
             echo_window_ms: config.echo_window_secs.saturating_mul(1000),
             clock_skew_ms: config.clock_skew_ms,
             max_message_bytes: config.max_message_bytes,
@@ -112,7 +118,8 @@ pub(crate) struct Engine<A> {
     replica: Replica,
     entities: HashMap<String, MessageDescriptor>,
     metrics: Arc<Metrics>,
-    publish_user_id: bool,
+    publish_user_id: Option<String>,
+    router_user: String,
     max_message_bytes: usize,
     /// The last cursor the adapter was told is published.
     confirmed: Option<String>,
@@ -143,6 +150,7 @@ impl<A: SystemAdapter> Engine<A> {
             entities,
             metrics,
             publish_user_id: settings.publish_user_id,
+            router_user: settings.router_user,
             max_message_bytes: settings.max_message_bytes,
             confirmed: None,
         })
@@ -165,9 +173,23 @@ impl<A: SystemAdapter> Engine<A> {
     pub(crate) async fn handle_incoming(
         &mut self,
         body: &[u8],
+        user_id: Option<&str>,
     ) -> Result<Processed, IncomingError> {
         Metrics::inc(&self.metrics.incoming);
-        let r = self.incoming(body).await;
+        let r = if user_id == Some(self.router_user.as_str()) {
+            self.incoming(body).await
+        } else {
+            // Only the router decides what this system may receive: a message anyone else put
+            // in the inbox (hidden fields, forged ranks or clocks) is never applied.
+            Err(permanent(
+                DeadLetterReason::UntrustedPublisher,
+                format!(
+                    "published by {}, not by the router ({})",
+                    user_id.map_or_else(|| "an unknown user".to_owned(), |u| format!("{u:?}")),
+                    self.router_user
+                ),
+            ))
+        };
         match &r {
             Ok(Processed::Applied) => Metrics::inc(&self.metrics.incoming_applied),
             Ok(Processed::Duplicate) => Metrics::inc(&self.metrics.incoming_duplicate),
@@ -592,7 +614,7 @@ impl<A: SystemAdapter> Engine<A> {
             body: ev.encode_to_vec(),
             event_id: ev.event_id.clone(),
             concord_key: format!("{}/{}", ev.entity, ev.key),
-            user_id: self.publish_user_id.then(|| self.system.clone()),
+            user_id: self.publish_user_id.clone(),
         }
     }
 }

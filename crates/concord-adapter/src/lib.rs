@@ -34,7 +34,7 @@ pub use amqp::AmqpTransport;
 pub use config::{RetryConfig, RunnerConfig};
 pub use engine::{EngineError, IncomingError, Processed};
 pub use metrics::{Metrics, MetricsSnapshot};
-pub use process::{Adapter, Args, Context, ProcessConfig, main, run_process};
+pub use process::{Adapter, Args, Context, ProcessConfig, main, main_with, run_process};
 pub use runner::{RunError, RunnerHandle, run, start, start_with};
 pub use store::{Store, StoreError};
 pub use transport::{Incoming, Link, Outgoing, Transport, TransportError};

@@ -174,7 +174,11 @@ impl<C: DeserializeOwned> ProcessConfig<C> {
 /// Runs adapter `A` as a process: see the module docs. Returns the process's exit code: 0 after
 /// a graceful stop, 1 when it could not run, 2 for a bad command line or config.
 pub fn main<A: Adapter>() -> ExitCode {
-    let args = Args::parse();
+    main_with::<A>(Args::parse())
+}
+
+/// [`main`] with a command line parsed by the caller (e.g. a subcommand of its own CLI).
+pub fn main_with<A: Adapter>(args: Args) -> ExitCode {
     init_tracing(args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

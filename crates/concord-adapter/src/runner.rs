@@ -582,7 +582,7 @@ async fn incoming<A: SystemAdapter, L: Link>(
     let mut attempt = 0u64;
     loop {
         attempt += 1;
-        match engine.handle_incoming(&m.body).await {
+        match engine.handle_incoming(&m.body, m.user_id.as_deref()).await {
             Ok(_) => {
                 link.ack(m.tag).await?;
                 return Ok(());

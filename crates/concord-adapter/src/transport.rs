@@ -51,6 +51,8 @@ pub struct Incoming {
     pub tag: u64,
     /// The broker delivered it before (informational: deduplication uses event ids).
     pub redelivered: bool,
+    /// The broker user that published it (`user_id`, validated by the broker).
+    pub user_id: Option<String>,
 }
 
 /// The inbox of a connection: ends (or yields an error) when the connection is lost.

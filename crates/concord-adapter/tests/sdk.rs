@@ -366,3 +366,133 @@ async fn the_adapter_is_told_which_changes_are_published() {
     bus.run_until_quiet().await.unwrap();
     assert_eq!(again.published_cursors(), ["2"]);
 }
+
+/// `create = ["orders"]` holds whatever op a system uses: support's upsert (or snapshot) of a
+/// key nobody created makes no record appear in orders or delivery. (Their values are kept and
+/// come with the record if a creator ever creates it: `only_a_creator_makes_a_record_appear...`.)
+#[tokio::test]
+async fn a_system_that_may_not_create_records_makes_none_appear() {
+    let orders = MemorySystem::new("orders");
+    let support = MemorySystem::new("support");
+    let delivery = MemorySystem::new("delivery");
+    let mut bus = TestBus::new(seed_policy());
+    bus.add("orders", orders.clone()).await.unwrap();
+    bus.add("support", support.clone()).await.unwrap();
+    bus.add("delivery", delivery.clone()).await.unwrap();
+    // Support's users make a record of their own and set fields support owns (orders sees
+    // `support_agent`, delivery sees `delivery_notes`).
+    support.edit(
+        CUSTOMER,
+        "s-1",
+        [
+            ("support_agent", text("Grace")),
+            ("delivery_notes", text("ring twice")),
+        ],
+    );
+    bus.run_until_quiet().await.unwrap();
+    assert!(support.ids(CUSTOMER).len() == 1);
+    assert!(
+        orders.ids(CUSTOMER).is_empty(),
+        "{:?}",
+        orders.ids(CUSTOMER)
+    );
+    assert!(delivery.ids(CUSTOMER).is_empty());
+    // A snapshot does not either.
+    bus.snapshot("support").await.unwrap();
+    bus.run_until_quiet().await.unwrap();
+    assert!(orders.ids(CUSTOMER).is_empty() && delivery.ids(CUSTOMER).is_empty());
+}
+
+/// A record orders creates appears in every system that sees any field of the entity, even
+/// when none of the fields it was created with is visible there.
+#[tokio::test]
+async fn a_created_record_appears_in_every_system_that_sees_the_entity() {
+    let orders = MemorySystem::new("orders");
+    let support = MemorySystem::new("support");
+    let delivery = MemorySystem::new("delivery");
+    let mut bus = TestBus::new(seed_policy());
+    bus.add("orders", orders.clone()).await.unwrap();
+    bus.add("support", support.clone()).await.unwrap();
+    bus.add("delivery", delivery.clone()).await.unwrap();
+    // Only support sees what was paid; delivery sees nothing of this creation.
+    orders.create(CUSTOMER, [("amount_paid", Some(Value::I64(100)))]);
+    bus.run_until_quiet().await.unwrap();
+    assert_eq!(support.ids(CUSTOMER).len(), 1);
+    assert_eq!(delivery.ids(CUSTOMER).len(), 1);
+    let id = delivery.ids(CUSTOMER)[0].clone();
+    assert_eq!(delivery.get(CUSTOMER, &id), Some(Default::default()));
+}
+
+/// Only what the router published is applied: a copy put in the inbox by anyone else — with a
+/// field the system may not see, a value of a field it owns, and forged ranks — is
+/// dead-lettered as `untrusted_publisher`, and nothing of it reaches the system or its state.
+#[tokio::test]
+async fn a_copy_the_router_did_not_publish_is_never_applied() {
+    use concord_proto::v1::{ChangeEvent, FieldClock, Op};
+    use prost::Message;
+    let orders = MemorySystem::new("orders");
+    let mut bus = TestBus::new(seed_policy());
+    bus.add("orders", orders.clone()).await.unwrap();
+    orders.edit(CUSTOMER, "o-1", [("name", text("Ada"))]);
+    bus.run_until_quiet().await.unwrap();
+    let key = bus
+        .key_of("orders", CUSTOMER, "o-1")
+        .await
+        .unwrap()
+        .unwrap();
+    let record = Customer {
+        name: Some("written by support".into()),
+        warehouse: Some("W1".into()),
+        ..Customer::default()
+    };
+    let far = (concord_amqp::now_ms() + 3_600_000) << 16;
+    let clock = |system: &str| FieldClock {
+        hlc: far,
+        system: system.into(),
+        rank: 9,
+    };
+    let forged = ChangeEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        source: "support".into(),
+        origin: "support".into(),
+        entity: CUSTOMER.into(),
+        key: key.clone(),
+        op: Op::Upsert as i32,
+        record: prost::Message::encode_to_vec(&record),
+        field_mask: vec!["name".into(), "warehouse".into()],
+        clocks: [
+            ("name".into(), clock("support")),
+            ("warehouse".into(), clock("delivery")),
+        ]
+        .into(),
+        receiver_ranks: [("name".into(), 0)].into(),
+        schema_version: concord_proto::SCHEMA_VERSION,
+        ..ChangeEvent::default()
+    };
+    for publisher in [Some("support"), Some("operator"), None] {
+        bus.inject_as("orders", publisher, forged.encode_to_vec())
+            .unwrap();
+    }
+    bus.run_until_quiet().await.unwrap();
+    let dead = bus.dead_lettered("orders");
+    assert_eq!(dead.len(), 3);
+    assert!(
+        dead.iter().all(|d| d.reason == "untrusted_publisher"),
+        "{dead:?}"
+    );
+    assert_eq!(
+        orders.field(CUSTOMER, "o-1", "name"),
+        Some(Value::String("Ada".into()))
+    );
+    assert_eq!(orders.field(CUSTOMER, "o-1", "warehouse"), None);
+    let state = bus.state("orders").unwrap();
+    assert_eq!(state.rank(CUSTOMER, "name").await.unwrap(), 0);
+    assert_eq!(
+        state.field(CUSTOMER, &key, "warehouse").await.unwrap(),
+        None
+    );
+    // The system's own later edit of its field is published, not taken for overruled.
+    orders.edit(CUSTOMER, "o-1", [("name", text("Ada L."))]);
+    bus.run_until_quiet().await.unwrap();
+    assert_eq!(bus.published("orders").len(), 2);
+}

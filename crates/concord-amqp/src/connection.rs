@@ -32,6 +32,93 @@ pub struct ConnectOptions {
     pub min_delay: Duration,
     /// Largest retry delay. Default: 5 s.
     pub max_delay: Duration,
+    /// TLS settings for `amqps://` URIs (`None`: the platform's defaults, no client
+    /// certificate).
+    pub tls: Option<Tls>,
+}
+
+/// TLS settings of a connection, in PEM.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    /// Certificates of the authorities that sign the broker's certificate, trusted besides the
+    /// built-in roots (a private CA).
+    pub ca_pem: Option<String>,
+    /// The client certificate (chain) and its private key, for brokers that verify clients.
+    pub client: Option<ClientCertificate>,
+}
+
+/// A client certificate and its key, in PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl fmt::Debug for ClientCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientCertificate(..)")
+    }
+}
+
+/// Where the TLS settings of a service are (`[tls]` in its config file): PEM files.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The authority that signs the broker's certificate (when not a public one).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// This service's client certificate, for brokers that verify clients (with `key_file`).
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PKCS#8 or RSA, PEM).
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    /// Reads the files; an error names the file and what is wrong.
+    pub fn load(&self) -> Result<Tls, String> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("cannot read TLS file {}: {e}", p.display()))
+        };
+        let ca_pem = match &self.ca_file {
+            Some(p) => Some(
+                String::from_utf8(read(p)?)
+                    .map_err(|_| format!("TLS file {} is not PEM text", p.display()))?,
+            ),
+            None => None,
+        };
+        let client = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some(ClientCertificate {
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
+            }),
+            (None, None) => None,
+            _ => return Err("tls: set both cert_file and key_file, or neither".to_owned()),
+        };
+        Ok(Tls { ca_pem, client })
+    }
+}
+
+impl Tls {
+    fn lapin(&self) -> lapin::tcp::OwnedTLSConfig {
+        lapin::tcp::OwnedTLSConfig {
+            identity: self
+                .client
+                .as_ref()
+                .map(|c| lapin::tcp::OwnedIdentity::PKCS8 {
+                    pem: c.cert_pem.clone(),
+                    key: c.key_pem.clone(),
+                }),
+            cert_chain: self.ca_pem.clone(),
+        }
+    }
 }
 
 impl Default for ConnectOptions {
@@ -43,6 +130,7 @@ impl Default for ConnectOptions {
             max_total_delay: Some(Duration::from_secs(60)),
             min_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -107,6 +195,13 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
+/// The user an AMQP URI logs in as (`guest` when the URI names none): the identity the broker
+/// validates `user_id` against.
+pub fn login_of(uri: &str) -> Result<String, AmqpError> {
+    let parsed: AMQPUri = uri.parse().map_err(AmqpError::InvalidUri)?;
+    Ok(parsed.authority.userinfo.username)
+}
+
 /// Connect with [`ConnectOptions::default`]. See [`connect_with`].
 pub async fn connect(uri: &str, connection_name: &str) -> Result<Connection, AmqpError> {
     connect_with(uri, connection_name, &ConnectOptions::default()).await
@@ -135,11 +230,18 @@ pub async fn connect_with(
     let attempts = AtomicUsize::new(0);
     let attempt_timeout = options.attempt_timeout;
 
+    let tls = options.tls.as_ref().map(Tls::lapin).unwrap_or_default();
     let attempt = || async {
         attempts.fetch_add(1, Ordering::Relaxed);
+        let runtime = lapin::runtime::default_runtime().map_err(AmqpError::from)?;
         match tokio::time::timeout(
             attempt_timeout,
-            lapin::Connection::connect_uri(parsed.clone(), properties.clone()),
+            lapin::Connection::connect_uri_with_config(
+                parsed.clone(),
+                properties.clone(),
+                tls.clone(),
+                runtime,
+            ),
         )
         .await
         {

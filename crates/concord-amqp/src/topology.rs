@@ -218,7 +218,7 @@ impl Topology {
         format!("{}.inbox.{system}", self.ns)
     }
 
-    /// `{ns}.dlx`: durable direct dead-letter exchange.
+    /// `{ns}.dlx`: durable topic dead-letter exchange (each DLQ bound with its exact name).
     #[must_use]
     pub fn dlx(&self) -> String {
         format!("{}.dlx", self.ns)
@@ -328,7 +328,9 @@ impl Topology {
             .await?;
         self.declare_exchange(channel, &self.routed_exchange(), ExchangeKind::Direct)
             .await?;
-        self.declare_exchange(channel, &self.dlx(), ExchangeKind::Direct)
+        // A topic exchange, so that topic permissions can limit each system to dead-lettering
+        // under its own name (bindings use exact keys, as on a direct exchange).
+        self.declare_exchange(channel, &self.dlx(), ExchangeKind::Topic)
             .await
     }
 
@@ -467,6 +469,16 @@ impl Topology {
         self.validate_system(system)?;
         self.declare_exchanges(channel).await?;
         self.declare_system(channel, system).await
+    }
+
+    /// Checks, without declaring anything (no permission needed), that `system`'s inbox exists:
+    /// the router declares it (or the broker definitions do). Fails with the broker's 404 while
+    /// it does not (the channel is then closed).
+    pub async fn check_inbox(&self, channel: &Channel, system: &str) -> Result<(), AmqpError> {
+        self.validate_system(system)?;
+        queue_message_count(channel, &self.inbox(system))
+            .await
+            .map(drop)
     }
 
     /// Delete every queue and exchange of the namespace (for tests' cleanup): the router

@@ -110,6 +110,8 @@ struct Round {
 /// Shared state of a run.
 struct Ctx {
     uri: String,
+    /// The broker user the load generator publishes as.
+    login: String,
     base: String,
     fanout: usize,
     tuning: Tuning,
@@ -223,6 +225,7 @@ impl Ctx {
             &self.publishers,
             &self.factory,
             &topology.ingress_exchange(),
+            &self.login,
             n,
             pace,
             clock,
@@ -283,6 +286,7 @@ impl Ctx {
             &self.publishers,
             &self.factory,
             &topology.ingress_exchange(),
+            &self.login,
             m,
             Pace::Flat,
             None,
@@ -432,11 +436,7 @@ async fn run_inner(
         &policy,
         &RouterConfig::default().settings(),
         load::now_ms(),
-        Input {
-            routing_key: event::ROUTING_KEY,
-            body: &sample.body,
-            user_id: None,
-        },
+        Input::new(event::ROUTING_KEY, &sample.body, Some(event::SOURCE)),
     ) {
         Outcome::Routed(r) if r.deliveries.len() == fanout && r.rejected.is_empty() => {}
         other => anyhow::bail!("the sample event does not fan out to {fanout}: {other:?}"),
@@ -461,6 +461,7 @@ async fn run_inner(
     }
     let alarm = watch_alarm(&pub_conn)?;
     let ctx = Ctx {
+        login: concord_amqp::login_of(&uri)?,
         uri,
         base: base.clone(),
         fanout,

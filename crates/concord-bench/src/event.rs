@@ -217,11 +217,7 @@ mod tests {
             &policy,
             &RouterSettings::default(),
             now,
-            Input {
-                routing_key: ROUTING_KEY,
-                body: &ev.body,
-                user_id: None,
-            },
+            Input::new(ROUTING_KEY, &ev.body, Some(SOURCE)),
         );
         let Outcome::Routed(routed) = outcome else {
             panic!("dead-lettered: {outcome:?}")

@@ -63,13 +63,15 @@ pub enum Pace {
     Rate(f64),
 }
 
-/// Publishes events `0..n` to `exchange` through `publishers` (round robin) and waits for
+/// Publishes events `0..n` to `exchange` as broker user `user_id` through `publishers` (round
+/// robin) and waits for
 /// every confirm. Each publisher's confirms are awaited by a task of its own, so publishing
 /// is pipelined up to the window.
 pub async fn publish(
     publishers: &[Publisher],
     factory: &Arc<EventFactory>,
     exchange: &str,
+    user_id: &str,
     n: u64,
     pace: Pace,
     clock: Option<Arc<SendClock>>,
@@ -98,9 +100,11 @@ pub async fn publish(
         let clock = clock.clone();
         async move {
             let ev = factory.encode(seq, now_ms());
+            // As every adapter does: the router takes the validated user as the source.
             let props = MessageProps::new()
                 .message_id(ev.event_id.as_str())
                 .header(event::HEADER_KEY, ev.record.as_str())
+                .user_id(user_id)
                 .timestamp_now();
             if let Some(clock) = &clock {
                 clock.mark(seq, Instant::now());

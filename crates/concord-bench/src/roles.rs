@@ -97,6 +97,7 @@ fn announce_ready() -> anyhow::Result<()> {
 /// with the benchmark's namespace and an ephemeral HTTP port.
 pub async fn router(args: ChildArgs) -> anyhow::Result<()> {
     let policy = args.policy.context("the router role needs --policy")?;
+    let login = concord_amqp::login_of(&args.amqp_uri)?;
     let config = RouterConfig {
         amqp_uri: args.amqp_uri,
         namespace: args.namespace,
@@ -105,6 +106,8 @@ pub async fn router(args: ChildArgs) -> anyhow::Result<()> {
         ack_batch: args.ack_batch,
         worker_threads: args.worker_threads,
         http_listen: "127.0.0.1:0".to_owned(),
+        // The load generator publishes as the bench's broker user, for the one source system.
+        users: [(login, event::SOURCE.to_owned())].into(),
         ..RouterConfig::default()
     };
     let shutdown = shutdown_signal()?;

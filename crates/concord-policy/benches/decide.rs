@@ -144,6 +144,7 @@ fn benches(c: &mut Criterion) {
         routing_key: "orders.customer",
         body: &s.body,
         user_id: Some("orders"),
+        concord_key: None,
     };
     match route::process(&s.policy, &settings, NOW_MS, input) {
         Outcome::Routed(r) => assert_eq!(r.deliveries.len(), 3),

@@ -52,7 +52,8 @@ pub struct Verdict {
 
 impl Verdict {
     /// Per target system, the accepted fields it may see. Never yields the source; never yields
-    /// a system with nothing to receive. A delete goes to every other system that sees the entity.
+    /// a system with nothing to receive. A delete and a create go to every other system that
+    /// sees the entity (a create with the fields each may see, possibly none).
     pub fn deliveries<'a>(
         &'a self,
         entity: &'a EntityPolicy,
@@ -68,7 +69,9 @@ impl Verdict {
                 return Some((s, FieldSet::default()));
             }
             let fields = self.accepted.intersect(entity.visible_to(s));
-            (!fields.is_empty()).then_some((s, fields))
+            // A created record appears in every system that sees any field of the entity, even
+            // with none of the fields set.
+            (!fields.is_empty() || self.op == Op::Create).then_some((s, fields))
         })
     }
 }

@@ -18,24 +18,41 @@ use crate::model::Policy;
 use project::Projector;
 use validate::Envelope;
 
-/// Limits the router enforces on every input.
+/// Limits and identity rules the router enforces on every input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouterSettings {
     /// Largest accepted message body, in bytes.
     pub max_message_bytes: usize,
-    /// How far a field clock may be ahead of the router's clock, in milliseconds.
+    /// How far a clock (field or record clock) may be ahead of the router's clock, in
+    /// milliseconds.
     pub clock_skew_ms: u64,
-    /// Refuse messages without a broker-validated `user_id` property.
+    /// Refuse messages without a broker-validated `user_id` property (the default: the source
+    /// of a change is the broker user that published it).
     pub require_user_id: bool,
+    /// Broker user → the system it publishes as, for deployments whose broker user names differ
+    /// from the system names; a user not listed publishes as the system of its own name.
+    pub users: std::collections::BTreeMap<String, String>,
+    /// Check the `concord-key` header against the envelope (the partitioned router input is
+    /// split by that header, so per-record order depends on it).
+    pub check_key_header: bool,
 }
 
 impl Default for RouterSettings {
     fn default() -> Self {
         RouterSettings {
             max_message_bytes: 1024 * 1024,
-            clock_skew_ms: 60_000,
-            require_user_id: false,
+            clock_skew_ms: crate::replica::DEFAULT_CLOCK_SKEW_MS,
+            require_user_id: true,
+            users: std::collections::BTreeMap::new(),
+            check_key_header: false,
         }
+    }
+}
+
+impl RouterSettings {
+    /// The system broker user `user` publishes as.
+    pub fn system_of<'a>(&'a self, user: &'a str) -> &'a str {
+        self.users.get(user).map_or(user, String::as_str)
     }
 }
 
@@ -49,6 +66,21 @@ pub struct Input<'a> {
     pub body: &'a [u8],
     /// The AMQP `user_id` property (validated by the broker against the connection's user).
     pub user_id: Option<&'a str>,
+    /// The `concord-key` header (`<entity>/<key>`).
+    pub concord_key: Option<&'a str>,
+}
+
+impl<'a> Input<'a> {
+    /// A message published with `routing_key` by broker user `user_id`, without a
+    /// `concord-key` header.
+    pub fn new(routing_key: &'a str, body: &'a [u8], user_id: Option<&'a str>) -> Input<'a> {
+        Input {
+            routing_key,
+            body,
+            user_id,
+            concord_key: None,
+        }
+    }
 }
 
 /// Why a message goes to a dead-letter queue: the codes of header `concord-reason`, for the
@@ -76,6 +108,12 @@ pub enum DeadLetterReason {
     ApplyFailed,
     /// An adapter could not write a higher-priority owner's value back over a local edit.
     WriteBackFailed,
+    /// The `concord-key` header does not name the envelope's record (partitioned input).
+    KeyHeaderMismatch,
+    /// `derived_from` is not an event id.
+    InvalidDerivedFrom,
+    /// A message in an adapter's inbox that the router did not publish.
+    UntrustedPublisher,
 }
 
 impl DeadLetterReason {
@@ -102,6 +140,9 @@ impl DeadLetterReason {
             UnknownField => "unknown_field",
             ApplyFailed => "apply_failed",
             WriteBackFailed => "write_back_failed",
+            KeyHeaderMismatch => "key_header_mismatch",
+            InvalidDerivedFrom => "invalid_derived_from",
+            UntrustedPublisher => "untrusted_publisher",
         }
     }
 }

@@ -703,6 +703,7 @@ impl<'p> Sim<'p> {
                 routing_key: &routing_key,
                 body: &msg.body,
                 user_id: Some(src),
+                concord_key: None,
             },
         );
         let routed = match out {
@@ -997,6 +998,18 @@ impl<'p> Sim<'p> {
                                     h.stamp.rank, stamp.rank
                                 ));
                             }
+                            // A record only a system that may not create records wrote is
+                            // kept (pending), not shown, until one that may creates it.
+                            let live = n.records.get(&key).is_some_and(|r| r.live);
+                            if !live {
+                                if data.is_some() {
+                                    return Err(format!(
+                                        "{at}: the system holds {} of a record it does not have",
+                                        show(&data)
+                                    ));
+                                }
+                                continue;
+                            }
                             if h.pending {
                                 return Err(format!("{at}: still pending"));
                             }
@@ -1199,6 +1212,7 @@ fn rejected_local_write_is_overwritten_by_the_next_owner_write() {
             routing_key: "support.customer",
             body: &ev.encode_to_vec(),
             user_id: Some("support"),
+            concord_key: None,
         },
     );
     // ...and rejected: nobody receives it.
@@ -1224,6 +1238,7 @@ fn rejected_local_write_is_overwritten_by_the_next_owner_write() {
             routing_key: "orders.customer",
             body: &owners_write.encode_to_vec(),
             user_id: Some("orders"),
+            concord_key: None,
         },
     );
     let Outcome::Routed(r) = out else {

@@ -225,11 +225,7 @@ fn check(spec: &PolicySpec, e: &EventSpec) -> Result<(), TestCaseError> {
         &policy,
         &RouterSettings::default(),
         NOW_MS,
-        Input {
-            routing_key: &format!("{src}.customer"),
-            body: &body,
-            user_id: Some(&src),
-        },
+        Input::new(&format!("{src}.customer"), &body, Some(&src)),
     );
     // A mask naming more fields than the message has (every field and a bogus one) is refused
     // whole.
@@ -270,8 +266,9 @@ fn check(spec: &PolicySpec, e: &EventSpec) -> Result<(), TestCaseError> {
     // Who receives what.
     let expected_targets: BTreeSet<usize> = if refused {
         BTreeSet::new()
-    } else if e.op == Op::Delete {
-        // A delete goes to every reader except the source.
+    } else if e.op == Op::Delete || e.op == Op::Create {
+        // A delete, and a create, go to every reader except the source (a create with the
+        // fields each may see, possibly none).
         o.readers().into_iter().filter(|s| *s != e.source).collect()
     } else {
         // A target with no visible accepted field gets nothing.
@@ -410,11 +407,15 @@ proptest! {
 }
 
 fn arbitrary_settings() -> impl Strategy<Value = RouterSettings> {
-    (0usize..4096, any::<u64>(), any::<bool>()).prop_map(|(max, skew, require)| RouterSettings {
-        max_message_bytes: max,
-        clock_skew_ms: skew,
-        require_user_id: require,
-    })
+    (0usize..4096, any::<u64>(), any::<bool>(), any::<bool>()).prop_map(
+        |(max, skew, require, key)| RouterSettings {
+            max_message_bytes: max,
+            clock_skew_ms: skew,
+            require_user_id: require,
+            check_key_header: key,
+            ..RouterSettings::default()
+        },
+    )
 }
 
 fn arbitrary_event() -> impl Strategy<Value = ChangeEvent> {
@@ -489,7 +490,7 @@ proptest! {
         spec in policy_spec(),
     ) {
         let policy = spec.load();
-        let _ = route::process(&policy, &settings, now, Input { routing_key: &key, body: &body, user_id: user.as_deref() });
+        let _ = route::process(&policy, &settings, now, Input::new(&key, &body, user.as_deref()));
     }
 
     /// Structurally valid envelopes with arbitrary contents, as is and with bytes flipped or cut.
@@ -512,7 +513,7 @@ proptest! {
         }
         let key = format!("{}.{}", ev.source, ev.entity);
         let settings = RouterSettings::default();
-        let out = route::process(&policy, &settings, now, Input { routing_key: &key, body: &body, user_id: Some(&ev.source) });
+        let out = route::process(&policy, &settings, now, Input::new(&key, &body, Some(&ev.source)));
         if let Outcome::Routed(r) = out {
             // Whatever got through still respects the policy.
             let c = policy.entity("customer").unwrap();

@@ -29,6 +29,7 @@ fn run_with(p: &Policy, s: &RouterSettings, key: &str, body: &[u8], user: Option
             routing_key: key,
             body,
             user_id: user,
+            concord_key: None,
         },
     )
 }
@@ -118,14 +119,20 @@ fn too_large() {
         max_message_bytes: body.len() - 1,
         ..settings()
     };
-    let o = run_with(&seed_policy(), &s, "orders.customer", &body, None);
+    let o = run_with(&seed_policy(), &s, "orders.customer", &body, Some("orders"));
     assert_dead(o, R::TooLarge, "limit");
     // Exactly at the limit is fine.
     let s = RouterSettings {
         max_message_bytes: body.len(),
         ..settings()
     };
-    routed(run_with(&seed_policy(), &s, "orders.customer", &body, None));
+    routed(run_with(
+        &seed_policy(),
+        &s,
+        "orders.customer",
+        &body,
+        Some("orders"),
+    ));
 }
 
 #[test]
@@ -234,7 +241,32 @@ fn user_id_mismatch_and_missing() {
         &body,
         Some("orders"),
     ));
-    routed(run_with(&p, &settings(), "orders.customer", &body, None));
+    // Without the requirement (a broker where every publisher is trusted), no id is fine.
+    let lenient = RouterSettings {
+        require_user_id: false,
+        ..settings()
+    };
+    routed(run_with(&p, &lenient, "orders.customer", &body, None));
+    // A broker user mapped to a system publishes as that system.
+    let mapped = RouterSettings {
+        users: [("sales-app".to_owned(), "orders".to_owned())].into(),
+        ..settings()
+    };
+    routed(run_with(
+        &p,
+        &mapped,
+        "orders.customer",
+        &body,
+        Some("sales-app"),
+    ));
+    let o = run_with(
+        &p,
+        &mapped,
+        "orders.customer",
+        &body,
+        Some("orders-impostor"),
+    );
+    assert_eq!(dead_letter(o).0, R::UserIdMismatch);
 }
 
 #[test]
@@ -370,7 +402,7 @@ fn unknown_field_name_is_routed_and_dead_lettered() {
         &settings(),
         "a.customer",
         &ev.encode_to_vec(),
-        None,
+        Some("a"),
     ));
     assert_eq!(r.dead_letter.map(|d| d.reason), Some(R::UnknownField));
     assert_eq!(r.deliveries.len(), 1);
@@ -397,9 +429,66 @@ fn dead_letter_codes_are_distinct() {
         R::ClockSkew,
         R::InvalidRecord,
         R::UnknownField,
+        R::ApplyFailed,
+        R::WriteBackFailed,
+        R::KeyHeaderMismatch,
+        R::InvalidDerivedFrom,
+        R::UntrustedPublisher,
     ];
     let codes: std::collections::BTreeSet<_> = all.iter().map(|r| r.as_str()).collect();
     assert_eq!(codes.len(), all.len());
+}
+
+/// A record clock far ahead is refused on every operation, not only on deletes: forwarded, it
+/// would raise the receivers' clocks (and poison their later edits).
+#[test]
+fn a_record_clock_beyond_the_skew_is_refused_whatever_the_op() {
+    for op in [Op::Upsert, Op::Create, Op::Snapshot, Op::Delete] {
+        let mut ev = valid();
+        ev.op = op.to_wire() as i32;
+        ev.record_clock = Some(clock((NOW_MS + 3_600_000) << 16, "orders"));
+        assert_dead(run(&ev), R::ClockSkew, "record_clock");
+        ev.record_clock = Some(clock(clock_now(), "orders"));
+        routed(run(&ev));
+    }
+}
+
+/// `derived_from` is an event id or nothing.
+#[test]
+fn derived_from_must_be_an_event_id() {
+    let mut ev = valid();
+    ev.derived_from = "x".repeat(10_000);
+    assert_dead(run(&ev), R::InvalidDerivedFrom, "derived_from");
+    ev.derived_from = "0190b9a4-6a3e-7cc1-9a6e-1d2f3a4b5c6e".into();
+    routed(run(&ev));
+}
+
+/// With a partitioned input, the `concord-key` header (which the partition exchange hashes)
+/// must name the envelope's record, so per-record order does not depend on publishers.
+#[test]
+fn the_partition_key_header_must_name_the_record() {
+    let p = seed_policy();
+    let s = RouterSettings {
+        check_key_header: true,
+        ..settings()
+    };
+    let ev = valid();
+    let body = ev.encode_to_vec();
+    let input = |key| Input {
+        routing_key: "orders.customer",
+        body: &body,
+        user_id: Some("orders"),
+        concord_key: key,
+    };
+    let good = format!("customer/{}", ev.key);
+    routed(route::process(&p, &s, NOW_MS, input(Some(&good))));
+    for bad in [None, Some("customer/other"), Some("order/c-1")] {
+        assert_dead(
+            route::process(&p, &s, NOW_MS, input(bad)),
+            R::KeyHeaderMismatch,
+            "concord-key",
+        );
+    }
 }
 
 fn full_customer() -> Customer {
@@ -690,7 +779,7 @@ fn unknown_fields_never_leak() {
         &settings(),
         "orders.customer",
         &ev.encode_to_vec(),
-        None,
+        Some("orders"),
     ));
     let d = decoded(&r);
     assert_eq!(d.len(), 2);

@@ -55,8 +55,22 @@ pub struct RouterConfig {
     pub clock_skew_ms: u64,
     /// Largest accepted input message, in bytes.
     pub max_message_bytes: usize,
-    /// Refuse input messages without a broker-validated `user_id` property.
+    /// Refuse input messages without a broker-validated `user_id` property (the default: the
+    /// source of a change is the broker user that published it). Turn off only on a broker
+    /// where every publisher is trusted.
     pub require_user_id: bool,
+    /// Broker user → the system it publishes as, when broker user names differ from system names
+    /// (a user not listed publishes as the system of its own name).
+    pub users: std::collections::BTreeMap<String, String>,
+    /// TLS for `amqps://` URIs: the broker's CA and a client certificate (`[tls]`).
+    pub tls: Option<concord_amqp::TlsFiles>,
+    /// Memory the router may use for the messages it holds, in MiB. It holds up to `prefetch`
+    /// inputs of up to `max_message_bytes` each, as much again while it decodes and projects
+    /// them, and up to `confirm_window` copies being published:
+    /// `(2 × prefetch + confirm_window) × max_message_bytes` must fit, so that no input can make
+    /// it run out of memory. Size the container's memory limit at the budget plus the router's
+    /// own footprint (about 30 MiB; allow 48).
+    pub memory_budget_mib: u64,
     /// Kind of the queues the router declares.
     pub queue_type: QueueType,
     /// With quorum queues: redeliveries after which the broker dead-letters an input message.
@@ -97,7 +111,10 @@ impl Default for RouterConfig {
             http_listen: "127.0.0.1:9464".to_owned(),
             clock_skew_ms: 60_000,
             max_message_bytes: 1024 * 1024,
-            require_user_id: false,
+            require_user_id: true,
+            users: std::collections::BTreeMap::new(),
+            tls: None,
+            memory_budget_mib: 1024,
             queue_type: QueueType::Classic,
             delivery_limit: None,
             watch_policy: true,
@@ -164,6 +181,23 @@ impl RouterConfig {
         }
         if self.prefetch == 0 {
             problems.push("`prefetch` must be at least 1".to_owned());
+        }
+        let held = (2 * u64::from(self.prefetch) + self.confirm_window as u64)
+            .saturating_mul(self.max_message_bytes as u64);
+        if held > self.memory_budget_mib.saturating_mul(1 << 20) {
+            problems.push(format!(
+                "(2 × `prefetch` ({}) + `confirm_window` ({})) × `max_message_bytes` ({}) = {} MiB exceeds `memory_budget_mib` ({}): lower one of them, or raise the budget",
+                self.prefetch,
+                self.confirm_window,
+                self.max_message_bytes,
+                held >> 20,
+                self.memory_budget_mib
+            ));
+        }
+        if let Some(tls) = &self.tls
+            && let Err(e) = tls.load()
+        {
+            problems.push(format!("`tls`: {e}"));
         }
         if self.confirm_window == 0 {
             problems.push("`confirm_window` must be at least 1".to_owned());
@@ -262,6 +296,8 @@ impl RouterConfig {
             max_message_bytes: self.max_message_bytes,
             clock_skew_ms: self.clock_skew_ms,
             require_user_id: self.require_user_id,
+            users: self.users.clone(),
+            check_key_header: self.partitions > 1,
         }
     }
 
@@ -277,6 +313,24 @@ impl RouterConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_the_router_may_hold_must_fit_its_memory_budget() {
+        let e = RouterConfig::from_toml("memory_budget_mib = 512\n", "router.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("memory_budget_mib") && e.contains("1024 MiB"),
+            "{e}"
+        );
+        let c = RouterConfig::from_toml(
+            "memory_budget_mib = 64\nprefetch = 16\nconfirm_window = 32\nack_batch = 8\n",
+            "router.toml",
+        )
+        .unwrap();
+        c.validate("router.toml").unwrap();
+        RouterConfig::default().validate("defaults").unwrap();
+    }
 
     #[test]
     fn empty_file_gives_the_defaults() {

@@ -92,7 +92,18 @@ impl Router {
             %http_addr,
             "router starting"
         );
+        let login = concord_amqp::login_of(&config.amqp_uri).context("the router's AMQP URI")?;
+        let tls = match &config.tls {
+            Some(files) => Some(files.load().map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+        let connect_options = concord_amqp::ConnectOptions {
+            tls,
+            ..concord_amqp::ConnectOptions::default()
+        };
         let shared = Arc::new(Shared {
+            login,
+            connect_options,
             settings: config.settings(),
             config,
             topology,

@@ -182,14 +182,17 @@ impl Session {
     /// consuming.
     pub(crate) async fn open(shared: &Shared) -> Result<Session, AmqpError> {
         let uri = &shared.config.amqp_uri;
-        let consume_conn = concord_amqp::connect(uri, &shared.connection_names[0]).await?;
-        let publish_conn = match concord_amqp::connect(uri, &shared.connection_names[1]).await {
-            Ok(c) => c,
-            Err(e) => {
-                close_connection(&consume_conn).await;
-                return Err(e);
-            }
-        };
+        let options = &shared.connect_options;
+        let consume_conn =
+            concord_amqp::connect_with(uri, &shared.connection_names[0], options).await?;
+        let publish_conn =
+            match concord_amqp::connect_with(uri, &shared.connection_names[1], options).await {
+                Ok(c) => c,
+                Err(e) => {
+                    close_connection(&consume_conn).await;
+                    return Err(e);
+                }
+            };
         let opened = Session::start(shared, &consume_conn, &publish_conn).await;
         match opened {
             Ok((inputs, publisher)) => Ok(Session {
@@ -511,6 +514,7 @@ async fn handle(
             routing_key: &delivery.routing_key,
             body: &delivery.body,
             user_id: delivery.user_id(),
+            concord_key: delivery.header_str(HEADER_KEY),
         },
     );
     let started = Instant::now();
@@ -538,10 +542,13 @@ async fn handle(
             confirms.reserve(routed.deliveries.len() + usize::from(routed.dead_letter.is_some()));
             let record = format!("{}/{}", routed.entity, routed.key);
             for d in &routed.deliveries {
+                // Published as the router's own broker user: adapters apply only what the
+                // router published.
                 let props = MessageProps::new()
                     .header(HEADER_ORIGIN, routed.source.as_str())
                     .header(HEADER_KEY, record.as_str())
-                    .message_id(routed.event_id.as_str());
+                    .message_id(routed.event_id.as_str())
+                    .user_id(&shared.login);
                 let confirm = publisher
                     .publish(routed_exchange, &d.system, &d.body, props)
                     .await?;

@@ -77,6 +77,10 @@ pub enum ReloadOutcome {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: RouterConfig,
+    /// The broker user the router logs in as: the `user_id` of everything it publishes.
+    pub(crate) login: String,
+    /// How it connects (TLS included).
+    pub(crate) connect_options: concord_amqp::ConnectOptions,
     pub(crate) settings: RouterSettings,
     pub(crate) topology: Topology,
     /// Names of the consuming and the publishing connection.

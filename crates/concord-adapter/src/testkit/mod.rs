@@ -39,6 +39,9 @@ use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::store::{self, Store, StoreError};
 use crate::transport::{Link, Outgoing, TransportError};
 
+/// The broker user the bus's router publishes as.
+pub const ROUTER_USER: &str = "router";
+
 /// A test-kit failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -70,6 +73,8 @@ pub struct DeadLettered {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouterDeadLetter {
     pub routing_key: String,
+    /// The broker user that published it.
+    pub user_id: Option<String>,
     pub dead_letter: DeadLetter,
     pub body: Vec<u8>,
 }
@@ -153,6 +158,7 @@ trait Driver: Send {
     fn incoming<'a>(
         &'a mut self,
         body: &'a [u8],
+        user_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Processed, IncomingError>>;
     fn store(&self) -> &Store;
 }
@@ -215,8 +221,9 @@ impl<A: SystemAdapter> Driver for EngineDriver<A> {
     fn incoming<'a>(
         &'a mut self,
         body: &'a [u8],
+        user_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Processed, IncomingError>> {
-        self.engine.handle_incoming(body).boxed()
+        self.engine.handle_incoming(body, user_id).boxed()
     }
 
     fn store(&self) -> &Store {
@@ -227,7 +234,8 @@ impl<A: SystemAdapter> Driver for EngineDriver<A> {
 struct Node {
     system: String,
     driver: Box<dyn Driver>,
-    inbox: VecDeque<(Vec<u8>, usize)>,
+    /// Messages in the inbox: body, publisher (`user_id`), failed attempts.
+    inbox: VecDeque<(Vec<u8>, Option<String>, usize)>,
     published: Vec<ChangeEvent>,
     delivered: Vec<ChangeEvent>,
     dead: Vec<DeadLettered>,
@@ -325,7 +333,9 @@ impl TestBus {
             entities,
             metrics.clone(),
             EngineSettings {
-                publish_user_id: false,
+                // Each system publishes as the broker user of its own name.
+                publish_user_id: Some(system.to_owned()),
+                router_user: ROUTER_USER.to_owned(),
                 echo_window_ms: self.echo_window_ms,
                 clock_skew_ms: self.settings.clock_skew_ms,
                 max_message_bytes: self.settings.max_message_bytes,
@@ -401,12 +411,14 @@ impl TestBus {
             routing_key: &o.routing_key,
             body: &o.body,
             user_id: o.user_id.as_deref(),
+            concord_key: None,
         };
         match route::process(&self.policy, &self.settings, now_ms(), input) {
             Outcome::Routed(r) => {
                 if let Some(d) = r.dead_letter {
                     self.router_dead.push(RouterDeadLetter {
                         routing_key: o.routing_key.clone(),
+                        user_id: o.user_id.clone(),
                         dead_letter: d,
                         body: o.body.clone(),
                     });
@@ -418,12 +430,14 @@ impl TestBus {
                         if let Ok(ev) = ChangeEvent::decode(d.body.as_slice()) {
                             node.delivered.push(ev);
                         }
-                        node.inbox.push_back((d.body, 0));
+                        node.inbox
+                            .push_back((d.body, Some(ROUTER_USER.to_owned()), 0));
                     }
                 }
             }
             Outcome::DeadLetter(d) => self.router_dead.push(RouterDeadLetter {
                 routing_key: o.routing_key,
+                user_id: o.user_id,
                 dead_letter: d,
                 body: o.body,
             }),
@@ -487,10 +501,21 @@ impl TestBus {
         self.inject_raw(system, event.encode_to_vec())
     }
 
-    /// Puts raw bytes into a system's inbox.
+    /// Puts raw bytes into a system's inbox as if the router had published them.
     pub fn inject_raw(&mut self, system: &str, body: Vec<u8>) -> Result<(), TestkitError> {
+        self.inject_as(system, Some(ROUTER_USER), body)
+    }
+
+    /// Puts raw bytes into a system's inbox as published by broker user `user_id` (e.g. another
+    /// system's, or none): the adapter must refuse what the router did not publish.
+    pub fn inject_as(
+        &mut self,
+        system: &str,
+        user_id: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<(), TestkitError> {
         let node = self.node_mut(system)?;
-        node.inbox.push_back((body, 0));
+        node.inbox.push_back((body, user_id.map(str::to_owned), 0));
         Ok(())
     }
 
@@ -539,7 +564,7 @@ impl TestBus {
                 body: d.body,
                 event_id,
                 concord_key: String::new(),
-                user_id: None,
+                user_id: d.user_id,
             });
         }
         n
@@ -601,8 +626,8 @@ impl TestBus {
 /// Processes a node's inbox in order; returns whether anything moved.
 async fn drain_inbox(node: &mut Node, max_attempts: usize) -> bool {
     let mut progress = false;
-    while let Some((body, attempts)) = node.inbox.pop_front() {
-        match node.driver.incoming(&body).await {
+    while let Some((body, user_id, attempts)) = node.inbox.pop_front() {
+        match node.driver.incoming(&body, user_id.as_deref()).await {
             Ok(_) => progress = true,
             Err(IncomingError::Permanent { reason, detail }) => {
                 Metrics::inc(&node.metrics.dead_lettered);
@@ -618,7 +643,7 @@ async fn drain_inbox(node: &mut Node, max_attempts: usize) -> bool {
                 tracing::debug!(system = %node.system, error = %e, "transient failure; retried next round");
                 // Keep the order: nothing behind it is processed before it.
                 let attempts = attempts + 1;
-                node.inbox.push_front((body, attempts));
+                node.inbox.push_front((body, user_id, attempts));
                 return progress || attempts < max_attempts;
             }
         }

@@ -115,6 +115,12 @@ impl RecordState {
     fn live_id(&self) -> Option<String> {
         self.local_id.clone().filter(|_| self.live)
     }
+
+    /// The record existed in the system before (it was created there, or a delete of it was
+    /// received).
+    pub fn existed(&self) -> bool {
+        self.local_id.is_some() || self.tombstone.is_some()
+    }
 }
 
 /// What the system reports happened to a record.
@@ -223,6 +229,10 @@ pub struct Incoming {
     pub ranks: Vec<(String, u32)>,
     /// The record clock (required for a delete).
     pub record_clock: Option<DeleteStamp>,
+    /// The source may create records of the entity (the router says so). A copy that may not
+    /// create is kept, not applied, by a replica whose system does not have the record; the
+    /// first copy that may create it creates it with everything kept.
+    pub may_create: bool,
 }
 
 /// The result of a routed copy.
@@ -355,12 +365,14 @@ impl Replica {
         }
         let is_new = !state.known;
         state.known = true;
-        if !state.live {
+        let appears = !state.live;
+        if appears {
             state.local_id = Some(edit.local_id.clone());
             state.live = true;
         }
         let mut published = Vec::new();
         let mut write_back = Vec::new();
+        let mut write_back_stamps = Vec::new();
         let mut hlc = None;
         for (name, value) in &edit.fields {
             let coalesced = seen.coalesced.get(name) == Some(value);
@@ -406,12 +418,34 @@ impl Replica {
                 }
             }
         }
+        if appears {
+            // The record appears in the system by its own users' hand: the values kept for it
+            // (routed while the system did not have it) go to it now.
+            for (name, held) in &state.fields {
+                if let Some(w) = held.winner.as_ref().filter(|w| w.pending)
+                    && !write_back.iter().any(|(n, _)| n == name)
+                {
+                    write_back.push((name.clone(), w.value.clone()));
+                }
+            }
+        }
+        // A value written back that was not applied yet is applied by the write-back.
+        for (name, _) in &write_back {
+            if let Some(w) = state
+                .fields
+                .get(name)
+                .and_then(|h| h.winner.as_ref())
+                .filter(|w| w.pending)
+            {
+                write_back_stamps.push((name.clone(), w.stamp.clone()));
+            }
+        }
         if !write_back.is_empty() {
             step.write_back = Some(ApplyPlan {
                 op: ApplyOp::Upsert,
                 local_id: Some(edit.local_id.clone()),
                 fields: write_back,
-                stamps: Vec::new(),
+                stamps: write_back_stamps,
                 record_first: false,
             });
         }
@@ -477,7 +511,32 @@ impl Replica {
             }
             state.known = true;
         }
-        if fields.is_empty() {
+        if !state.live {
+            if !copy.may_create && !state.existed() {
+                // Only a system that may create records makes a new one appear here: keep the
+                // winners (pending) until one does. (A record that existed here before — it was
+                // deleted — comes back with writes made after its delete, whoever made them:
+                // the delete rule, which does not depend on the order of arrival.)
+                return if fields.is_empty() {
+                    IncomingStep::Stale
+                } else {
+                    IncomingStep::Recorded
+                };
+            }
+            // Creating the record: with every winner kept until now.
+            for (name, held) in &state.fields {
+                if let Some(w) = held.winner.as_ref().filter(|w| w.pending)
+                    && !stamps.iter().any(|(n, _)| n == name)
+                {
+                    fields.push((name.clone(), w.value.clone()));
+                    stamps.push((name.clone(), w.stamp.clone()));
+                }
+            }
+            if fields.is_empty() && copy.op != Op::Create {
+                return IncomingStep::Stale;
+            }
+            state.known = true;
+        } else if fields.is_empty() {
             return IncomingStep::Stale;
         }
         IncomingStep::Apply(ApplyPlan {
@@ -542,7 +601,16 @@ impl Replica {
                 stamps: Vec::new(),
                 record_first: false,
             }),
-            _ => IncomingStep::Recorded,
+            _ => {
+                // When the system does not have the record, what the delete left (or brought
+                // back) is not in it, and goes to it if the record is created.
+                if !state.live {
+                    for w in state.fields.values_mut().filter_map(|h| h.winner.as_mut()) {
+                        w.pending = true;
+                    }
+                }
+                IncomingStep::Recorded
+            }
         }
     }
 
@@ -722,6 +790,7 @@ pub fn change_event(
         observed_at_ms: now_ms,
         record_clock: delete.then(|| clock(0)),
         receiver_ranks: BTreeMap::new(),
+        may_create: false,
     }
 }
 
@@ -765,6 +834,7 @@ pub fn decode_copy(
             fields: Vec::new(),
             ranks,
             record_clock,
+            may_create: ev.may_create,
         },
         unknown: Vec::new(),
         without_clock: Vec::new(),
@@ -824,6 +894,7 @@ mod tests {
             }],
             ranks: vec![("f".into(), own_rank)],
             record_clock: None,
+            may_create: true,
         }
     }
 
@@ -953,6 +1024,7 @@ mod tests {
             fields: Vec::new(),
             ranks: Vec::new(),
             record_clock: Some((30, "other".into())),
+            may_create: true,
         };
         let IncomingStep::Apply(plan) = r.incoming(&mut state, &mut ranks, &delete, 1_000) else {
             panic!("the live record is deleted");
@@ -1020,6 +1092,7 @@ mod clock_tests {
             fields: Vec::new(),
             ranks: Vec::new(),
             record_clock: Some((record_clock, "other".into())),
+            may_create: true,
         };
         r.incoming(&mut state, &mut ranks, &copy(from_ms(FAR)), NOW);
         assert!(physical_ms(r.hlc().last()) < NOW);
@@ -1028,5 +1101,64 @@ mod clock_tests {
         let step = r.local(&mut state, &ranks, &edit("a"), NOW);
         assert!(physical_ms(step.publish.unwrap().hlc) == NOW + 30_000);
         assert_eq!(r.clock_resets(), 0);
+    }
+}
+
+#[cfg(test)]
+mod create_tests {
+    use super::*;
+
+    fn copy(value: &str, hlc: u64, may_create: bool, op: Op) -> Incoming {
+        Incoming {
+            op,
+            fields: vec![IncomingField {
+                name: "f".into(),
+                value: Some(value.as_bytes().to_vec()),
+                stamp: Stamp::new(1, hlc, "other"),
+            }],
+            ranks: vec![("f".into(), 0)],
+            record_clock: None,
+            may_create,
+        }
+    }
+
+    /// A copy from a system that may not create records does not make one appear: its values
+    /// are kept (pending) and go to the system with the first copy that may create the record.
+    #[test]
+    fn only_a_creator_makes_a_record_appear_and_kept_values_come_with_it() {
+        let mut r = Replica::new("sys", Echoes::Reported, 60_000, 0);
+        let (mut state, mut ranks) = (RecordState::default(), Ranks::new());
+        let step = r.incoming(
+            &mut state,
+            &mut ranks,
+            &copy("kept", 10, false, Op::Upsert),
+            1,
+        );
+        assert_eq!(step, IncomingStep::Recorded);
+        assert!(!state.live);
+        let mut creation = copy("ignored", 5, true, Op::Create);
+        creation.fields[0].name = "g".into();
+        let IncomingStep::Apply(plan) = r.incoming(&mut state, &mut ranks, &creation, 1) else {
+            panic!("the creator's copy creates the record");
+        };
+        assert_eq!(plan.local_id, None);
+        let mut names: Vec<&str> = plan.fields.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["f", "g"]);
+        r.applied(&mut state, &plan, "l-1", None, 1);
+        assert!(
+            state
+                .fields
+                .values()
+                .all(|h| !h.winner.as_ref().unwrap().pending)
+        );
+        // A creation carrying no field the system sees still creates it.
+        let (mut state, mut ranks) = (RecordState::default(), Ranks::new());
+        let mut empty = copy("", 1, true, Op::Create);
+        empty.fields.clear();
+        assert!(matches!(
+            r.incoming(&mut state, &mut ranks, &empty, 1),
+            IncomingStep::Apply(ApplyPlan { local_id: None, .. })
+        ));
     }
 }

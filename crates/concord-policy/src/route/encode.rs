@@ -204,6 +204,12 @@ impl RoutedCopy<'_> {
                 varint_field(2, u64::from(own), &mut buf);
             }
         }
+        // bool may_create = 15: the source is in the entity's `create` list.
+        varint_field(
+            15,
+            u64::from(self.entity.create.contains(self.source)),
+            &mut buf,
+        );
         buf
     }
 }
@@ -258,6 +264,7 @@ mod tests {
                 rank: 0,
             }),
             receiver_ranks: BTreeMap::new(),
+            may_create: copy.entity.create.contains(copy.source),
         };
         for i in copy.fields.iter() {
             let rule = &copy.entity.fields[i];

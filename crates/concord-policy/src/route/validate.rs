@@ -80,19 +80,24 @@ pub(super) fn envelope<'p>(
             format!("entity {:?} is not in the policy", truncate(&ev.entity)),
         )
     })?;
+    // The source is the broker's validated identity of the publisher.
     match input.user_id {
-        Some(u) if u != ev.source => {
+        Some(u) if settings.system_of(u) != ev.source => {
             return Err(dead(
                 R::UserIdMismatch,
                 format!(
-                    "published by user {:?} for source {:?}",
+                    "published by user {:?} (system {:?}) for source {:?}",
                     truncate(u),
-                    ev.source
+                    truncate(settings.system_of(u)),
+                    truncate(&ev.source)
                 ),
             ));
         }
         None if settings.require_user_id => {
-            return Err(dead(R::MissingUserId, "no user_id property"));
+            return Err(dead(
+                R::MissingUserId,
+                "no user_id property: the publisher's broker identity is required",
+            ));
         }
         _ => {}
     }
@@ -100,6 +105,28 @@ pub(super) fn envelope<'p>(
         return Err(dead(
             R::InvalidKey,
             format!("key must be 1..={MAX_KEY_BYTES} bytes, is {}", ev.key.len()),
+        ));
+    }
+    if settings.check_key_header {
+        let expected = format!("{}/{}", ev.entity, ev.key);
+        if input.concord_key != Some(expected.as_str()) {
+            return Err(dead(
+                R::KeyHeaderMismatch,
+                format!(
+                    "header concord-key {:?}, the envelope's record is {:?}",
+                    input.concord_key.map(truncate),
+                    truncate(&expected)
+                ),
+            ));
+        }
+    }
+    if !ev.derived_from.is_empty() && uuid::Uuid::parse_str(&ev.derived_from).is_err() {
+        return Err(dead(
+            R::InvalidDerivedFrom,
+            format!(
+                "derived_from {:?} is not an event id (a UUID)",
+                truncate(&ev.derived_from)
+            ),
         ));
     }
     let op = Op::from_wire(ev.op).ok_or_else(|| dead(R::InvalidOp, format!("op {}", ev.op)))?;
@@ -184,12 +211,13 @@ pub(super) fn changes(
             }
         }
     }
-    if op == Op::Delete {
-        let clock = ev
-            .record_clock
-            .as_ref()
-            .ok_or_else(|| dead(R::MissingClock, "a delete needs record_clock"))?;
-        check_skew(clock, limit, "record_clock")?;
+    // The record clock, whatever the operation (a receiver's clock observes it).
+    match &ev.record_clock {
+        Some(clock) => check_skew(clock, limit, "record_clock")?,
+        None if op == Op::Delete => {
+            return Err(dead(R::MissingClock, "a delete needs record_clock"));
+        }
+        None => {}
     }
     Ok(Changes { known, unknown })
 }

@@ -1,0 +1,436 @@
+//! Applying an incoming change: one database transaction, marked as the adapter's (the capture
+//! triggers skip it), that records the event's id with the row it wrote, so a change applied
+//! before a crash (and redelivered) is recognised and not applied twice.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use concord_adapter::{AdapterError, Applied, Apply, ApplyOp};
+use tracing::warn;
+
+use crate::capture::key_part;
+use crate::config::KeySource;
+use crate::convert::{self, SqlValue};
+use crate::db::{self, ErrorClass, Shape, Tx};
+use crate::dialect::fnv;
+use crate::key::{self, Key};
+use crate::mapping::EntityMap;
+use crate::schema::Column;
+use crate::system::Inner;
+
+/// How often old ids of applied events are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// Why an incoming change was not applied, naming the row and the record.
+#[derive(Debug, thiserror::Error)]
+#[error("table {table}, key {key} (record {record}, event {event}): {reason}")]
+pub struct ApplyError {
+    pub table: String,
+    /// The row's local id, or `new` for a row not created yet.
+    pub key: String,
+    /// The record's canonical key.
+    pub record: String,
+    pub event: String,
+    pub reason: String,
+    #[source]
+    pub cause: Option<sqlx::Error>,
+}
+
+/// What went wrong inside the transaction.
+enum Failure {
+    Db(sqlx::Error),
+    /// The change cannot be applied as it is (no key value, an ambiguous match...).
+    Refused(String),
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        Failure::Db(e)
+    }
+}
+
+/// What the transaction did.
+struct Outcome {
+    local_id: String,
+    /// The rows it wrote (local ids), for the feed.
+    touched: Vec<String>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// What identifies the content of an apply of one event: a redelivered copy with the same
+/// fields is the same apply (skipped); one with other fields (an event replayed after a policy
+/// change) is applied.
+fn digest(change: &Apply) -> String {
+    let mut names: Vec<&str> = change.fields.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    let text = format!(
+        "{:?}\0{}\0{}\0{}",
+        change.op,
+        change.entity,
+        change.key,
+        names.join("\0")
+    );
+    format!("{:016x}", fnv(text.as_bytes()))
+}
+
+pub(crate) async fn apply(inner: &Inner, change: &Apply) -> Result<Applied, AdapterError> {
+    let Some((ei, e)) = inner.mapping.entity(&change.entity) else {
+        return Err(AdapterError::permanent(format!(
+            "entity {} (record {}, event {}) is not mapped to a table by this adapter's configuration",
+            change.entity, change.key, change.event_id
+        )));
+    };
+    let fail = |reason: String, cause: Option<sqlx::Error>| ApplyError {
+        table: e.table.clone(),
+        key: change.local_id.clone().unwrap_or_else(|| "new".into()),
+        record: change.key.clone(),
+        event: change.event_id.clone(),
+        reason,
+        cause,
+    };
+    let target = match change.local_id.as_deref().map(|id| e.parse_local_id(id)) {
+        None => None,
+        Some(Ok(k)) => Some(k),
+        Some(Err(why)) => return Err(AdapterError::permanent(fail(why, None))),
+    };
+    // The values to write (pure): fields this table does not store are not this system's.
+    let mut values: Vec<(usize, SqlValue)> = Vec::new();
+    let mut problems = Vec::new();
+    for (name, v) in &change.fields {
+        let Some(fi) = e.fields.iter().position(|f| f.field.name() == name) else {
+            continue;
+        };
+        let Some(f) = e.fields.get(fi) else { continue };
+        match convert::to_sql(&f.conv, &f.field, v.as_ref())
+            .and_then(|sql| convert::for_column(sql, &f.column.kind))
+        {
+            Ok(sql) => values.push((fi, sql)),
+            Err(err) => problems.push(format!("field {name} (column {}): {err}", f.column.name)),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(AdapterError::permanent(fail(problems.join("; "), None)));
+    }
+    let digest = digest(change);
+    let d = inner.db.dialect();
+    let mut conn =
+        inner.db.acquire().await.map_err(|err| {
+            AdapterError::transient(fail("database unavailable".into(), Some(err)))
+        })?;
+    let result = {
+        match conn.begin().await {
+            Err(err) => Err(Failure::Db(err)),
+            Ok(mut tx) => {
+                let r = write(&mut tx, inner, e, change, target, &values, &digest).await;
+                match r {
+                    Ok(outcome) => tx.commit().await.map(|()| outcome).map_err(Failure::Db),
+                    Err(f) => {
+                        let _ = tx.rollback().await;
+                        Err(f)
+                    }
+                }
+            }
+        }
+    };
+    if result.is_err()
+        && matches!(inner.db, db::Db::MySql(..))
+        && let Some(off) = d.origin_off(&inner.prefix)
+    {
+        // The mark is a session variable: a pooled connection must not keep it.
+        if conn.simple(&off).await.is_err() {
+            conn.discard();
+        }
+    } else {
+        drop(conn);
+    }
+    let outcome = match result {
+        Ok(o) => o,
+        Err(Failure::Refused(why)) => return Err(AdapterError::permanent(fail(why, None))),
+        Err(Failure::Db(err)) => {
+            let reason = err.to_string();
+            return Err(match db::classify(&err) {
+                ErrorClass::Permanent => AdapterError::permanent(fail(reason, Some(err))),
+                ErrorClass::Transient => AdapterError::transient(fail(reason, Some(err))),
+            });
+        }
+    };
+    inner.touch(ei, &outcome.touched);
+    prune(inner).await;
+    Ok(Applied::to(outcome.local_id))
+}
+
+/// The transaction's statements.
+async fn write(
+    tx: &mut Tx<'_>,
+    inner: &Inner,
+    e: &EntityMap,
+    change: &Apply,
+    mut target: Option<Key>,
+    values: &[(usize, SqlValue)],
+    digest: &str,
+) -> Result<Outcome, Failure> {
+    let d = inner.db.dialect();
+    let prefix = inner.prefix.as_str();
+    tx.simple(&d.origin_on(prefix)).await?;
+    // Exactly once: an event applied before (and not recorded by the SDK, e.g. after a crash)
+    // is recognised by its id.
+    let applied_key = format!("{}@{}", change.event_id, e.table);
+    let prior = tx
+        .fetch(
+            &d.applied_get(prefix, &applied_key),
+            &[Shape::Text, Shape::Text],
+        )
+        .await?;
+    if let Some(row) = prior.first()
+        && let (Some(Ok(SqlValue::Text(local_id))), Some(Ok(SqlValue::Text(seen)))) =
+            (row.first(), row.get(1))
+    {
+        if seen == digest {
+            finish(tx, inner).await?;
+            return Ok(Outcome {
+                local_id: local_id.clone(),
+                touched: Vec::new(),
+            });
+        }
+        if target.is_none() {
+            target = Some(e.parse_local_id(local_id).map_err(Failure::Refused)?);
+        }
+    }
+    let columns: Vec<(Column, SqlValue)> = values
+        .iter()
+        .filter_map(|(fi, v)| Some((e.fields.get(*fi)?.column.clone(), v.clone())))
+        .collect();
+    let outcome = match change.op {
+        ApplyOp::Delete => match target {
+            Some(k) => {
+                tx.execute(&d.delete(&e.table, &e.key, &k)).await?;
+                let id = key::local_id(&k);
+                Outcome {
+                    local_id: id.clone(),
+                    touched: vec![id],
+                }
+            }
+            None => Outcome {
+                local_id: change.key.clone(),
+                touched: Vec::new(),
+            },
+        },
+        ApplyOp::Upsert => {
+            let target = match target {
+                Some(k) => Some(k),
+                None => find_match(tx, inner, e, &columns).await?,
+            };
+            match target {
+                Some(k) => update(tx, inner, e, &k, &columns).await?,
+                None => insert(tx, inner, e, change, &columns).await?,
+            }
+        }
+    };
+    tx.execute(&d.applied_put(prefix, &applied_key, &outcome.local_id, digest, now_ms()))
+        .await?;
+    finish(tx, inner).await?;
+    Ok(outcome)
+}
+
+/// Clears the origin mark at the end of the transaction.
+async fn finish(tx: &mut Tx<'_>, inner: &Inner) -> Result<(), sqlx::Error> {
+    if let Some(off) = inner.db.dialect().origin_off(&inner.prefix) {
+        tx.simple(&off).await?;
+    }
+    Ok(())
+}
+
+/// The row the match fields link a record first seen from another system to.
+async fn find_match(
+    tx: &mut Tx<'_>,
+    inner: &Inner,
+    e: &EntityMap,
+    columns: &[(Column, SqlValue)],
+) -> Result<Option<Key>, Failure> {
+    if e.match_fields.is_empty() {
+        return Ok(None);
+    }
+    let mut wanted = Vec::new();
+    for fi in &e.match_fields {
+        let Some(f) = e.fields.get(*fi) else {
+            return Ok(None);
+        };
+        match columns.iter().find(|(c, _)| c.name == f.column.name) {
+            Some((c, v)) if *v != SqlValue::Null => wanted.push((c.clone(), v.clone())),
+            // A match field without a value identifies nothing.
+            _ => return Ok(None),
+        }
+    }
+    let shape: Vec<Shape> = e.key.iter().map(|c| Shape::Value(c.kind.clone())).collect();
+    let rows = tx
+        .fetch(&inner.db.dialect().find(&e.table, &e.key, &wanted), &shape)
+        .await?;
+    let keys: Vec<Key> = rows
+        .into_iter()
+        .filter_map(|cells| {
+            cells
+                .into_iter()
+                .map(|c| key_part(c.ok()?))
+                .collect::<Option<Key>>()
+        })
+        .collect();
+    match keys.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one.clone())),
+        _ => Err(Failure::Refused(format!(
+            "several rows have the same {}: cannot tell which one the record is",
+            wanted
+                .iter()
+                .map(|(c, v)| format!("{} = {}", c.name, v.show()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+async fn update(
+    tx: &mut Tx<'_>,
+    inner: &Inner,
+    e: &EntityMap,
+    k: &Key,
+    columns: &[(Column, SqlValue)],
+) -> Result<Outcome, Failure> {
+    let old = key::local_id(k);
+    if !columns.is_empty() {
+        let n = tx
+            .execute(&inner.db.dialect().update(&e.table, &e.key, k, columns))
+            .await?;
+        if n == 0 {
+            // The row was deleted locally and the feed has not reported it yet: the delete is
+            // the later change; it is published when reported.
+            return Ok(Outcome {
+                local_id: old.clone(),
+                touched: vec![old],
+            });
+        }
+    }
+    // A natural key may have changed with its fields.
+    let mut new = k.clone();
+    if e.key_source == KeySource::Fields {
+        for (i, kc) in e.key.iter().enumerate() {
+            if let Some((_, v)) = columns.iter().find(|(c, _)| c.name == kc.name)
+                && let Some(part) = key_part(v.clone())
+                && let Some(slot) = new.get_mut(i)
+            {
+                *slot = part;
+            }
+        }
+    }
+    let id = key::local_id(&new);
+    Ok(Outcome {
+        touched: if id == old {
+            vec![id.clone()]
+        } else {
+            vec![old, id.clone()]
+        },
+        local_id: id,
+    })
+}
+
+async fn insert(
+    tx: &mut Tx<'_>,
+    inner: &Inner,
+    e: &EntityMap,
+    change: &Apply,
+    columns: &[(Column, SqlValue)],
+) -> Result<Outcome, Failure> {
+    let d = inner.db.dialect();
+    let mut columns = columns.to_vec();
+    let mut known: Option<Key> = None;
+    match e.key_source {
+        KeySource::Generated => {}
+        KeySource::Canonical => {
+            if let Some(kc) = e.key.first() {
+                columns.push((kc.clone(), SqlValue::Text(change.key.clone())));
+                known = Some(vec![key::KeyPart::Text(change.key.clone())]);
+            }
+        }
+        KeySource::Fields => {
+            let mut k = Key::new();
+            for kc in &e.key {
+                match columns
+                    .iter()
+                    .find(|(c, _)| c.name == kc.name)
+                    .and_then(|(_, v)| key_part(v.clone()))
+                {
+                    Some(part) => k.push(part),
+                    None => {
+                        return Err(Failure::Refused(format!(
+                            "the record has no value for key column {}: a row cannot be created",
+                            kc.name
+                        )));
+                    }
+                }
+            }
+            known = Some(k);
+        }
+    }
+    let stmt = d.insert(&e.table, &e.key, &columns);
+    let key = if d.returning() {
+        let shape: Vec<Shape> = e.key.iter().map(|c| Shape::Value(c.kind.clone())).collect();
+        let rows = tx.fetch(&stmt, &shape).await?;
+        rows.into_iter()
+            .next()
+            .and_then(|cells| {
+                cells
+                    .into_iter()
+                    .map(|c| key_part(c.ok()?))
+                    .collect::<Option<Key>>()
+            })
+            .ok_or_else(|| Failure::Refused("the insert returned no key".into()))?
+    } else {
+        tx.execute(&stmt).await?;
+        match known {
+            Some(k) => k,
+            None => vec![key::KeyPart::Int(tx.last_insert_id().await?)],
+        }
+    };
+    // Mapped columns the insert left to the database's defaults hold the system's values: the
+    // feed reports them.
+    let defaulted = e
+        .fields
+        .iter()
+        .any(|f| f.column.has_default && !columns.iter().any(|(c, _)| c.name == f.column.name));
+    if defaulted {
+        tx.execute(&d.log_change(&inner.prefix, &e.table, &key::logged(&key), "U"))
+            .await?;
+    }
+    let id = key::local_id(&key);
+    Ok(Outcome {
+        local_id: id.clone(),
+        touched: vec![id],
+    })
+}
+
+/// Forgets the ids of events applied longer ago than the retention (at most every ten minutes).
+async fn prune(inner: &Inner) {
+    {
+        let mut last = inner
+            .last_prune
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+    }
+    let retention = i64::try_from(inner.retention.as_millis()).unwrap_or(i64::MAX);
+    let before = now_ms().saturating_sub(retention);
+    if let Err(e) = inner
+        .db
+        .execute(&inner.db.dialect().applied_prune(&inner.prefix, before))
+        .await
+    {
+        warn!(error = %e, "pruning the applied events failed");
+    }
+}
