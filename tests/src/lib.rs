@@ -1,7 +1,9 @@
 //! Harness for Concord's end-to-end tests against a real RabbitMQ broker.
 //!
-//! Every test gets its own namespace (exchange and queue prefix) and deletes it at the end, so
-//! tests share one broker without seeing each other. Waits are event-driven: they wake on the
+//! Every test gets its own virtual host with its own users ([`Env`]): the systems, the router
+//! and the operator connect as the users of a real deployment, with the permissions
+//! `concord broker-defs` grants, and the vhost and users are deleted at the end, so tests share
+//! one broker without seeing each other. Waits are event-driven: they wake on the
 //! adapters' metric changes and check a condition, with a deadline only as a safety net.
 
 use std::path::{Path, PathBuf};
@@ -11,18 +13,28 @@ use std::time::Duration;
 use anyhow::Context;
 use concord_adapter::testkit::{MemorySystem, text};
 use concord_adapter::{MetricsSnapshot, RunnerConfig, RunnerHandle};
-use concord_amqp::Topology;
+use concord_admin::scratch::{Broker, ScratchVhost};
 use concord_router::{Router, RouterConfig, RouterHandle};
 
 pub mod proxy;
 
-/// The broker the tests use (`CONCORD_AMQP_URI`, default the local guest account).
-pub fn amqp_uri() -> String {
-    std::env::var("CONCORD_AMQP_URI")
+/// The broker the tests use: its management API as an administrator and its AMQP listener
+/// (`CONCORD_MANAGEMENT_URL`, `CONCORD_ADMIN_USER`, `CONCORD_ADMIN_PASSWORD`,
+/// `CONCORD_AMQP_ADDR`; defaults: the local RabbitMQ's guest account, which only creates and
+/// deletes the tests' virtual hosts and users).
+pub fn broker() -> Broker {
+    Broker::from_env()
+}
+
+/// An administrator's AMQP URI on the default vhost (`CONCORD_ADMIN_AMQP_URI`, default the
+/// local guest account): for probes of the broker as a whole (alarms), never for Concord's
+/// traffic.
+pub fn admin_uri() -> String {
+    std::env::var("CONCORD_ADMIN_AMQP_URI")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
-/// A namespace no other test (or test run) uses.
+/// A name no other test (or test run) uses.
 pub fn unique_namespace(test: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!(
@@ -30,6 +42,102 @@ pub fn unique_namespace(test: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// One test's broker: its own virtual host (whose namespace has the same name) with a user per
+/// system, a router user and an operator user, and the permissions `concord broker-defs`
+/// grants; everything runs as those users, never as an administrator. The vhost (with every
+/// queue and exchange in it) and the users are deleted when the `Env` is dropped, also when
+/// the test fails.
+#[derive(Debug)]
+pub struct Env {
+    vhost: ScratchVhost,
+}
+
+impl Env {
+    /// A fresh vhost named after `test` with users for `systems`.
+    pub fn new(test: &str, systems: &[&str]) -> anyhow::Result<Env> {
+        let name = unique_namespace(test);
+        let vhost = ScratchVhost::create(broker(), &name, systems)
+            .with_context(|| format!("creating the test vhost {name}"))?;
+        Ok(Env { vhost })
+    }
+
+    /// A fresh vhost with users for the seed systems.
+    pub fn seed(test: &str) -> anyhow::Result<Env> {
+        Env::new(test, &SEED_SYSTEMS)
+    }
+
+    /// The namespace (= the vhost's name).
+    pub fn ns(&self) -> &str {
+        self.vhost.name()
+    }
+
+    /// The vhost with its users.
+    pub fn vhost(&self) -> &ScratchVhost {
+        &self.vhost
+    }
+
+    /// Adds a system's user and permissions.
+    pub fn add_system(&mut self, system: &str) -> anyhow::Result<()> {
+        Ok(self.vhost.add_system(system)?)
+    }
+
+    /// `system`'s AMQP URI.
+    pub fn system_uri(&self, system: &str) -> String {
+        self.vhost.system_uri(system)
+    }
+
+    /// The router's AMQP URI.
+    pub fn router_uri(&self) -> String {
+        self.vhost.router_uri()
+    }
+
+    /// The operator's AMQP URI (may read and write everything in the namespace).
+    pub fn operator_uri(&self) -> String {
+        self.vhost.operator_uri()
+    }
+
+    /// Router settings for this vhost (as the router user, with the user-to-system map; free
+    /// HTTP port, no file watching).
+    pub fn router_config(&self) -> RouterConfig {
+        RouterConfig {
+            amqp_uri: self.router_uri(),
+            namespace: self.ns().to_owned(),
+            http_listen: "127.0.0.1:0".to_owned(),
+            watch_policy: false,
+            users: self.vhost.users(),
+            ..RouterConfig::default()
+        }
+    }
+
+    /// The configuration file of a router process for this vhost listening on `http_listen`:
+    /// the settings of [`Env::router_config`] then `extra` (more top-level keys).
+    pub fn router_toml(&self, http_listen: &str, extra: &str) -> String {
+        let mut toml = format!(
+            "amqp_uri = {:?}\nnamespace = {:?}\nhttp_listen = {http_listen:?}\nwatch_policy = false\n{extra}\n[users]\n",
+            self.router_uri(),
+            self.ns(),
+        );
+        for (user, system) in self.vhost.users() {
+            toml.push_str(&format!("{user:?} = {system:?}\n"));
+        }
+        toml
+    }
+
+    /// Adapter settings for `system` in this vhost (as its user, trusting the router user),
+    /// with the deployment of `policy` and its state under `dir`.
+    pub fn runner_config(&self, system: &str, dir: &Path, policy: &Path) -> RunnerConfig {
+        let mut config = RunnerConfig::new(
+            system,
+            self.system_uri(system),
+            dir.join(format!("{system}.sqlite")),
+            policy,
+        );
+        config.namespace = self.ns().to_owned();
+        config.router_user = self.vhost.router_user().to_owned();
+        config
+    }
 }
 
 /// The seed policy file (its schema, `customer.proto`, is next to it).
@@ -46,20 +154,17 @@ pub fn order_policy() -> PathBuf {
 /// The systems of the seed policy.
 pub const SEED_SYSTEMS: [&str; 3] = ["delivery", "orders", "support"];
 
-/// Router settings for a test namespace (free HTTP port, no file watching).
-pub fn router_config(namespace: &str) -> RouterConfig {
-    RouterConfig {
-        amqp_uri: amqp_uri(),
-        namespace: namespace.to_owned(),
-        http_listen: "127.0.0.1:0".to_owned(),
-        watch_policy: false,
-        ..RouterConfig::default()
-    }
+/// Starts an in-process router in `env` and waits until it consumes.
+pub async fn start_router(env: &Env, policy: &Path) -> anyhow::Result<RouterHandle> {
+    start_router_with(env.router_config(), policy).await
 }
 
-/// Starts an in-process router and waits until it consumes.
-pub async fn start_router(namespace: &str, policy: &Path) -> anyhow::Result<RouterHandle> {
-    let router = Router::start(router_config(namespace), policy.to_path_buf()).await?;
+/// Starts an in-process router with `config` and waits until it consumes.
+pub async fn start_router_with(
+    config: RouterConfig,
+    policy: &Path,
+) -> anyhow::Result<RouterHandle> {
+    let router = Router::start(config, policy.to_path_buf()).await?;
     tokio::time::timeout(Duration::from_secs(30), router.wait_ready())
         .await
         .context("router not ready in 30 s")??;
@@ -79,30 +184,24 @@ impl Node {
     /// Starts the SDK runner for `system` over `memory` with the seed policy, with its state
     /// under `dir`.
     pub async fn start(
-        namespace: &str,
+        env: &Env,
         system: &str,
         memory: MemorySystem,
         dir: &Path,
     ) -> anyhow::Result<Node> {
-        Node::start_with_policy(namespace, system, memory, dir, &seed_policy()).await
+        Node::start_with_policy(env, system, memory, dir, &seed_policy()).await
     }
 
     /// Starts the SDK runner for `system` over `memory` with the deployment of `policy` (the
     /// policy and the schema it names), with its state under `dir`.
     pub async fn start_with_policy(
-        namespace: &str,
+        env: &Env,
         system: &str,
         memory: MemorySystem,
         dir: &Path,
         policy: &Path,
     ) -> anyhow::Result<Node> {
-        let mut config = RunnerConfig::new(
-            system,
-            amqp_uri(),
-            dir.join(format!("{system}.sqlite")),
-            policy,
-        );
-        config.namespace = namespace.to_owned();
+        let config = env.runner_config(system, dir, policy);
         let mut runner = concord_adapter::start(memory.clone(), config.clone());
         tokio::time::timeout(Duration::from_secs(30), runner.wait_ready())
             .await
@@ -148,47 +247,12 @@ impl Node {
 }
 
 /// Starts one node per seed system, each over a fresh `MemorySystem`.
-pub async fn start_seed_nodes(namespace: &str, dir: &Path) -> anyhow::Result<Vec<Node>> {
+pub async fn start_seed_nodes(env: &Env, dir: &Path) -> anyhow::Result<Vec<Node>> {
     let mut nodes = Vec::new();
     for system in SEED_SYSTEMS {
-        nodes.push(Node::start(namespace, system, MemorySystem::new(system), dir).await?);
+        nodes.push(Node::start(env, system, MemorySystem::new(system), dir).await?);
     }
     Ok(nodes)
-}
-
-/// Deletes every queue and exchange of a namespace.
-pub async fn delete_namespace(namespace: &str, systems: &[&str]) -> anyhow::Result<()> {
-    let conn = concord_amqp::connect(&amqp_uri(), &format!("it-cleanup-{namespace}")).await?;
-    let channel = conn.open_channel().await?;
-    let systems: Vec<String> = systems.iter().map(|s| (*s).to_owned()).collect();
-    Topology::new(namespace)
-        .delete_all(&channel, &systems)
-        .await?;
-    Ok(())
-}
-
-/// Deletes the namespace when dropped, so a failing test cleans up too.
-#[derive(Debug)]
-pub struct Cleanup {
-    pub namespace: String,
-    pub systems: Vec<&'static str>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let ns = self.namespace.clone();
-        let systems = self.systems.clone();
-        // Runs on its own thread and runtime: the test's runtime may be shutting down.
-        let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                let _ = rt.block_on(delete_namespace(&ns, &systems));
-            }
-        })
-        .join();
-    }
 }
 
 /// Waits until `cond` holds, re-checking whenever any of `nodes` changes a counter (every apply,
@@ -212,20 +276,14 @@ pub async fn converge(
     .with_context(|| format!("timed out waiting for {what}"))
 }
 
-/// `host:port` of the broker of [`amqp_uri`] (for a proxy in front of it).
+/// `host:port` of the broker's AMQP listener (for a proxy in front of it).
 pub fn broker_addr() -> anyhow::Result<std::net::SocketAddr> {
     use std::net::ToSocketAddrs;
-    let uri = amqp_uri();
-    let rest = uri.split_once("://").map_or(uri.as_str(), |(_, rest)| rest);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let host_port = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host_port)| host_port);
-    let host_port = if host_port.contains(':') {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:5672")
-    };
+    let amqp = broker().amqp;
+    let host_port = amqp
+        .split_once("://")
+        .map_or(amqp.as_str(), |(_, rest)| rest);
+    let host_port = host_port.trim_end_matches('/');
     host_port
         .to_socket_addrs()
         .with_context(|| format!("resolving the broker address {host_port:?}"))?
@@ -233,10 +291,9 @@ pub fn broker_addr() -> anyhow::Result<std::net::SocketAddr> {
         .with_context(|| format!("no address for {host_port:?}"))
 }
 
-/// [`amqp_uri`] with its host and port replaced by `addr` (e.g. a proxy's).
-pub fn amqp_uri_via(addr: std::net::SocketAddr) -> String {
-    let uri = amqp_uri();
-    let (scheme, rest) = uri.split_once("://").unwrap_or(("amqp", uri.as_str()));
+/// `uri` with its host and port replaced by `addr` (e.g. a proxy's).
+pub fn uri_via(uri: &str, addr: std::net::SocketAddr) -> String {
+    let (scheme, rest) = uri.split_once("://").unwrap_or(("amqp", uri));
     let (authority, path) = match rest.find('/') {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
@@ -248,16 +305,19 @@ pub fn amqp_uri_via(addr: std::net::SocketAddr) -> String {
     format!("{scheme}://{userinfo}{addr}{path}")
 }
 
-/// Settings of an in-process adapter for fault tests: broker URI (possibly a proxy's) and short
-/// reconnect and retry backoffs, so that a test is not spent waiting out a long delay.
-pub fn fault_runner_config(namespace: &str, system: &str, dir: &Path, uri: &str) -> RunnerConfig {
-    let mut config = RunnerConfig::new(
-        system,
-        uri,
-        dir.join(format!("{system}.sqlite")),
-        seed_policy(),
-    );
-    config.namespace = namespace.to_owned();
+/// Settings of an in-process adapter for fault tests: the broker reached through `via` (a
+/// proxy's address) or directly, and short reconnect and retry backoffs, so that a test is not
+/// spent waiting out a long delay.
+pub fn fault_runner_config(
+    env: &Env,
+    system: &str,
+    dir: &Path,
+    via: Option<std::net::SocketAddr>,
+) -> RunnerConfig {
+    let mut config = env.runner_config(system, dir, &seed_policy());
+    if let Some(addr) = via {
+        config.amqp_uri = uri_via(&config.amqp_uri, addr);
+    }
     config.reconnect = concord_adapter::RetryConfig {
         min_delay_ms: 100,
         max_delay_ms: 2_000,
@@ -285,16 +345,16 @@ impl Node {
     }
 }
 
-/// Starts one node per seed system connecting to `uri`, with the settings of
-/// [`fault_runner_config`].
+/// Starts one node per seed system connecting through `via` (or directly), with the settings
+/// of [`fault_runner_config`].
 pub async fn start_seed_nodes_via(
-    namespace: &str,
+    env: &Env,
     dir: &Path,
-    uri: &str,
+    via: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<Vec<Node>> {
     let mut nodes = Vec::new();
     for system in SEED_SYSTEMS {
-        let config = fault_runner_config(namespace, system, dir, uri);
+        let config = fault_runner_config(env, system, dir, via);
         nodes.push(Node::start_with(config, MemorySystem::new(system)).await?);
     }
     Ok(nodes)
@@ -428,29 +488,24 @@ impl EditStream {
 /// is deleted when the run is dropped, also when the test fails.
 #[derive(Debug)]
 pub struct SeedRun {
-    pub namespace: String,
     pub router: RouterHandle,
     pub nodes: Vec<Node>,
     _state: tempfile::TempDir,
-    _cleanup: Cleanup,
+    /// Dropped last (fields drop in declaration order): deletes the vhost.
+    pub env: Env,
 }
 
 impl SeedRun {
     pub async fn start(test: &str) -> anyhow::Result<SeedRun> {
-        let namespace = unique_namespace(test);
-        let cleanup = Cleanup {
-            namespace: namespace.clone(),
-            systems: SEED_SYSTEMS.to_vec(),
-        };
+        let env = Env::seed(test)?;
         let state = tempfile::tempdir()?;
-        let router = start_router(&namespace, &seed_policy()).await?;
-        let nodes = start_seed_nodes(&namespace, state.path()).await?;
+        let router = start_router(&env, &seed_policy()).await?;
+        let nodes = start_seed_nodes(&env, state.path()).await?;
         Ok(SeedRun {
-            namespace,
             router,
             nodes,
             _state: state,
-            _cleanup: cleanup,
+            env,
         })
     }
 

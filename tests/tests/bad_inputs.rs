@@ -81,9 +81,8 @@ struct Case {
     /// A name the accepted part of the message carries to the subscribers, when the message
     /// is also routed (unknown fields).
     routed_name: Option<&'static str>,
-    /// The AMQP `user_id` property to publish with (the broker checks it is the connection's
-    /// user).
-    user_id: Option<&'static str>,
+    /// The system whose broker user publishes it (with its `user_id`, which the broker checks).
+    publisher: &'static str,
 }
 
 fn case(what: &'static str, routing_key: &str, body: Vec<u8>, reason: R) -> Case {
@@ -93,7 +92,7 @@ fn case(what: &'static str, routing_key: &str, body: Vec<u8>, reason: R) -> Case
         body,
         reason,
         routed_name: None,
-        user_id: None,
+        publisher: "orders",
     }
 }
 
@@ -147,16 +146,19 @@ fn corpus() -> anyhow::Result<Vec<Case>> {
     let big = good("big", &"x".repeat(MAX_MESSAGE_BYTES + 1)).encode_to_vec();
     cases.push(case("over the size limit", rk, big, R::TooLarge));
 
-    // A system the policy does not know (routing key and envelope agree).
+    // A system the policy does not know (broker user, routing key and envelope agree).
     let mut ev = good("billing", "Billing");
     ev.source = "billing".into();
     ev.clocks = [("name".to_owned(), clock("billing", now_ms()))].into();
-    cases.push(case(
-        "unknown system",
-        "billing.customer",
-        ev.encode_to_vec(),
-        R::UnknownSystem,
-    ));
+    cases.push(Case {
+        publisher: "billing",
+        ..case(
+            "unknown system",
+            "billing.customer",
+            ev.encode_to_vec(),
+            R::UnknownSystem,
+        )
+    });
 
     // An entity the policy does not know.
     let mut ev = good("invoice", "Invoice");
@@ -180,12 +182,16 @@ fn corpus() -> anyhow::Result<Vec<Case>> {
     });
 
     // Envelopes that contradict their routing key.
-    cases.push(case(
-        "source contradicts the routing key",
-        "support.customer",
-        good("liar-1", "Liar 1").encode_to_vec(),
-        R::RoutingKeyMismatch,
-    ));
+    // (Published by support's user: the broker lets it use its own routing keys only.)
+    cases.push(Case {
+        publisher: "support",
+        ..case(
+            "source contradicts the routing key",
+            "support.customer",
+            good("liar-1", "Liar 1").encode_to_vec(),
+            R::RoutingKeyMismatch,
+        )
+    });
     let mut ev = good("liar-2", "Liar 2");
     ev.entity = "invoice".into();
     cases.push(case(
@@ -194,12 +200,16 @@ fn corpus() -> anyhow::Result<Vec<Case>> {
         ev.encode_to_vec(),
         R::RoutingKeyMismatch,
     ));
-    cases.push(case(
-        "routing key without entity",
-        "orders",
-        good("liar-3", "Liar 3").encode_to_vec(),
-        R::RoutingKeyMismatch,
-    ));
+    // (The broker refuses this routing key from orders' user; the operator may use any.)
+    cases.push(Case {
+        publisher: "operator",
+        ..case(
+            "routing key without entity",
+            "orders",
+            good("liar-3", "Liar 3").encode_to_vec(),
+            R::RoutingKeyMismatch,
+        )
+    });
 
     // A field clock one day in the future.
     let mut ev = good("future", "Future");
@@ -258,9 +268,10 @@ fn corpus() -> anyhow::Result<Vec<Case>> {
     ensure!(ChangeEvent::decode(body.as_slice()).is_err());
     cases.push(case("invalid UTF-8", rk, body, R::Undecodable));
 
-    // Published by another user than the source it claims (the broker vouches for `guest`).
+    // Published by a user that is no system's (the operator, whom the broker lets use any
+    // routing key) for orders: the broker vouches for the user, the router refuses the claim.
     cases.push(Case {
-        user_id: Some("guest"),
+        publisher: "operator",
         ..case(
             "user id contradicts the source",
             rk,
@@ -304,21 +315,18 @@ fn corpus() -> anyhow::Result<Vec<Case>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_are_dead_lettered_with_their_reason_and_routing_goes_on() -> anyhow::Result<()>
 {
-    let ns = unique_namespace("bad");
-    let _cleanup = Cleanup {
-        namespace: ns.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
+    let env = Env::new("bad", &["delivery", "orders", "support", "billing"])?;
+    let ns = env.ns();
     let dir = tempfile::tempdir()?;
-    let mut config = router_config(&ns);
+    let mut config = env.router_config();
     config.max_message_bytes = MAX_MESSAGE_BYTES;
     let router = Router::start(config, seed_policy()).await?;
     tokio::time::timeout(Duration::from_secs(30), router.wait_ready())
         .await
         .context("router not ready")??;
-    let nodes = start_seed_nodes(&ns, dir.path()).await?;
+    let nodes = start_seed_nodes(&env, dir.path()).await?;
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
-    let topo = Topology::new(ns.clone());
+    let topo = Topology::new(ns);
 
     let cases = corpus()?;
     let mut by_body: HashMap<&[u8], &Case> = HashMap::new();
@@ -332,8 +340,20 @@ async fn bad_inputs_are_dead_lettered_with_their_reason_and_routing_goes_on() ->
 
     // Publish: a good event before every bad one; the last message is bad, so that once it is
     // in the dead-letter queue, every earlier dead letter is too (one publisher, one queue).
-    let conn = concord_amqp::connect(&amqp_uri(), &format!("it-bad-{ns}")).await?;
-    let publisher = Publisher::open(&conn, PublisherOptions::default()).await?;
+    // One connection and publisher per publishing system, as its broker user.
+    let mut publishers = BTreeMap::new();
+    let user_of = |system: &str| match system {
+        "operator" => env.vhost().operator_user().to_owned(),
+        system => env.vhost().system_user(system),
+    };
+    for system in ["orders", "support", "billing", "operator"] {
+        let uri = env.vhost().uri(&user_of(system));
+        let conn = concord_amqp::connect(&uri, &format!("it-bad-{system}")).await?;
+        let publisher = Publisher::open(&conn, PublisherOptions::default()).await?;
+        publishers.insert(system, (conn, publisher));
+    }
+    let as_user = |system: &str| MessageProps::new().user_id(user_of(system));
+    let publisher = &publishers["orders"].1;
     let mut good_names = Vec::new();
     for (i, c) in cases.iter().enumerate() {
         let name = format!("good-{i}");
@@ -344,24 +364,28 @@ async fn bad_inputs_are_dead_lettered_with_their_reason_and_routing_goes_on() ->
                 &topo.ingress_exchange(),
                 "orders.customer",
                 &ev.encode_to_vec(),
-                MessageProps::new(),
+                as_user("orders"),
             )
             .await?
             .await
             .context("publishing a good event")?;
-        let props = match c.user_id {
-            Some(user) => MessageProps::new().user_id(user),
-            None => MessageProps::new(),
-        };
-        publisher
-            .publish(&topo.ingress_exchange(), &c.routing_key, &c.body, props)
+        publishers[c.publisher]
+            .1
+            .publish(
+                &topo.ingress_exchange(),
+                &c.routing_key,
+                &c.body,
+                as_user(c.publisher),
+            )
             .await?
             .await
             .with_context(|| format!("publishing {}", c.what))?;
     }
 
-    // Every bad message is in the dead-letter queue once, with its reason.
-    let channel = conn.open_channel().await?;
+    // Every bad message is in the dead-letter queue once, with its reason (which only the
+    // operator may read).
+    let operator = concord_amqp::connect(&env.operator_uri(), "it-bad-operator").await?;
+    let channel = operator.open_channel().await?;
     let mut dlq = concord_amqp::consume(&channel, &topo.router_dlq(), "it-bad-dlq", 100).await?;
     let last = cases.last().context("empty corpus")?;
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();

@@ -115,7 +115,8 @@ fn restore_broker(app: bool, alarm: bool) {
 }
 
 /// The broker faults a test injected; they are undone when the guard drops, whatever happened.
-/// Declare it after the test's [`Cleanup`] so that it drops first (the cleanup needs the broker).
+/// Declare it after the test's [`Env`] so that it drops first (deleting the vhost needs the
+/// broker).
 #[derive(Debug, Default)]
 struct BrokerGuard {
     app_stopped: bool,
@@ -296,13 +297,14 @@ struct Sink {
 
 impl Sink {
     /// Starts the sink for `system` and waits until it consumes its inbox.
-    async fn spawn(ns: &str, system: &str, state: &Path, out: &Path) -> anyhow::Result<Sink> {
+    async fn spawn(env: &Env, system: &str, state: &Path, out: &Path) -> anyhow::Result<Sink> {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_it-sink"))
-            .arg(amqp_uri())
-            .arg(ns)
+            .arg(env.system_uri(system))
+            .arg(env.ns())
             .arg(system)
             .arg(state)
             .arg(out)
+            .arg(env.vhost().router_user())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -396,15 +398,11 @@ fn read_sink_file(path: &Path) -> anyhow::Result<Vec<SinkLine>> {
 async fn adapter_killed_mid_stream_loses_nothing_and_applies_each_change_once() -> anyhow::Result<()>
 {
     let _serial = serial().await;
-    let ns = unique_namespace("sinkkill");
-    let _cleanup = Cleanup {
-        namespace: ns.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
+    let env = Env::seed("sinkkill")?;
     let dir = tempfile::tempdir()?;
-    let router = start_router(&ns, &seed_policy()).await?;
+    let router = start_router(&env, &seed_policy()).await?;
     let orders = Node::start_with(
-        fault_runner_config(&ns, "orders", dir.path(), &amqp_uri()),
+        fault_runner_config(&env, "orders", dir.path(), None),
         MemorySystem::new("orders"),
     )
     .await?;
@@ -413,7 +411,7 @@ async fn adapter_killed_mid_stream_loses_nothing_and_applies_each_change_once() 
     let out: PathBuf = dir.path().join("support-files");
     let applied_file = out.join("applied.jsonl");
     let replays_file = out.join("replays.jsonl");
-    let sink = Sink::spawn(&ns, "support", &state, &out).await?;
+    let sink = Sink::spawn(&env, "support", &state, &out).await?;
 
     let stream = EditStream::create(&orders, RECORDS);
     for round in 1..=ROUNDS / 2 {
@@ -437,7 +435,7 @@ async fn adapter_killed_mid_stream_loses_nothing_and_applies_each_change_once() 
             m.published as usize >= TOTAL_EVENTS
         })
         .await?;
-    let sink = Sink::spawn(&ns, "support", &state, &out).await?;
+    let sink = Sink::spawn(&env, "support", &state, &out).await?;
     let before = at_kill.len();
     sink.wait(120, "every change in the sink", |p| {
         before + p.applied >= TOTAL_EVENTS
@@ -540,36 +538,32 @@ struct Proxied {
     adapter_proxy: Proxy,
     router: RouterHandle,
     nodes: Vec<Node>,
-    /// Deletes the namespace and the adapters' state when dropped: keep it to the end.
-    guard: (Cleanup, tempfile::TempDir),
+    /// Deletes the vhost and the adapters' state when dropped: keep it to the end.
+    guard: (Env, tempfile::TempDir),
 }
 
 impl Proxied {
     /// A fresh namespace named after `test`, its router and seed adapters each behind a proxy.
     async fn start(test: &str) -> anyhow::Result<Proxied> {
-        let ns = unique_namespace(test);
-        let cleanup = Cleanup {
-            namespace: ns.clone(),
-            systems: SEED_SYSTEMS.to_vec(),
-        };
+        let env = Env::seed(test)?;
         let dir = tempfile::tempdir()?;
-        let (ns, state) = (ns.as_str(), dir.path());
+        let state = dir.path();
         let broker = broker_addr()?;
         let router_proxy = Proxy::start(broker).await?;
         let adapter_proxy = Proxy::start(broker).await?;
-        let mut config = router_config(ns);
-        config.amqp_uri = amqp_uri_via(router_proxy.addr());
+        let mut config = env.router_config();
+        config.amqp_uri = uri_via(&config.amqp_uri, router_proxy.addr());
         let router = Router::start(config, seed_policy()).await?;
         tokio::time::timeout(Duration::from_secs(30), router.wait_ready())
             .await
             .context("router not ready")??;
-        let nodes = start_seed_nodes_via(ns, state, &amqp_uri_via(adapter_proxy.addr())).await?;
+        let nodes = start_seed_nodes_via(&env, state, Some(adapter_proxy.addr())).await?;
         Ok(Proxied {
             router_proxy,
             adapter_proxy,
             router,
             nodes,
-            guard: (cleanup, dir),
+            guard: (env, dir),
         })
     }
 }
@@ -739,15 +733,11 @@ async fn connections_cut_at_arbitrary_moments_lose_nothing() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_stream_loses_nothing() -> anyhow::Result<()> {
     let _serial = serial().await;
-    let ns = unique_namespace("restart");
-    let _cleanup = Cleanup {
-        namespace: ns.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
+    let env = Env::seed("restart")?;
     let mut broker = BrokerGuard::default();
     let dir = tempfile::tempdir()?;
-    let router = start_router(&ns, &seed_policy()).await?;
-    let mut nodes = start_seed_nodes_via(&ns, dir.path(), &amqp_uri()).await?;
+    let router = start_router(&env, &seed_policy()).await?;
+    let mut nodes = start_seed_nodes_via(&env, dir.path(), None).await?;
     let delivery = nodes.remove(0);
     let [orders, support] = [&nodes[0], &nodes[1]];
 
@@ -852,24 +842,15 @@ async fn connection_states() -> anyhow::Result<Vec<(u16, String)>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_alarm_blocks_publishers_and_nothing_is_lost() -> anyhow::Result<()> {
     let _serial = serial().await;
-    let ns = unique_namespace("alarm");
-    let _cleanup = Cleanup {
-        namespace: ns.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
+    let env = Env::seed("alarm")?;
     let mut broker = BrokerGuard::default();
     let dir = tempfile::tempdir()?;
-    let router = start_router(&ns, &seed_policy()).await?;
+    let router = start_router(&env, &seed_policy()).await?;
     // Orders connects through a proxy only so that its connection can be told apart among the
     // broker's (by the proxy's port).
     let orders_proxy = Proxy::start(broker_addr()?).await?;
     let orders = Node::start_with(
-        fault_runner_config(
-            &ns,
-            "orders",
-            dir.path(),
-            &amqp_uri_via(orders_proxy.addr()),
-        ),
+        fault_runner_config(&env, "orders", dir.path(), Some(orders_proxy.addr())),
         MemorySystem::new("orders"),
     )
     .await?;
@@ -878,18 +859,19 @@ async fn memory_alarm_blocks_publishers_and_nothing_is_lost() -> anyhow::Result<
         .first()
         .context("orders connection")?;
     let support = Node::start_with(
-        fault_runner_config(&ns, "support", dir.path(), &amqp_uri()),
+        fault_runner_config(&env, "support", dir.path(), None),
         MemorySystem::new("support"),
     )
     .await?;
     let delivery = Node::start_with(
-        fault_runner_config(&ns, "delivery", dir.path(), &amqp_uri()),
+        fault_runner_config(&env, "delivery", dir.path(), None),
         MemorySystem::new("delivery"),
     )
     .await?;
 
     // A probe connection of the test's own, to see the alarm take effect.
-    let probe = concord_amqp::connect(&amqp_uri(), &format!("it-alarm-probe-{ns}")).await?;
+    let probe =
+        concord_amqp::connect(&admin_uri(), &format!("it-alarm-probe-{}", env.ns())).await?;
     let mut blocked = probe.watch_blocked()?;
     let probe_channel = probe.open_channel().await?;
     let probe_queue = probe_channel.declare_exclusive_queue().await?;

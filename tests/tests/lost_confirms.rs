@@ -14,21 +14,17 @@ use concord_it::*;
 /// LWW value overwrote a newer one. Now it is republished identically from the outbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_confirms_republish_under_new_ids() -> anyhow::Result<()> {
-    let ns = unique_namespace("repro-confirms");
-    let _cleanup = Cleanup {
-        namespace: ns.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
+    let env = Env::seed("repro-confirms")?;
     let dir = tempfile::tempdir()?;
-    let _router = start_router(&ns, &seed_policy()).await?;
+    let _router = start_router(&env, &seed_policy()).await?;
     let proxy = Proxy::start(broker_addr()?).await?;
     let orders = Node::start_with(
-        fault_runner_config(&ns, "orders", dir.path(), &amqp_uri_via(proxy.addr())),
+        fault_runner_config(&env, "orders", dir.path(), Some(proxy.addr())),
         MemorySystem::new("orders"),
     )
     .await?;
     let support = Node::start_with(
-        fault_runner_config(&ns, "support", dir.path(), &amqp_uri()),
+        fault_runner_config(&env, "support", dir.path(), None),
         MemorySystem::new("support"),
     )
     .await?;

@@ -76,11 +76,8 @@ fn event_of_size(key: &str, size: usize) -> Vec<u8> {
 #[tokio::test]
 async fn a_router_flooded_with_messages_at_the_size_limit_stays_within_its_memory_budget()
 -> anyhow::Result<()> {
-    let ns = unique_namespace("memory");
-    let _cleanup = Cleanup {
-        namespace: ns.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
+    let env = Env::seed("memory")?;
+    let ns = env.ns();
     let dir = tempfile::tempdir()?;
     let config = RouterConfig {
         prefetch: PREFETCH,
@@ -88,18 +85,18 @@ async fn a_router_flooded_with_messages_at_the_size_limit_stays_within_its_memor
         ack_batch: 8,
         max_message_bytes: MAX_MESSAGE_BYTES,
         memory_budget_mib: BUDGET_MIB,
-        ..router_config(&ns)
+        ..env.router_config()
     };
     config.validate("memory test")?;
     let config_path = dir.path().join("router.toml");
     std::fs::write(
         &config_path,
-        format!(
-            "amqp_uri = {:?}\nnamespace = {:?}\nhttp_listen = \"127.0.0.1:0\"\nwatch_policy = false\n\
-             prefetch = {PREFETCH}\nconfirm_window = {CONFIRM_WINDOW}\nack_batch = 8\n\
-             max_message_bytes = {MAX_MESSAGE_BYTES}\nmemory_budget_mib = {BUDGET_MIB}\n\
-             [users]\nguest = \"orders\"\n",
-            config.amqp_uri, config.namespace
+        env.router_toml(
+            "127.0.0.1:0",
+            &format!(
+                "prefetch = {PREFETCH}\nconfirm_window = {CONFIRM_WINDOW}\nack_batch = 8\n\
+             max_message_bytes = {MAX_MESSAGE_BYTES}\nmemory_budget_mib = {BUDGET_MIB}"
+            ),
         ),
     )?;
     let router = RouterProcess::spawn(
@@ -108,8 +105,11 @@ async fn a_router_flooded_with_messages_at_the_size_limit_stays_within_its_memor
         &config_path,
     )?;
     let pid = router.0.id();
-    let topo = Topology::new(&ns);
-    let conn = concord_amqp::connect(&amqp_uri(), &format!("it-memory-{ns}")).await?;
+    let topo = Topology::new(ns);
+    // Orders publishes; the operator watches the queues and reads the router's dead letters.
+    let orders = concord_amqp::connect(&env.system_uri("orders"), "it-memory-orders").await?;
+    let conn = concord_amqp::connect(&env.operator_uri(), "it-memory-operator").await?;
+    let orders_user = env.vhost().system_user("orders");
     // The router declares its topology when it is up.
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
@@ -126,7 +126,7 @@ async fn a_router_flooded_with_messages_at_the_size_limit_stays_within_its_memor
     .await
     .context("the router did not declare its topology")?;
 
-    let publisher = Publisher::open(&conn, PublisherOptions::default()).await?;
+    let publisher = Publisher::open(&orders, PublisherOptions::default()).await?;
     let mut confirms = Vec::new();
     for i in 0..EVENTS {
         let body = event_of_size(&format!("c-{i}"), MAX_MESSAGE_BYTES);
@@ -137,7 +137,7 @@ async fn a_router_flooded_with_messages_at_the_size_limit_stays_within_its_memor
                     &topo.ingress_exchange(),
                     "orders.customer",
                     &body,
-                    MessageProps::new().user_id("guest"),
+                    MessageProps::new().user_id(&orders_user),
                 )
                 .await?,
         );
@@ -149,7 +149,7 @@ async fn a_router_flooded_with_messages_at_the_size_limit_stays_within_its_memor
             &topo.ingress_exchange(),
             "orders.customer",
             &oversized,
-            MessageProps::new().user_id("guest"),
+            MessageProps::new().user_id(&orders_user),
         )
         .await?;
     for c in confirms {

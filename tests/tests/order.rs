@@ -40,11 +40,7 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_edit_is_routed_and_applied_with_only_the_visible_fields() -> anyhow::Result<()> {
-    let namespace = unique_namespace("order");
-    let _cleanup = Cleanup {
-        namespace: namespace.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
+    let env = Env::seed("order")?;
     let state = tempfile::tempdir()?;
     let policy = order_policy();
     // The only way to build an order line: its descriptor, from the schema the policy names.
@@ -53,13 +49,11 @@ async fn an_order_edit_is_routed_and_applied_with_only_the_visible_fields() -> a
         .pool()
         .get_message_by_name("shop.v1.Line")
         .context("shop.v1.Line in the order schema")?;
-    let router = start_router(&namespace, &policy).await?;
+    let router = start_router(&env, &policy).await?;
     let mut nodes = Vec::new();
     for system in SEED_SYSTEMS {
         let memory = MemorySystem::new(system);
-        nodes.push(
-            Node::start_with_policy(&namespace, system, memory, state.path(), &policy).await?,
-        );
+        nodes.push(Node::start_with_policy(&env, system, memory, state.path(), &policy).await?);
     }
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
 

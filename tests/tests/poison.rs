@@ -14,12 +14,17 @@ use prost::Message;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_are_dead_lettered_with_their_reason() -> anyhow::Result<()> {
     let run = SeedRun::start("poison").await?;
-    let (ns, nodes) = (&run.namespace, &run.nodes);
+    let (env, nodes) = (&run.env, &run.nodes);
     let [_, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
-    let topo = Topology::new(ns.clone());
+    let topo = Topology::new(env.ns());
 
-    let conn = concord_amqp::connect(&amqp_uri(), &format!("it-poison-{ns}")).await?;
-    let publisher = Publisher::open(&conn, PublisherOptions::default()).await?;
+    // Each case is published by the system whose routing key it carries, as its broker user.
+    let mut publishers = std::collections::BTreeMap::new();
+    for system in ["orders", "support"] {
+        let conn = concord_amqp::connect(&env.system_uri(system), "it-poison").await?;
+        let publisher = Publisher::open(&conn, PublisherOptions::default()).await?;
+        publishers.insert(system, (conn, publisher));
+    }
     let good = concord_proto::v1::ChangeEvent {
         event_id: uuid::Uuid::now_v7().to_string(),
         source: "orders".into(),
@@ -51,11 +56,16 @@ async fn poison_messages_are_dead_lettered_with_their_reason() -> anyhow::Result
         ),
     ];
     for (rk, body, _) in &cases {
-        publisher
-            .publish(&topo.ingress_exchange(), rk, body, MessageProps::new())
+        let system = rk.split('.').next().unwrap_or_default();
+        let props = MessageProps::new().user_id(env.vhost().system_user(system));
+        publishers[system]
+            .1
+            .publish(&topo.ingress_exchange(), rk, body, props)
             .await?
             .await?;
     }
+    // Only the operator may read the router's dead letters.
+    let conn = concord_amqp::connect(&env.operator_uri(), "it-poison-operator").await?;
     let channel = conn.open_channel().await?;
     let mut dlq = concord_amqp::consume(&channel, &topo.router_dlq(), "it-poison-dlq", 10).await?;
     for (rk, body, reason) in &cases {

@@ -9,23 +9,13 @@ use concord_it::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_killed_mid_stream_loses_nothing_and_applies_nothing_twice() -> anyhow::Result<()> {
-    let ns = unique_namespace("kill");
-    let _cleanup = Cleanup {
-        namespace: ns.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
+    let env = Env::seed("kill")?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("router.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "amqp_uri = {:?}\nnamespace = {ns:?}\nhttp_listen = \"127.0.0.1:0\"\nwatch_policy = false\nprefetch = 64\n",
-            amqp_uri()
-        ),
-    )?;
+    std::fs::write(&config, env.router_toml("127.0.0.1:0", "prefetch = 64"))?;
     let mut router =
         RouterProcess::spawn(env!("CARGO_BIN_EXE_it-router"), &seed_policy(), &config)?;
-    let nodes = start_seed_nodes(&ns, dir.path()).await?;
+    let nodes = start_seed_nodes(&env, dir.path()).await?;
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
 
     const RECORDS: usize = 20;

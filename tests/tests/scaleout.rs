@@ -10,7 +10,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use concord_amqp::Topology;
 use concord_it::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -20,33 +19,6 @@ const REPLICAS: usize = 3;
 const VICTIM: usize = 1;
 const RECORDS: usize = 30;
 const ROUNDS: usize = 20;
-
-/// Deletes the partition exchange and queues (the harness' [`Cleanup`] knows the single
-/// router queue only).
-struct PartitionCleanup(String);
-impl Drop for PartitionCleanup {
-    fn drop(&mut self) {
-        let ns = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            let _ = rt.block_on(async {
-                let conn = concord_amqp::connect(&amqp_uri(), &format!("it-cleanup-{ns}")).await?;
-                let channel = conn.open_channel().await?;
-                Topology::new(ns)
-                    .with_partitions(PARTITIONS as u16)
-                    .delete_all(&channel, &[])
-                    .await?;
-                anyhow::Ok(())
-            });
-        })
-        .join();
-    }
-}
 
 /// Picks `n` distinct free local ports (bound together, then released).
 fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
@@ -163,12 +135,7 @@ fn parse_name(name: &str) -> Option<(usize, usize)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_routers_share_partitions_and_survive_a_kill() -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let ns = unique_namespace("scaleout");
-    let _cleanup = Cleanup {
-        namespace: ns.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
-    let _partition_cleanup = PartitionCleanup(ns.clone());
+    let env = Env::seed("scaleout")?;
     let dir = tempfile::tempdir()?;
     let ports = free_ports(REPLICAS)?;
     let mut routers = Vec::new();
@@ -176,11 +143,12 @@ async fn three_routers_share_partitions_and_survive_a_kill() -> anyhow::Result<(
         let config = dir.path().join(format!("router-{index}.toml"));
         std::fs::write(
             &config,
-            format!(
-                "amqp_uri = {:?}\nnamespace = {ns:?}\nhttp_listen = \"127.0.0.1:{port}\"\n\
-                 watch_policy = false\nprefetch = 64\npartitions = {PARTITIONS}\n\
-                 replicas = {REPLICAS}\nreplica_index = {index}\nstandby_delay_ms = 2000\n",
-                amqp_uri()
+            env.router_toml(
+                &format!("127.0.0.1:{port}"),
+                &format!(
+                    "prefetch = 64\npartitions = {PARTITIONS}\nreplicas = {REPLICAS}\n\
+                     replica_index = {index}\nstandby_delay_ms = 2000"
+                ),
             ),
         )?;
         routers.push(RouterProcess::spawn(
@@ -199,7 +167,7 @@ async fn three_routers_share_partitions_and_survive_a_kill() -> anyhow::Result<(
         })
         .await?;
     }
-    let nodes = start_seed_nodes(&ns, dir.path()).await?;
+    let nodes = start_seed_nodes(&env, dir.path()).await?;
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
     eprintln!("scaleout: routers and adapters up after {:?}", t0.elapsed());
 

@@ -45,11 +45,7 @@ fn write_v2(dir: &Path) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v1_adapter_keeps_syncing_with_a_v2_router_and_breaking_reloads_are_refused()
 -> anyhow::Result<()> {
-    let namespace = unique_namespace("schema-versions");
-    let _cleanup = Cleanup {
-        namespace: namespace.clone(),
-        systems: SEED_SYSTEMS.to_vec(),
-    };
+    let env = Env::seed("schema-versions")?;
     let dirs = tempfile::tempdir()?;
     let (v1, v2, at_router) = (
         dirs.path().join("v1"),
@@ -64,7 +60,7 @@ async fn a_v1_adapter_keeps_syncing_with_a_v2_router_and_breaking_reloads_are_re
     let router_policy = concord_seed_model::write_seed(&at_router)?;
 
     // The router starts on v1 and moves to v2 by a reload: no restart.
-    let router = start_router(&namespace, &router_policy).await?;
+    let router = start_router(&env, &router_policy).await?;
     write_v2(&at_router);
     let outcome = router.reload().await?;
     assert!(
@@ -78,16 +74,9 @@ async fn a_v1_adapter_keeps_syncing_with_a_v2_router_and_breaking_reloads_are_re
 
     let state = tempfile::tempdir()?;
     let start = |system: &'static str, policy: std::path::PathBuf| {
-        let (namespace, state) = (namespace.clone(), state.path().to_owned());
+        let (env, state) = (&env, state.path().to_owned());
         async move {
-            Node::start_with_policy(
-                &namespace,
-                system,
-                MemorySystem::new(system),
-                &state,
-                &policy,
-            )
-            .await
+            Node::start_with_policy(env, system, MemorySystem::new(system), &state, &policy).await
         }
     };
     let orders = start("orders", v2_policy.clone()).await?;

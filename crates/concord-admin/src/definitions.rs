@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 
+use concord_amqp::{Arg, Arguments, Plan};
 use serde::Serialize;
 
 use crate::password;
@@ -183,13 +184,20 @@ impl Spec {
             format!(
                 "^{ns}\\.(routed|dlx|partition|{router_queues}|inbox\\.[a-z0-9_-]+|dlq\\.[a-z0-9_-]+)$"
             ),
-            format!("^{ns}\\.(ingress|routed|dlx|partition|{router_queues})$"),
+            // Declaring a queue with a dead-letter exchange needs read on the queue: the router
+            // declares the inboxes (it never consumes them).
+            format!("^{ns}\\.(ingress|routed|dlx|partition|{router_queues}|inbox\\.[a-z0-9_-]+)$"),
         ));
-        d.topic_permissions.push(topic(
-            &self.router_user,
-            format!("{}.dlx", self.namespace),
-            "^router$".to_owned(),
-        ));
+        // Binding a queue to a topic exchange needs topic read permission for the binding key:
+        // the router binds every DLQ, and publishes its own dead letters only.
+        d.topic_permissions.push(TopicPermission {
+            read: ".*".to_owned(),
+            ..topic(
+                &self.router_user,
+                format!("{}.dlx", self.namespace),
+                "^router$".to_owned(),
+            )
+        });
         d.users.push(user(&self.operator_user, &["management"]));
         d.permissions.push(permission(
             &self.operator_user,
@@ -199,4 +207,67 @@ impl Spec {
         ));
         d
     }
+
+    /// The users and their permissions ([`Spec::users`]) and the topology of `plan` (what the
+    /// router declares: `concord_amqp::Topology::plan`), in one document.
+    pub fn definitions(&self, plan: &Plan, passwords: &BTreeMap<String, String>) -> Definitions {
+        let mut d = self.users(passwords);
+        let vhost = || self.vhost.clone();
+        d.exchanges = plan
+            .exchanges
+            .iter()
+            .map(|e| Exchange {
+                name: e.name.clone(),
+                vhost: vhost(),
+                kind: e.kind.clone(),
+                durable: true,
+                auto_delete: false,
+                internal: false,
+                arguments: json_arguments(&e.arguments),
+            })
+            .collect();
+        d.queues = plan
+            .queues
+            .iter()
+            .map(|q| Queue {
+                name: q.name.clone(),
+                vhost: vhost(),
+                durable: true,
+                auto_delete: false,
+                arguments: json_arguments(&q.arguments),
+            })
+            .collect();
+        d.bindings = plan
+            .bindings
+            .iter()
+            .map(|b| Binding {
+                source: b.source.clone(),
+                vhost: vhost(),
+                destination: b.destination.clone(),
+                destination_type: if b.destination_is_exchange {
+                    "exchange"
+                } else {
+                    "queue"
+                }
+                .to_owned(),
+                routing_key: b.routing_key.clone(),
+                arguments: BTreeMap::new(),
+            })
+            .collect();
+        d
+    }
+}
+
+fn json_arguments(arguments: &Arguments) -> BTreeMap<String, serde_json::Value> {
+    arguments
+        .iter()
+        .map(|(name, value)| {
+            let value = match value {
+                Arg::Text(s) => serde_json::Value::from(s.as_str()),
+                Arg::Int(i) => serde_json::Value::from(*i),
+                Arg::Bool(b) => serde_json::Value::from(*b),
+            };
+            (name.clone(), value)
+        })
+        .collect()
 }

@@ -11,3 +11,4 @@
 pub mod definitions;
 pub mod management;
 pub mod password;
+pub mod scratch;

@@ -56,8 +56,9 @@ pub use consumer::{Consumer, Delivery, Properties, consume};
 pub use error::{AmqpError, ClientError, PublishError};
 pub use publisher::{CONTENT_TYPE, MessageProps, PendingConfirm, Publisher, PublisherOptions};
 pub use topology::{
-    HEADER_DETAIL, HEADER_KEY, HEADER_ORIGIN, HEADER_REASON, HEADER_ROUTING_KEY,
-    PARTITION_HASH_HEADER, QueueType, Topology, queue_message_count,
+    Arg, Arguments, BindingPlan, ExchangePlan, HEADER_DETAIL, HEADER_KEY, HEADER_ORIGIN,
+    HEADER_REASON, HEADER_ROUTING_KEY, PARTITION_HASH_HEADER, Plan, QueuePlan, QueueType, Topology,
+    queue_message_count,
 };
 
 /// The wall clock in milliseconds since the Unix epoch: the one clock read the services and

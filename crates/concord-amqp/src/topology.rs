@@ -79,6 +79,74 @@ pub const MAX_PARTITIONS: u16 = 1024;
 /// Exchange type of the partition exchange (plugin `rabbitmq_consistent_hash_exchange`).
 const CONSISTENT_HASH: &str = "x-consistent-hash";
 
+/// A queue or exchange argument value (the AMQP field types Concord uses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arg {
+    /// A long string.
+    Text(String),
+    /// A signed 32-bit integer.
+    Int(i32),
+    /// A boolean.
+    Bool(bool),
+}
+
+impl Arg {
+    fn text(s: &str) -> Arg {
+        Arg::Text(s.to_owned())
+    }
+}
+
+/// Arguments by name, in name order.
+pub type Arguments = std::collections::BTreeMap<String, Arg>;
+
+/// A durable exchange to declare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExchangePlan {
+    pub name: String,
+    /// `topic`, `direct` or `x-consistent-hash`.
+    pub kind: String,
+    pub arguments: Arguments,
+}
+
+/// A durable queue to declare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuePlan {
+    pub name: String,
+    pub arguments: Arguments,
+}
+
+/// A binding from exchange `source` to a queue or exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingPlan {
+    pub source: String,
+    pub destination: String,
+    pub destination_is_exchange: bool,
+    pub routing_key: String,
+}
+
+/// A namespace's exchanges, queues and bindings as data ([`Topology::plan`]): one description
+/// for the declarations and for the broker definitions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub exchanges: Vec<ExchangePlan>,
+    pub queues: Vec<QueuePlan>,
+    /// In declaration order (the partition queues' order is their partition order).
+    pub bindings: Vec<BindingPlan>,
+}
+
+fn field_table(arguments: &Arguments) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in arguments {
+        let value = match value {
+            Arg::Text(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+            Arg::Int(i) => AMQPValue::LongInt(*i),
+            Arg::Bool(b) => AMQPValue::Boolean(*b),
+        };
+        table.insert(name.as_str().into(), value);
+    }
+    table
+}
+
 /// Kind of the work queues (router queue and inboxes). DLQs are always plain durable
 /// classic queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -236,23 +304,25 @@ impl Topology {
         self.dlq(ROUTER_DLQ_KEY)
     }
 
-    /// THE arguments of every work queue, used by both router and adapters so that
-    /// re-declaration from either side is always equivalent.
-    fn queue_arguments(&self, dead_letter_key: &str) -> FieldTable {
-        let mut args = FieldTable::default();
-        let text = |s: &str| AMQPValue::LongString(LongString::from(s));
-        args.insert("x-dead-letter-exchange".into(), text(&self.dlx()));
-        args.insert("x-dead-letter-routing-key".into(), text(dead_letter_key));
+    /// THE arguments of every work queue, used by both router and adapters (and by the broker
+    /// definitions) so that re-declaration from anywhere is always equivalent.
+    fn queue_arguments(&self, dead_letter_key: &str) -> Arguments {
+        let mut args = Arguments::new();
+        args.insert("x-dead-letter-exchange".into(), Arg::text(&self.dlx()));
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            Arg::text(dead_letter_key),
+        );
         match self.queue_type {
             QueueType::Classic => {
-                args.insert("x-queue-version".into(), AMQPValue::LongInt(2));
+                args.insert("x-queue-version".into(), Arg::Int(2));
             }
             QueueType::Quorum => {
-                args.insert("x-queue-type".into(), text("quorum"));
+                args.insert("x-queue-type".into(), Arg::text("quorum"));
                 let limit = i32::try_from(self.delivery_limit).unwrap_or(i32::MAX);
-                args.insert("x-delivery-limit".into(), AMQPValue::LongInt(limit));
-                args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
-                args.insert("x-overflow".into(), text("reject-publish"));
+                args.insert("x-delivery-limit".into(), Arg::Int(limit));
+                args.insert("x-dead-letter-strategy".into(), Arg::text("at-least-once"));
+                args.insert("x-overflow".into(), Arg::text("reject-publish"));
             }
         }
         args
@@ -279,187 +349,192 @@ impl Topology {
 
     /// The arguments of a partition queue: those of the router queue plus a single active
     /// consumer.
-    fn partition_queue_arguments(&self) -> FieldTable {
+    fn partition_queue_arguments(&self) -> Arguments {
         let mut args = self.queue_arguments(ROUTER_DLQ_KEY);
-        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        args.insert("x-single-active-consumer".into(), Arg::Bool(true));
         args
     }
 
-    /// The arguments of the partition exchange.
-    fn partition_exchange_arguments() -> FieldTable {
-        let mut args = FieldTable::default();
-        args.insert(
-            "hash-header".into(),
-            AMQPValue::LongString(LongString::from(PARTITION_HASH_HEADER)),
-        );
-        args
-    }
-
-    async fn declare_exchange(
-        &self,
-        channel: &Channel,
-        name: &str,
-        kind: ExchangeKind,
-    ) -> Result<(), AmqpError> {
-        self.declare_exchange_with(channel, name, kind, FieldTable::default())
-            .await
-    }
-
-    async fn declare_exchange_with(
-        &self,
-        channel: &Channel,
-        name: &str,
-        kind: ExchangeKind,
-        arguments: FieldTable,
-    ) -> Result<(), AmqpError> {
-        let options = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
+    /// The three exchanges every deployment has.
+    fn plan_exchanges(&self, plan: &mut Plan) {
+        let exchange = |name: String, kind: &str| ExchangePlan {
+            name,
+            kind: kind.to_owned(),
+            arguments: Arguments::new(),
         };
-        channel
-            .lapin()
-            .exchange_declare(short(name)?, kind, options, arguments)
-            .await?;
-        Ok(())
-    }
-
-    async fn declare_exchanges(&self, channel: &Channel) -> Result<(), AmqpError> {
-        self.declare_exchange(channel, &self.ingress_exchange(), ExchangeKind::Topic)
-            .await?;
-        self.declare_exchange(channel, &self.routed_exchange(), ExchangeKind::Direct)
-            .await?;
+        plan.exchanges
+            .push(exchange(self.ingress_exchange(), "topic"));
+        plan.exchanges
+            .push(exchange(self.routed_exchange(), "direct"));
         // A topic exchange, so that topic permissions can limit each system to dead-lettering
         // under its own name (bindings use exact keys, as on a direct exchange).
-        self.declare_exchange(channel, &self.dlx(), ExchangeKind::Topic)
-            .await
+        plan.exchanges.push(exchange(self.dlx(), "topic"));
     }
 
-    async fn declare_bound_queue(
-        &self,
-        channel: &Channel,
-        queue: &str,
-        arguments: FieldTable,
-        exchange: &str,
-        binding_key: &str,
-    ) -> Result<(), AmqpError> {
-        let options = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        channel
-            .lapin()
-            .queue_declare(short(queue)?, options, arguments)
-            .await?;
-        channel
-            .lapin()
-            .queue_bind(
-                short(queue)?,
-                short(exchange)?,
-                short(binding_key)?,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        debug!(queue, exchange, binding_key, "declared queue");
-        Ok(())
+    fn plan_bound_queue(
+        plan: &mut Plan,
+        queue: String,
+        arguments: Arguments,
+        exchange: String,
+        routing_key: &str,
+    ) {
+        plan.bindings.push(BindingPlan {
+            source: exchange,
+            destination: queue.clone(),
+            destination_is_exchange: false,
+            routing_key: routing_key.to_owned(),
+        });
+        plan.queues.push(QueuePlan {
+            name: queue,
+            arguments,
+        });
     }
 
     /// A DLQ: plain durable classic queue, no dead-lettering of its own.
-    async fn declare_dlq(&self, channel: &Channel, key: &str) -> Result<(), AmqpError> {
-        self.declare_bound_queue(
-            channel,
-            &self.dlq(key),
-            FieldTable::default(),
-            &self.dlx(),
-            key,
-        )
-        .await
+    fn plan_dlq(&self, plan: &mut Plan, key: &str) {
+        Self::plan_bound_queue(plan, self.dlq(key), Arguments::new(), self.dlx(), key);
     }
 
-    async fn declare_system(&self, channel: &Channel, system: &str) -> Result<(), AmqpError> {
-        self.declare_dlq(channel, system).await?;
-        self.declare_bound_queue(
-            channel,
-            &self.inbox(system),
+    fn plan_system(&self, plan: &mut Plan, system: &str) {
+        self.plan_dlq(plan, system);
+        Self::plan_bound_queue(
+            plan,
+            self.inbox(system),
             self.queue_arguments(system),
-            &self.routed_exchange(),
+            self.routed_exchange(),
             system,
-        )
-        .await
+        );
     }
 
-    /// Declare everything the router side needs: the three exchanges, the router queue
-    /// and its DLQ, and one inbox + DLQ per system. Idempotent.
+    /// Everything the router side needs, as data: the exchanges, the router queue (or the
+    /// partition exchange and queues, bound in partition order, each with weight 1) and its DLQ,
+    /// and one inbox + DLQ per system. What [`Topology::declare_router`] declares and what the
+    /// broker definitions (`concord broker-defs`) hold.
+    pub fn plan(&self, systems: &[String]) -> Result<Plan, AmqpError> {
+        for system in systems {
+            self.validate_system(system)?;
+        }
+        let mut plan = Plan::default();
+        self.plan_exchanges(&mut plan);
+        self.plan_dlq(&mut plan, ROUTER_DLQ_KEY);
+        if self.is_partitioned() {
+            let exchange = self.partition_exchange();
+            let mut arguments = Arguments::new();
+            arguments.insert("hash-header".into(), Arg::text(PARTITION_HASH_HEADER));
+            plan.exchanges.push(ExchangePlan {
+                name: exchange.clone(),
+                kind: CONSISTENT_HASH.to_owned(),
+                arguments,
+            });
+            plan.bindings.push(BindingPlan {
+                source: self.ingress_exchange(),
+                destination: exchange.clone(),
+                destination_is_exchange: true,
+                routing_key: "#".to_owned(),
+            });
+            for i in 0..self.partitions {
+                Self::plan_bound_queue(
+                    &mut plan,
+                    self.partition_queue(i),
+                    self.partition_queue_arguments(),
+                    exchange.clone(),
+                    "1",
+                );
+            }
+        } else {
+            Self::plan_bound_queue(
+                &mut plan,
+                self.router_queue(),
+                self.queue_arguments(ROUTER_DLQ_KEY),
+                self.ingress_exchange(),
+                "#",
+            );
+        }
+        for system in systems {
+            self.plan_system(&mut plan, system);
+        }
+        Ok(plan)
+    }
+
+    /// Declares `plan`: exchanges, then queues, then bindings in order. Idempotent.
+    async fn declare_plan(&self, channel: &Channel, plan: &Plan) -> Result<(), AmqpError> {
+        let lapin = channel.lapin();
+        for e in &plan.exchanges {
+            let options = ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            };
+            let kind = match e.kind.as_str() {
+                "topic" => ExchangeKind::Topic,
+                "direct" => ExchangeKind::Direct,
+                "fanout" => ExchangeKind::Fanout,
+                "headers" => ExchangeKind::Headers,
+                other => ExchangeKind::Custom(other.to_owned()),
+            };
+            let declared = lapin
+                .exchange_declare(short(&e.name)?, kind, options, field_table(&e.arguments))
+                .await;
+            if let Err(err) = declared {
+                if e.kind == CONSISTENT_HASH {
+                    warn!(
+                        exchange = e.name,
+                        error = %err,
+                        "declaring the partition exchange failed: is the RabbitMQ plugin \
+                         rabbitmq_consistent_hash_exchange enabled?"
+                    );
+                }
+                return Err(err.into());
+            }
+        }
+        for q in &plan.queues {
+            let options = QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            };
+            lapin
+                .queue_declare(short(&q.name)?, options, field_table(&q.arguments))
+                .await?;
+        }
+        for b in &plan.bindings {
+            if b.destination_is_exchange {
+                lapin
+                    .exchange_bind(
+                        short(&b.destination)?,
+                        short(&b.source)?,
+                        short(&b.routing_key)?,
+                        ExchangeBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            } else {
+                lapin
+                    .queue_bind(
+                        short(&b.destination)?,
+                        short(&b.source)?,
+                        short(&b.routing_key)?,
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+            debug!(
+                destination = b.destination,
+                source = b.source,
+                key = b.routing_key,
+                "declared binding"
+            );
+        }
+        Ok(())
+    }
+
+    /// Declare everything the router side needs ([`Topology::plan`]). Idempotent.
     pub async fn declare_router(
         &self,
         channel: &Channel,
         systems: &[String],
     ) -> Result<(), AmqpError> {
-        for system in systems {
-            self.validate_system(system)?;
-        }
-        self.declare_exchanges(channel).await?;
-        self.declare_dlq(channel, ROUTER_DLQ_KEY).await?;
-        if self.is_partitioned() {
-            self.declare_partitions(channel).await?;
-        } else {
-            self.declare_bound_queue(
-                channel,
-                &self.router_queue(),
-                self.queue_arguments(ROUTER_DLQ_KEY),
-                &self.ingress_exchange(),
-                "#",
-            )
-            .await?;
-        }
-        for system in systems {
-            self.declare_system(channel, system).await?;
-        }
-        Ok(())
-    }
-
-    /// The partition exchange, its binding to the ingress exchange and the partition queues
-    /// (bound in partition order, each with weight 1).
-    async fn declare_partitions(&self, channel: &Channel) -> Result<(), AmqpError> {
-        let exchange = self.partition_exchange();
-        if let Err(e) = self
-            .declare_exchange_with(
-                channel,
-                &exchange,
-                ExchangeKind::Custom(CONSISTENT_HASH.to_owned()),
-                Self::partition_exchange_arguments(),
-            )
-            .await
-        {
-            warn!(
-                exchange,
-                error = %e,
-                "declaring the partition exchange failed: is the RabbitMQ plugin \
-                 rabbitmq_consistent_hash_exchange enabled?"
-            );
-            return Err(e);
-        }
-        channel
-            .lapin()
-            .exchange_bind(
-                short(&exchange)?,
-                short(&self.ingress_exchange())?,
-                short("#")?,
-                ExchangeBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        for i in 0..self.partitions {
-            self.declare_bound_queue(
-                channel,
-                &self.partition_queue(i),
-                self.partition_queue_arguments(),
-                &exchange,
-                "1",
-            )
-            .await?;
-        }
-        Ok(())
+        let plan = self.plan(systems)?;
+        self.declare_plan(channel, &plan).await
     }
 
     /// Declare what one adapter needs: the ingress and routed exchanges, the DLX, its
@@ -467,8 +542,10 @@ impl Topology {
     /// equivalent to what [`Topology::declare_router`] declares.
     pub async fn declare_inbox(&self, channel: &Channel, system: &str) -> Result<(), AmqpError> {
         self.validate_system(system)?;
-        self.declare_exchanges(channel).await?;
-        self.declare_system(channel, system).await
+        let mut plan = Plan::default();
+        self.plan_exchanges(&mut plan);
+        self.plan_system(&mut plan, system);
+        self.declare_plan(channel, &plan).await
     }
 
     /// Checks, without declaring anything (no permission needed), that `system`'s inbox exists:
@@ -543,12 +620,12 @@ pub async fn queue_message_count(channel: &Channel, queue: &str) -> Result<u32, 
 mod tests {
     use super::*;
 
-    fn arg<'a>(args: &'a FieldTable, key: &str) -> Option<&'a AMQPValue> {
-        args.inner().get(key)
+    fn arg<'a>(args: &'a Arguments, key: &str) -> Option<&'a Arg> {
+        args.get(key)
     }
 
-    fn text(value: &str) -> AMQPValue {
-        AMQPValue::LongString(value.into())
+    fn text(value: &str) -> Arg {
+        Arg::Text(value.into())
     }
 
     #[test]
@@ -569,9 +646,9 @@ mod tests {
         let args = Topology::new("ns").queue_arguments("crm");
         assert_eq!(arg(&args, "x-dead-letter-exchange"), Some(&text("ns.dlx")));
         assert_eq!(arg(&args, "x-dead-letter-routing-key"), Some(&text("crm")));
-        assert_eq!(arg(&args, "x-queue-version"), Some(&AMQPValue::LongInt(2)));
+        assert_eq!(arg(&args, "x-queue-version"), Some(&Arg::Int(2)));
         assert_eq!(arg(&args, "x-queue-type"), None);
-        assert_eq!(args.inner().len(), 3);
+        assert_eq!(args.len(), 3);
     }
 
     #[test]
@@ -581,7 +658,7 @@ mod tests {
             .with_delivery_limit(7);
         let args = t.queue_arguments("router");
         assert_eq!(arg(&args, "x-queue-type"), Some(&text("quorum")));
-        assert_eq!(arg(&args, "x-delivery-limit"), Some(&AMQPValue::LongInt(7)));
+        assert_eq!(arg(&args, "x-delivery-limit"), Some(&Arg::Int(7)));
         assert_eq!(
             arg(&args, "x-dead-letter-strategy"),
             Some(&text("at-least-once"))
@@ -596,9 +673,8 @@ mod tests {
             Topology::default()
                 .with_queue_type(QueueType::Quorum)
                 .queue_arguments("x")
-                .inner()
                 .get("x-delivery-limit"),
-            Some(&AMQPValue::LongInt(20))
+            Some(&Arg::Int(20))
         );
     }
 
@@ -632,24 +708,21 @@ mod tests {
             .partition_queue_arguments();
         assert_eq!(
             arg(&args, "x-single-active-consumer"),
-            Some(&AMQPValue::Boolean(true))
+            Some(&Arg::Bool(true))
         );
         assert_eq!(arg(&args, "x-dead-letter-exchange"), Some(&text("ns.dlx")));
         assert_eq!(
             arg(&args, "x-dead-letter-routing-key"),
             Some(&text("router"))
         );
-        assert_eq!(arg(&args, "x-queue-version"), Some(&AMQPValue::LongInt(2)));
+        assert_eq!(arg(&args, "x-queue-version"), Some(&Arg::Int(2)));
 
         let quorum = Topology::new("ns")
             .with_partitions(4)
             .with_queue_type(QueueType::Quorum)
             .partition_queue_arguments();
         assert_eq!(arg(&quorum, "x-queue-type"), Some(&text("quorum")));
-        assert_eq!(
-            arg(&quorum, "x-delivery-limit"),
-            Some(&AMQPValue::LongInt(20))
-        );
+        assert_eq!(arg(&quorum, "x-delivery-limit"), Some(&Arg::Int(20)));
         assert_eq!(
             arg(&quorum, "x-dead-letter-strategy"),
             Some(&text("at-least-once"))
@@ -657,12 +730,67 @@ mod tests {
         assert_eq!(arg(&quorum, "x-overflow"), Some(&text("reject-publish")));
         assert_eq!(
             arg(&quorum, "x-single-active-consumer"),
-            Some(&AMQPValue::Boolean(true))
+            Some(&Arg::Bool(true))
         );
 
-        let exchange = Topology::partition_exchange_arguments();
-        assert_eq!(arg(&exchange, "hash-header"), Some(&text("concord-key")));
-        assert_eq!(exchange.inner().len(), 1);
+        let plan = Topology::new("ns").with_partitions(4).plan(&[]).unwrap();
+        let exchange = plan
+            .exchanges
+            .iter()
+            .find(|e| e.name == "ns.partition")
+            .unwrap();
+        assert_eq!(exchange.kind, "x-consistent-hash");
+        assert_eq!(
+            arg(&exchange.arguments, "hash-header"),
+            Some(&text("concord-key"))
+        );
+        assert_eq!(exchange.arguments.len(), 1);
+        let bound: Vec<&str> = plan
+            .bindings
+            .iter()
+            .filter(|b| b.source == "ns.partition")
+            .map(|b| b.destination.as_str())
+            .collect();
+        assert_eq!(
+            bound,
+            [
+                "ns.router.p0",
+                "ns.router.p1",
+                "ns.router.p2",
+                "ns.router.p3"
+            ],
+            "bound in partition order"
+        );
+    }
+
+    #[test]
+    fn the_plan_has_every_queue_bound_once() {
+        let systems = ["crm".to_owned(), "erp".to_owned()];
+        let plan = Topology::new("ns").plan(&systems).unwrap();
+        let queues: Vec<&str> = plan.queues.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(
+            queues,
+            [
+                "ns.dlq.router",
+                "ns.router",
+                "ns.dlq.crm",
+                "ns.inbox.crm",
+                "ns.dlq.erp",
+                "ns.inbox.erp"
+            ]
+        );
+        for q in &plan.queues {
+            assert_eq!(
+                plan.bindings
+                    .iter()
+                    .filter(|b| b.destination == q.name)
+                    .count(),
+                1,
+                "{}",
+                q.name
+            );
+        }
+        assert!(Topology::new("ns").plan(&["router".to_owned()]).is_err());
     }
 
     #[test]

@@ -60,10 +60,6 @@ fn payment(key: &str, cents: i64) -> ChangeEvent {
 impl World {
     fn config(&self, replica_index: u16) -> RouterConfig {
         RouterConfig {
-            amqp_uri: uri(),
-            namespace: self.topology.namespace().to_owned(),
-            http_listen: "127.0.0.1:0".into(),
-            watch_policy: false,
             partitions: PARTITIONS,
             replicas: Some(2),
             replica_index: Some(replica_index),
@@ -73,7 +69,7 @@ impl World {
             },
             prefetch: 16,
             ack_batch: 4,
-            ..RouterConfig::default()
+            ..self.router.clone()
         }
     }
 

@@ -104,13 +104,7 @@ impl World {
     }
 
     fn config(&self) -> RouterConfig {
-        RouterConfig {
-            amqp_uri: uri(),
-            namespace: self.topology.namespace().to_owned(),
-            http_listen: "127.0.0.1:0".into(),
-            watch_policy: false,
-            ..RouterConfig::default()
-        }
+        self.router.clone()
     }
 
     async fn start(&self, config: RouterConfig) -> RouterHandle {
@@ -194,11 +188,13 @@ fn decode(d: &Delivery) -> (ChangeEvent, Customer) {
 
 /// Messages of `queue` not acknowledged yet, from `rabbitmqctl` (the AMQP protocol only tells
 /// the ready ones).
-async fn unacked(queue: &str) -> u64 {
+async fn unacked(vhost: &str, queue: &str) -> u64 {
     let out = tokio::process::Command::new("rabbitmqctl")
         .args([
             "-q",
             "list_queues",
+            "-p",
+            vhost,
             "--no-table-headers",
             "name",
             "messages_unacknowledged",
@@ -309,7 +305,7 @@ async fn routes_an_event_only_to_the_systems_that_may_see_its_fields() {
         // the source gets nothing back.
         let router_queue = w.topology.router_queue();
         eventually("router input acked", async || {
-            unacked(&router_queue).await == 0
+            unacked(w.topology.namespace(), &router_queue).await == 0
         })
         .await;
         assert_eq!(w.count(&router_queue).await, Some(0));
@@ -810,11 +806,8 @@ async fn an_invalid_policy_stops_the_start_with_every_problem() {
 async fn refused_credentials_stop_the_router() {
     let dir = tempfile::tempdir().unwrap();
     let path = concord_seed_model::write_seed(dir.path()).unwrap();
-    let base = uri();
-    let bad = match base.split_once('@') {
-        Some((_, rest)) => format!("amqp://concord-nobody:wrong@{rest}"),
-        None => panic!("URI without credentials: {base}"),
-    };
+    let bad =
+        concord_admin::scratch::amqp_uri(&Broker::from_env().amqp, "concord-nobody", "wrong", "/");
     let router = concord_router::Router::start(
         RouterConfig {
             amqp_uri: bad,
@@ -841,7 +834,7 @@ async fn an_inbox_deleted_under_the_router_is_declared_again_and_nothing_is_lost
         let router = w.start(w.config()).await;
         let inbox = w.topology.inbox("orders");
         let status = tokio::process::Command::new("rabbitmqctl")
-            .args(["-q", "delete_queue", &inbox])
+            .args(["-q", "delete_queue", "-p", w.topology.namespace(), &inbox])
             .output()
             .await
             .unwrap();
@@ -857,7 +850,7 @@ async fn an_inbox_deleted_under_the_router_is_declared_again_and_nothing_is_lost
         assert_eq!(got.event_id, ev.event_id);
         let router_queue = w.topology.router_queue();
         eventually("input acked after the retry", async || {
-            unacked(&router_queue).await == 0
+            unacked(w.topology.namespace(), &router_queue).await == 0
         })
         .await;
         assert_eq!(w.count(&router_queue).await, Some(0));

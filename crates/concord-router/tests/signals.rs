@@ -29,8 +29,10 @@ async fn signal(name: &str) {
     assert!(out.status.success(), "kill -{name} failed");
 }
 
-async fn queue_exists(queue: &str) -> bool {
-    let conn = connect(&uri(), "it-signals-probe").await.unwrap();
+async fn queue_exists(vhost: &ScratchVhost, queue: &str) -> bool {
+    let conn = connect(&vhost.operator_uri(), "it-signals-probe")
+        .await
+        .unwrap();
     let channel = conn.open_channel().await.unwrap();
     let exists = queue_message_count(&channel, queue).await.is_ok();
     conn.close().await.unwrap();
@@ -40,6 +42,7 @@ async fn queue_exists(queue: &str) -> bool {
 #[tokio::test]
 async fn sighup_reloads_and_sigterm_drains_and_returns_ok() {
     let ns = format!("it-router-signals-{}", std::process::id());
+    let vhost = scratch(&ns, &["orders", "support", "delivery", "billing"]);
     let dir = tempfile::tempdir().unwrap();
     let seed = concord_seed_model::POLICY;
     let policy = concord_seed_model::write_seed(dir.path()).unwrap();
@@ -51,11 +54,8 @@ async fn sighup_reloads_and_sigterm_drains_and_returns_ok() {
         .port();
     let addr = format!("127.0.0.1:{port}");
     let config = RouterConfig {
-        amqp_uri: uri(),
-        namespace: ns.clone(),
         http_listen: addr.clone(),
-        watch_policy: false,
-        ..RouterConfig::default()
+        ..router_config(&vhost)
     };
     let router = tokio::spawn(concord_router::run_until_signalled(config, policy.clone()));
     eventually("router ready", async || {
@@ -65,7 +65,7 @@ async fn sighup_reloads_and_sigterm_drains_and_returns_ok() {
 
     let topology = Topology::new(ns.clone());
     let billing = topology.inbox("billing");
-    assert!(!queue_exists(&billing).await);
+    assert!(!queue_exists(&vhost, &billing).await);
     let with_billing = seed.replace(
         "[entities.customer]",
         "[systems.billing]\n\n[entities.customer]",
@@ -73,7 +73,7 @@ async fn sighup_reloads_and_sigterm_drains_and_returns_ok() {
     std::fs::write(&policy, with_billing).unwrap();
     signal("HUP").await;
     eventually("billing inbox declared after SIGHUP", async || {
-        queue_exists(&billing).await
+        queue_exists(&vhost, &billing).await
     })
     .await;
 
@@ -89,12 +89,5 @@ async fn sighup_reloads_and_sigterm_drains_and_returns_ok() {
         "HTTP endpoints closed"
     );
 
-    let conn = connect(&uri(), "it-signals-cleanup").await.unwrap();
-    let channel = conn.open_channel().await.unwrap();
-    let systems: Vec<String> = ["orders", "support", "delivery", "billing"]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-    topology.delete_all(&channel, &systems).await.unwrap();
-    conn.close().await.unwrap();
+    drop(vhost);
 }

@@ -142,13 +142,15 @@ impl SystemAdapter for FileSink {
 }
 
 fn main() -> anyhow::Result<()> {
-    let usage = "usage: it-sink AMQP_URI NAMESPACE SYSTEM STATE_DB OUT_DIR";
+    let usage = "usage: it-sink AMQP_URI NAMESPACE SYSTEM STATE_DB OUT_DIR ROUTER_USER";
     let mut args = std::env::args().skip(1);
     let mut arg = || args.next().context(usage);
     let (uri, namespace, system, state, out) = (arg()?, arg()?, arg()?, arg()?, arg()?);
+    let router_user = arg()?;
     let sink = FileSink::open(&PathBuf::from(out))?;
     let mut config = RunnerConfig::new(system, uri, state, concord_it::seed_policy());
     config.namespace = namespace;
+    config.router_user = router_user;
     config.reconnect = concord_adapter::RetryConfig {
         min_delay_ms: 100,
         max_delay_ms: 2_000,

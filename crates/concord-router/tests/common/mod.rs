@@ -7,6 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+pub use concord_admin::scratch::{Broker, ScratchVhost};
 use concord_amqp::{Connection, Publisher, PublisherOptions, Topology, connect};
 use futures::FutureExt;
 
@@ -14,11 +15,24 @@ use futures::FutureExt;
 pub const SAFETY_NET: Duration = Duration::from_secs(60);
 pub const SEED_SYSTEMS: [&str; 3] = ["orders", "support", "delivery"];
 
-/// The broker (`CONCORD_AMQP_URI` / `AMQP_URI`, default the local RabbitMQ).
-pub fn uri() -> String {
-    std::env::var("CONCORD_AMQP_URI")
-        .or_else(|_| std::env::var("AMQP_URI"))
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+/// A throw-away vhost named `ns` (the namespace of its exchanges and queues) with the users of
+/// `systems`, the router's and the operator's, deleted when dropped.
+pub fn scratch(ns: &str, systems: &[&str]) -> ScratchVhost {
+    ScratchVhost::create(Broker::from_env(), ns, systems).unwrap()
+}
+
+/// The router's settings in `vhost`. The tests publish as the operator, for any system, so the
+/// router does not require `user_id` here (what the broker and the router enforce about
+/// identities is tested end to end in the `concord-it` package).
+pub fn router_config(vhost: &ScratchVhost) -> concord_router::RouterConfig {
+    concord_router::RouterConfig {
+        amqp_uri: vhost.router_uri(),
+        namespace: vhost.name().to_owned(),
+        http_listen: "127.0.0.1:0".into(),
+        watch_policy: false,
+        require_user_id: false,
+        ..concord_router::RouterConfig::default()
+    }
 }
 
 /// A namespace no other test (or run) uses.
@@ -52,14 +66,15 @@ pub async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
 /// Wall-clock milliseconds, for event clocks.
 pub use concord_amqp::now_ms;
 
-/// A fresh namespace for one test: the seed policy and its schema in `dir` (`policy.toml`,
-/// `customer.proto`), a client
-/// connection and its publisher.
+/// A fresh namespace for one test, in its own vhost: the seed policy and its schema in `dir`
+/// (`policy.toml`, `customer.proto`), a client connection (as the operator) and its publisher.
 pub struct World {
     pub topology: Topology,
     pub dir: tempfile::TempDir,
     pub client: Connection,
     pub publisher: Publisher,
+    /// The router's settings for this world.
+    pub router: concord_router::RouterConfig,
 }
 
 /// Declares `topology` for the seed systems (adapters declare the exchanges and their inboxes
@@ -71,11 +86,18 @@ where
     F: FnOnce(World) -> Fut,
     Fut: Future<Output = ()>,
 {
+    let mut users: Vec<&str> = SEED_SYSTEMS.to_vec();
+    users.extend_from_slice(later_systems);
+    // Deleted (with every queue and exchange in it) when dropped, also after a panic.
+    let vhost = scratch(topology.namespace(), &users);
     let dir = tempfile::tempdir().unwrap();
     concord_seed_model::write_seed(dir.path()).unwrap();
     let client = within(
         "connect",
-        connect(&uri(), &format!("it-client/{}", topology.namespace())),
+        connect(
+            &vhost.operator_uri(),
+            &format!("it-client/{}", topology.namespace()),
+        ),
     )
     .await
     .unwrap();
@@ -90,16 +112,10 @@ where
         dir,
         client,
         publisher,
+        router: router_config(&vhost),
     };
     let outcome = AssertUnwindSafe(body(world)).catch_unwind().await;
-    let admin = connect(&uri(), "it-cleanup").await.unwrap();
-    let channel = admin.open_channel().await.unwrap();
-    let mut all = systems;
-    all.extend(later_systems.iter().map(|s| (*s).to_owned()));
-    within("cleanup", topology.delete_all(&channel, &all))
-        .await
-        .unwrap();
-    admin.close().await.unwrap();
+    drop(vhost);
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
