@@ -1,6 +1,7 @@
-//! The runner against the real broker (RabbitMQ at `AMQP_URI`, default
-//! `amqp://guest:guest@127.0.0.1:5672/%2f`). Each test uses its own namespace and deletes what
-//! it declared.
+//! The runner against the real broker (the local RabbitMQ, see `concord_admin::scratch::Broker`).
+//! Each test runs in its own vhost with the users of a real deployment: the runner as its
+//! system's user, the test as the router (publishing to inboxes) and as the operator (declaring,
+//! deleting, reading any queue). The vhost is deleted at the end.
 // Test helpers outside `#[test]` functions may unwrap too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use concord_adapter::testkit::{MemorySystem, text};
 use concord_adapter::{AdapterError, RunnerConfig, RunnerHandle};
+use concord_admin::scratch::{Broker, ScratchVhost};
 use concord_amqp::{
     Channel, Connection, Consumer, Delivery, MessageProps, Publisher, PublisherOptions, Topology,
 };
@@ -19,10 +21,6 @@ use prost::Message;
 use prost_reflect::{DynamicMessage, Value};
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-fn uri() -> String {
-    std::env::var("AMQP_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
 
 fn namespace() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -38,15 +36,23 @@ fn namespace() -> String {
 struct Ns {
     topo: Topology,
     systems: Vec<String>,
+    /// The operator's connection and a channel on it.
     conn: Connection,
     ch: Channel,
+    /// The router's connection (what it publishes, the runner trusts).
+    router: Connection,
     dir: tempfile::TempDir,
+    vhost: ScratchVhost,
 }
 
 impl Ns {
     async fn new(systems: &[&str]) -> Ns {
         let topo = Topology::new(namespace());
-        let conn = concord_amqp::connect(&uri(), "concord-adapter-tests")
+        let vhost = ScratchVhost::create(Broker::from_env(), topo.namespace(), systems).unwrap();
+        let conn = concord_amqp::connect(&vhost.operator_uri(), "concord-adapter-tests")
+            .await
+            .unwrap();
+        let router = concord_amqp::connect(&vhost.router_uri(), "concord-adapter-tests-router")
             .await
             .unwrap();
         let ch = conn.open_channel().await.unwrap();
@@ -66,18 +72,21 @@ impl Ns {
             systems,
             conn,
             ch,
+            router,
             dir,
+            vhost,
         }
     }
 
     fn config(&self, system: &str) -> RunnerConfig {
         let mut c = RunnerConfig::new(
             system,
-            uri(),
+            self.vhost.system_uri(system),
             self.dir.path().join(format!("{system}.sqlite")),
             self.dir.path().join("policy.toml"),
         );
         c.namespace = self.topo.namespace().to_owned();
+        c.router_user = self.vhost.router_user().to_owned();
         c.prefetch = 16;
         c.retry.min_delay_ms = 10;
         c.retry.max_delay_ms = 50;
@@ -93,25 +102,27 @@ impl Ns {
             .unwrap()
     }
 
+    /// Publishes to `system`'s inbox as the router does.
     async fn publish_to_inbox(&self, system: &str, body: &[u8]) {
-        let p = Publisher::open(&self.conn, PublisherOptions::default())
+        let p = Publisher::open(&self.router, PublisherOptions::default())
             .await
             .unwrap();
         p.publish_confirmed(
             &self.topo.routed_exchange(),
             system,
             body,
-            MessageProps::new(),
+            MessageProps::new().user_id(self.vhost.router_user()),
         )
         .await
         .unwrap();
     }
 
-    /// Runs `test`, then deletes the namespace whatever happened.
+    /// Runs `test`, then deletes the vhost whatever happened.
     async fn run(self, test: impl AsyncFnOnce(&Ns)) {
         let outcome = AssertUnwindSafe(test(&self)).catch_unwind().await;
-        self.topo.delete_all(&self.ch, &self.systems).await.unwrap();
         let _ = self.conn.close().await;
+        let _ = self.router.close().await;
+        drop(self.vhost);
         if let Err(panic) = outcome {
             std::panic::resume_unwind(panic);
         }
@@ -146,7 +157,8 @@ async fn until(
     }
 }
 
-/// A routed copy of an `orders` change of the customer's name, as the router sends it.
+/// A routed copy of an `orders` change of the customer's name, as the router sends it (orders
+/// may create customers, so the copy may create the record).
 fn routed_name_change(key: &str, name: &str) -> ChangeEvent {
     let desc = prost_reflect::DescriptorPool::decode(concord_seed_model::FILE_DESCRIPTOR_SET)
         .unwrap()
@@ -178,21 +190,19 @@ fn routed_name_change(key: &str, name: &str) -> ChangeEvent {
         schema_version: concord_proto::SCHEMA_VERSION,
         origin: "orders".into(),
         observed_at_ms: now,
+        may_create: true,
         ..ChangeEvent::default()
     }
 }
 
 #[tokio::test]
 async fn a_local_change_is_published_to_the_ingress_with_headers() {
-    // The system is named like the broker user, so the broker accepts `user_id`.
-    Ns::new(&["guest"])
+    Ns::new(&["orders"])
         .await
         .run(async |ns| {
             let mut router_queue = ns.consume(&ns.topo.router_queue()).await;
-            let system = MemorySystem::new("guest");
-            let mut config = ns.config("guest");
-            config.publish_user_id = true;
-            let mut handle = concord_adapter::start(system.clone(), config);
+            let system = MemorySystem::new("orders");
+            let mut handle = concord_adapter::start(system.clone(), ns.config("orders"));
             ready(&mut handle).await;
             system.edit(
                 "customer",
@@ -202,26 +212,29 @@ async fn a_local_change_is_published_to_the_ingress_with_headers() {
 
             let d = next(&mut router_queue).await;
             assert_eq!(d.exchange, ns.topo.ingress_exchange());
-            assert_eq!(d.routing_key, "guest.customer");
+            assert_eq!(d.routing_key, "orders.customer");
             let ev = ChangeEvent::decode(d.body.as_slice()).unwrap();
-            assert_eq!(ev.source, "guest");
+            assert_eq!(ev.source, "orders");
             assert_eq!(ev.op, Op::Create as i32);
             assert_eq!(ev.schema_version, 1);
             assert_eq!(ev.field_mask, ["name", "tier"]);
-            assert_eq!(ev.clocks["name"].system, "guest");
+            assert_eq!(ev.clocks["name"].system, "orders");
             assert_eq!(d.message_id(), Some(ev.event_id.as_str()));
             assert_eq!(
                 d.header_str("concord-key"),
                 Some(format!("customer/{}", ev.key).as_str())
             );
-            assert_eq!(d.user_id(), Some("guest"));
+            // Published as its broker user (the broker checks it; the router takes it as the
+            // source).
+            let user = ns.vhost.system_user("orders");
+            assert_eq!(d.user_id(), Some(user.as_str()));
             assert_eq!(*d.properties().delivery_mode(), Some(2));
             until(&handle, "the publish to be recorded", |m| m.published == 1).await;
             handle.shutdown().await.unwrap();
 
             // The cursor was persisted after the confirm: a restart publishes nothing again,
             // and the same record keeps its key.
-            let mut handle = concord_adapter::start(system.clone(), ns.config("guest"));
+            let mut handle = concord_adapter::start(system.clone(), ns.config("orders"));
             ready(&mut handle).await;
             system.edit("customer", "g-1", [("tier", text("silver"))]);
             let d = next(&mut router_queue).await;
@@ -229,7 +242,7 @@ async fn a_local_change_is_published_to_the_ingress_with_headers() {
             assert_eq!(again.key, ev.key);
             assert_eq!(again.field_mask, ["tier"]);
             assert_eq!(again.op, Op::Upsert as i32);
-            assert_eq!(d.user_id(), None);
+            assert_eq!(d.user_id(), Some(user.as_str()));
             handle.shutdown().await.unwrap();
         })
         .await;
@@ -369,20 +382,22 @@ async fn a_permanent_apply_error_is_dead_lettered_with_its_reason() {
 }
 
 #[tokio::test]
-async fn the_runner_reconnects_and_redeclares_after_losing_its_consumer() {
+async fn the_runner_reconnects_after_losing_its_consumer_and_resumes_once_its_inbox_is_back() {
     Ns::new(&["support"])
         .await
         .run(async |ns| {
             let system = MemorySystem::new("support");
             let mut handle = concord_adapter::start(system.clone(), ns.config("support"));
             ready(&mut handle).await;
-            // Deleting the inbox cancels the runner's consumer: it must reconnect and declare
-            // its inbox again.
+            // Deleting the inbox cancels the runner's consumer: it must reconnect (and wait for
+            // its inbox, which only the router declares, to exist).
             let scratch = ns.conn.open_channel().await.unwrap();
             scratch
                 .queue_delete(ns.topo.inbox("support").as_str().into(), Default::default())
                 .await
                 .unwrap();
+            // The router declares it again; the cancelled runner reconnects to it.
+            ns.topo.declare_router(&ns.ch, &ns.systems).await.unwrap();
             until(&handle, "the reconnection", |m| m.connections >= 2).await;
             ready(&mut handle).await;
             ns.publish_to_inbox(

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use concord_adapter::testkit::MemorySystem;
-use concord_it::{Cleanup, Node, amqp_uri, converge, start_router, unique_namespace};
+use concord_it::{Env, Node, converge, start_router};
 use concord_jsonl_adapter::{ChangeLog, Op};
 use serde_json::{Map, Value as Json, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -48,12 +48,13 @@ amount_paid = {{ owner = "shop" }}
     )
 }
 
-fn config(dir: &Path, namespace: &str) -> String {
+fn config(dir: &Path, env: &Env) -> String {
     format!(
         r#"
 system = "shop"
 policy = "{policy}"
 namespace = "{namespace}"
+router_user = "{router_user}"
 state = "{state}"
 http_listen = "127.0.0.1:0"
 [reconnect]
@@ -64,6 +65,8 @@ path = "{log}"
 poll_ms = 10
 "#,
         policy = dir.join("policy.toml").display(),
+        namespace = env.ns(),
+        router_user = env.vhost().router_user(),
         state = dir.join("shop.sqlite").display(),
         log = dir.join("shop.jsonl").display(),
     )
@@ -77,11 +80,11 @@ struct Shop {
 
 impl Shop {
     /// Starts the adapter and waits until `/readyz` answers 200.
-    async fn start(config: &Path) -> anyhow::Result<Shop> {
+    async fn start(config: &Path, uri: &str) -> anyhow::Result<Shop> {
         let mut child = Command::new(EXE)
             .arg("--config")
             .arg(config)
-            .env("CONCORD_AMQP_URI", amqp_uri())
+            .env("CONCORD_AMQP_URI", uri)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -180,37 +183,28 @@ fn fields(v: Json) -> Map<String, Json> {
 
 #[tokio::test]
 async fn the_example_adapter_syncs_through_the_router_as_its_own_process() -> anyhow::Result<()> {
-    let namespace = unique_namespace("jsonl");
-    let _cleanup = Cleanup {
-        namespace: namespace.clone(),
-        systems: vec!["shop", "crm"],
-    };
+    let env = Env::new("jsonl", &["shop", "crm"])?;
+    let uri = env.system_uri("shop");
     let dir = tempfile::tempdir()?;
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, self::policy())?;
     let config = dir.path().join("shop.toml");
-    std::fs::write(&config, self::config(dir.path(), &namespace))?;
-    let router = start_router(&namespace, &policy).await?;
-    let crm = Node::start_with_policy(
-        &namespace,
-        "crm",
-        MemorySystem::new("crm"),
-        dir.path(),
-        &policy,
-    )
-    .await?;
+    std::fs::write(&config, self::config(dir.path(), &env))?;
+    let router = start_router(&env, &policy).await?;
+    let crm =
+        Node::start_with_policy(&env, "crm", MemorySystem::new("crm"), dir.path(), &policy).await?;
     let log = ChangeLog::open(dir.path().join("shop.jsonl"))?;
 
     // `--check` validates the config without touching the broker.
     let check = Command::new(EXE)
         .args(["--check", "--config"])
         .arg(&config)
-        .env("CONCORD_AMQP_URI", amqp_uri())
+        .env("CONCORD_AMQP_URI", &uri)
         .output()
         .await?;
     assert!(check.status.success(), "{check:?}");
 
-    let shop = Shop::start(&config).await?;
+    let shop = Shop::start(&config, &uri).await?;
     // The shop's users create a customer: crm receives the fields it may see.
     log.append(
         "customer",
@@ -258,7 +252,7 @@ async fn the_example_adapter_syncs_through_the_router_as_its_own_process() -> an
     assert!(status.success(), "{status:?}");
 
     // A restart resumes from the persisted cursor: only the new line is published.
-    let shop = Shop::start(&config).await?;
+    let shop = Shop::start(&config, &uri).await?;
     log.append(
         "customer",
         Some("c-1"),
@@ -306,7 +300,7 @@ async fn a_bad_config_is_refused_naming_the_problem() -> anyhow::Result<()> {
         let out = Command::new(EXE)
             .args(["--check", "--config"])
             .arg(&config)
-            .env("CONCORD_AMQP_URI", amqp_uri())
+            .env("CONCORD_AMQP_URI", "amqp://unused")
             .output()
             .await?;
         let stderr = String::from_utf8_lossy(&out.stderr);
