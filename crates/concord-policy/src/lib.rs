@@ -1,6 +1,6 @@
 //! The pure core of Concord: the policy model and its validation, per-event routing decisions
-//! (ownership and visibility), field clocks, merge rules and the replica logic every adapter
-//! shares.
+//! (ownership and visibility), field clocks, merge rules, the replica logic every adapter
+//! shares, and what changes when one policy replaces another (`diff`).
 //!
 //! This crate must never perform I/O, read a clock, spawn tasks or depend on tokio or lapin:
 //! every function is a pure function of its inputs (time is passed in as milliseconds). That is
@@ -9,6 +9,7 @@
 
 pub mod clock;
 pub mod decide;
+pub mod diff;
 pub mod model;
 pub mod replica;
 pub mod route;

@@ -171,36 +171,48 @@ pub(crate) fn check(policy_path: &Path, against: Option<&Path>) -> anyhow::Resul
         let diff = concord_schema::diff::for_policy(&old.policy, deployment.schema.pool());
         writeln!(out)?;
         writeln!(out)?;
-        if diff.is_breaking() {
-            compatible = false;
-            writeln!(
-                out,
-                "against {}: {} breaking schema change(s); the router refuses this reload:",
-                old_path.display(),
-                diff.breaking.len()
-            )?;
-            for c in &diff.breaking {
-                writeln!(out, "  breaking: {c}")?;
-            }
-            writeln!(
-                out,
-                "  (to remove a field: drop it from the policy first, reload, then from the schema)"
-            )?;
-        } else {
-            writeln!(
-                out,
-                "against {}: no breaking schema change; the router accepts this reload",
-                old_path.display()
-            )?;
-        }
-        for c in &diff.additions {
-            writeln!(out, "  added: {c}")?;
-        }
+        compatible = !diff.is_breaking();
+        reload_verdict(&mut out, old_path, &diff)?;
     }
     Ok(CheckReport {
         out: out.trim_end().to_owned(),
         compatible,
     })
+}
+
+/// Whether the router accepts a reload from the policy at `old_path` given the schema changes
+/// in what that policy uses (`concord_schema::diff::for_policy`): the breaking changes it
+/// refuses, then the additions. Shared by `check --against` and `policy diff`.
+pub(crate) fn reload_verdict(
+    out: &mut String,
+    old_path: &Path,
+    diff: &concord_schema::SchemaDiff,
+) -> std::fmt::Result {
+    if diff.is_breaking() {
+        writeln!(
+            out,
+            "against {}: {} breaking schema change(s); the router refuses this reload:",
+            old_path.display(),
+            diff.breaking.len()
+        )?;
+        for c in &diff.breaking {
+            writeln!(out, "  breaking: {c}")?;
+        }
+        writeln!(
+            out,
+            "  (to remove a field: drop it from the policy first, reload, then from the schema)"
+        )?;
+    } else {
+        writeln!(
+            out,
+            "against {}: no breaking schema change; the router accepts this reload",
+            old_path.display()
+        )?;
+    }
+    for c in &diff.additions {
+        writeln!(out, "  added: {c}")?;
+    }
+    Ok(())
 }
 
 /// The ownership/visibility matrix of a valid policy.

@@ -5,13 +5,20 @@
 //! - `concord check --policy FILE [--against OLD_POLICY]` validates a policy with its schema and
 //!   prints its ownership/visibility matrix (and the breaking schema changes against the policy
 //!   in force);
-//! - `concord schema diff OLD NEW [--policy FILE]` prints the changes between two schemas.
+//! - `concord schema diff OLD NEW [--policy FILE]` prints the changes between two schemas;
+//! - `concord policy diff OLD NEW [--json]` prints what loading policy NEW in place of OLD
+//!   changes: which systems gain or lose sight (read) or ownership (write) of which fields,
+//!   create and delete rights, systems and entities added or removed, merge rules, the
+//!   `concord resync --system S --entity E` commands to run for the systems that now see more,
+//!   the copies no longer sent (they keep their values: Concord erases nothing), and the schema
+//!   changes the router's reload refuses. Exit status 0 no change, 1 changes, 2 bad input.
 //!
 //! Every command loads the schema the policy names (its `[schema]` table). This binary only
 //! parses arguments, reads files and prints; all decisions come from `concord-policy`, schemas
 //! from `concord-schema` and all broker work from `concord-router`.
 
 mod explain;
+mod policy_cmd;
 mod schema_cmd;
 
 use std::path::{Path, PathBuf};
@@ -78,6 +85,61 @@ enum Command {
         #[command(subcommand)]
         command: SchemaCommand,
     },
+    /// Work with policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Print what loading policy NEW in place of OLD (the policy in force) changes.
+    ///
+    /// OLD and NEW are policy files, each loaded with the schema its [schema] table names.
+    /// Listed: systems and entities added or removed; entities whose message changed (their
+    /// fields are other fields); per entity and system, the rights gained or lost: `read` and
+    /// `write` of fields (seeing them, owning them), `create` and `delete` of records; fields
+    /// whose merge rule or owner priority changed; the schema changes that break what OLD
+    /// uses (the router refuses that reload, as `concord check --against` reports); for every
+    /// system that now sees fields it was never sent (a new system included), the command to
+    /// run once NEW is loaded: `concord resync --system S --entity E`; and the systems that no
+    /// longer see fields: the router stops sending them, and their existing copies keep the
+    /// values they hold (Concord erases nothing).
+    ///
+    /// Exit status: 0 no change (schema additions alone are no change); 1 policy changes or
+    /// breaking schema changes; 2 bad input (a file unreadable, a policy or schema invalid).
+    ///
+    /// With --json, one JSON object on one line, in this shape (every list sorted: names by
+    /// name; `access` by entity, system, right (read, write, create, delete), gained first;
+    /// `resync` and `kept` by system then entity; `fields` by name):
+    ///
+    ///   {"changed": true,                      // the exit status is 1
+    ///    "changes": 3,                         // policy changes (schema ones not counted)
+    ///    "systems": {"added": ["billing"], "removed": []},
+    ///    "entities": {"added": [], "removed": [],
+    ///                 "message_changed": [{"entity": "e", "old": "p.v1.A", "new": "p.v1.B"}]},
+    ///    "access": [{"entity": "customer", "system": "billing", "right": "read",
+    ///                "change": "gained", "fields": ["name"]}],  // fields: [] for create/delete
+    ///    "merge": [{"entity": "customer", "field": "phone",
+    ///               "old": {"rule": "lww", "order": []},
+    ///               "new": {"rule": "priority", "order": ["support", "orders"]}}],
+    ///                                          // rule: single_owner, lww or priority
+    ///    "resync": [{"system": "billing", "entity": "customer", "fields": ["name"],
+    ///                "command": "concord resync --system billing --entity customer"}],
+    ///    "kept": [{"system": "delivery", "entity": "customer", "fields": ["address"]}],
+    ///    "schema": {"reload": "accepted",     // or "refused" (breaking changes)
+    ///               "breaking": ["entity `customer`: field ..."], "additions": []}}
+    #[command(verbatim_doc_comment)]
+    Diff {
+        /// The policy in force.
+        old: PathBuf,
+        /// The policy to load.
+        new: PathBuf,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,10 +198,17 @@ fn main() -> ExitCode {
             Ok(r) => verdict(r.out, r.compatible),
             Err(e) => report(Err(e)),
         },
+        Command::Policy {
+            command: PolicyCommand::Diff { old, new, json },
+        } => match policy_cmd::diff(&old, &new, json) {
+            Ok(r) => verdict(r.out, r.unchanged),
+            Err(e) => report(Err(e)),
+        },
     }
 }
 
-/// Prints `out` on stdout; exit code 1 when `ok` is false (breaking changes found).
+/// Prints `out` on stdout; exit code 1 when `ok` is false (breaking changes or, for
+/// `policy diff`, any change found).
 fn verdict(out: String, ok: bool) -> ExitCode {
     let code = report(Ok(out));
     if ok { code } else { ExitCode::from(1) }

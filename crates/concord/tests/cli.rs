@@ -1,5 +1,5 @@
-//! The `concord explain`, `concord check` and `concord schema diff` commands, run as a user
-//! would.
+//! The `concord explain`, `concord check`, `concord schema diff` and `concord policy diff`
+//! commands, run as a user would.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -369,4 +369,291 @@ fn check_prints_the_matrix() {
     assert_eq!(row("phone"), ["r", "O*", "O*"]);
     assert_eq!(row("delivery_notes"), ["O2", ".", "O1"]);
     assert!(text.contains("create: orders"));
+}
+
+/// The seed deployment in `dir` with each `(from, to)` of its policy replaced.
+fn seed_policy_with(dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
+    let mut text = concord_seed_model::POLICY.to_owned();
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from}");
+        text = text.replace(from, to);
+    }
+    concord_seed_model::write_deployment(dir, &text).unwrap()
+}
+
+/// Billing joins and sees what was paid, the driver stops seeing the address, the phone goes
+/// to priority merging and sales may no longer delete customers.
+fn edited_seed_policy(dir: &Path) -> PathBuf {
+    seed_policy_with(
+        dir,
+        &[
+            (
+                "[systems.delivery]",
+                "[systems.billing]\n[systems.delivery]",
+            ),
+            (
+                "amount_paid = { owner = \"orders\", visible = [\"support\"] }",
+                "amount_paid = { owner = \"orders\", visible = [\"support\", \"billing\"] }",
+            ),
+            (
+                "address = { owner = \"orders\", visible = [\"support\", \"delivery\"] }",
+                "address = { owner = \"orders\", visible = [\"support\"] }",
+            ),
+            (
+                "phone = { owners = [\"orders\", \"support\"], merge = \"lww\"",
+                "phone = { owners = [\"support\", \"orders\"], merge = \"priority\"",
+            ),
+            ("delete = [\"orders\"]", "delete = []"),
+        ],
+    )
+}
+
+#[test]
+fn policy_diff_of_a_policy_with_itself_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = concord_seed_model::write_seed(dir.path()).unwrap();
+    let old = seed_policy();
+    let out = concord(&[
+        "policy",
+        "diff",
+        old.to_str().unwrap(),
+        copy.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!(
+            "against {}: no breaking schema change; the router accepts this reload\n\n\
+             0 policy change(s), 0 breaking schema change(s)\n",
+            old.display()
+        )
+    );
+}
+
+#[test]
+fn policy_diff_prints_rights_merges_resyncs_and_kept_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let new = edited_seed_policy(dir.path());
+    let old = seed_policy();
+    let out = concord(&[
+        "policy",
+        "diff",
+        old.to_str().unwrap(),
+        new.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let expected = format!(
+        "systems added: billing
+
+entity    system    right   change  fields
+customer  billing   read    gained  amount_paid
+customer  delivery  read    lost    address
+customer  orders    delete  lost    -
+
+merge rules changed:
+  customer.phone: lww -> priority (support > orders)
+
+against {}: no breaking schema change; the router accepts this reload
+
+resync after loading NEW (these systems now see fields they were never sent):
+  concord resync --system billing --entity customer  # amount_paid
+
+no longer sent (Concord erases nothing: these copies keep the values they hold):
+  delivery, entity customer: address
+
+5 policy change(s), 0 breaking schema change(s)
+",
+        old.display()
+    );
+    assert_eq!(text, expected);
+    // Backwards, the same changes the other way round.
+    let out = concord(&[
+        "policy",
+        "diff",
+        new.to_str().unwrap(),
+        old.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.starts_with("systems removed: billing\n"), "{text}");
+    assert!(
+        text.contains("\ncustomer  billing   read    lost    amount_paid\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n  concord resync --system delivery --entity customer  # address\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n  customer.phone: priority (support > orders) -> lww\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn policy_diff_json_has_the_documented_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let new = edited_seed_policy(dir.path());
+    let out = concord(&[
+        "policy",
+        "diff",
+        seed_policy().to_str().unwrap(),
+        new.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.trim_end().lines().count(), 1, "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "changed": true,
+            "changes": 5,
+            "systems": {"added": ["billing"], "removed": []},
+            "entities": {"added": [], "removed": [], "message_changed": []},
+            "access": [
+                {"entity": "customer", "system": "billing", "right": "read", "change": "gained", "fields": ["amount_paid"]},
+                {"entity": "customer", "system": "delivery", "right": "read", "change": "lost", "fields": ["address"]},
+                {"entity": "customer", "system": "orders", "right": "delete", "change": "lost", "fields": []}
+            ],
+            "merge": [{
+                "entity": "customer", "field": "phone",
+                "old": {"rule": "lww", "order": []},
+                "new": {"rule": "priority", "order": ["support", "orders"]}
+            }],
+            "resync": [{
+                "system": "billing", "entity": "customer", "fields": ["amount_paid"],
+                "command": "concord resync --system billing --entity customer"
+            }],
+            "kept": [{"system": "delivery", "entity": "customer", "fields": ["address"]}],
+            "schema": {"reload": "accepted", "breaking": [], "additions": []}
+        })
+    );
+    // No change: the same shape, empty.
+    let out = concord(&[
+        "policy",
+        "diff",
+        seed_policy().to_str().unwrap(),
+        seed_policy().to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["changed"], false);
+    assert_eq!(json["changes"], 0);
+    assert_eq!(json["access"], serde_json::json!([]));
+    assert_eq!(json["resync"], serde_json::json!([]));
+}
+
+#[test]
+fn policy_diff_reports_the_schema_changes_the_reload_refuses() {
+    // The same policy on a schema that renumbers a field it uses and adds one.
+    let dir = tempfile::tempdir().unwrap();
+    let new = seed_with(dir.path(), "warehouse = 7;", "warehouse = 17;");
+    std::fs::write(
+        dir.path().join("customer.proto"),
+        std::fs::read_to_string(dir.path().join("customer.proto"))
+            .unwrap()
+            .replace(
+                "  optional string language = 12;\n",
+                "  optional string language = 12;\n  optional string loyalty_id = 13;\n",
+            ),
+    )
+    .unwrap();
+    let old = seed_policy();
+    let out = concord(&[
+        "policy",
+        "diff",
+        old.to_str().unwrap(),
+        new.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(
+        text,
+        format!(
+            "against {}: 1 breaking schema change(s); the router refuses this reload:
+  breaking: entity `customer`: field `seed.v1.Customer.warehouse` (customer.proto:27) was renumbered from 7 to 17
+  (to remove a field: drop it from the policy first, reload, then from the schema)
+  added: entity `customer`: field `seed.v1.Customer.loyalty_id` (customer.proto:38) was added (number 13)
+
+0 policy change(s), 1 breaking schema change(s)
+",
+            old.display()
+        )
+    );
+    let out = concord(&[
+        "policy",
+        "diff",
+        old.to_str().unwrap(),
+        new.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["changed"], true);
+    assert_eq!(json["changes"], 0);
+    assert_eq!(json["schema"]["reload"], "refused");
+    assert_eq!(
+        json["schema"]["breaking"],
+        serde_json::json!([
+            "entity `customer`: field `seed.v1.Customer.warehouse` (customer.proto:27) was renumbered from 7 to 17"
+        ])
+    );
+
+    // An addition alone changes nothing the router does: exit 0.
+    let added = tempfile::tempdir().unwrap();
+    let added = seed_with(
+        added.path(),
+        "  optional string language = 12;\n",
+        "  optional string language = 12;\n  optional string loyalty_id = 13;\n",
+    );
+    let out = concord(&[
+        "policy",
+        "diff",
+        old.to_str().unwrap(),
+        added.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("\n  added: entity `customer`: field `seed.v1.Customer.loyalty_id`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn policy_diff_of_bad_input_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let invalid = seed_policy_with(
+        dir.path(),
+        &[(
+            "warehouse = { owner = \"delivery\" }",
+            "warehouse = { owner = \"depot\" }",
+        )],
+    );
+    let missing = dir.path().join("nope.toml");
+    let seed = seed_policy();
+    for (old, new, expected) in [
+        (&missing, &seed, "error: OLD "),
+        (&seed, &missing, "cannot read policy file"),
+        (
+            &seed,
+            &invalid,
+            "policy.toml: entity `customer`, field `warehouse`: `owners` names unknown system `depot`",
+        ),
+    ] {
+        let out = concord(&[
+            "policy",
+            "diff",
+            old.to_str().unwrap(),
+            new.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{old:?} {new:?}");
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{err}");
+    }
 }
