@@ -149,6 +149,21 @@ impl fmt::Display for ConfigError {
 }
 
 impl RouterConfig {
+    /// The exchanges and queues this router declares (namespace, queue type, delivery limit,
+    /// partitions): also what `concord broker-defs` writes.
+    pub fn topology(&self) -> concord_amqp::Topology {
+        let mut topology = concord_amqp::Topology::new(self.namespace.clone()).with_queue_type(
+            match self.queue_type {
+                QueueType::Classic => concord_amqp::QueueType::Classic,
+                QueueType::Quorum => concord_amqp::QueueType::Quorum,
+            },
+        );
+        if let Some(limit) = self.delivery_limit {
+            topology = topology.with_delivery_limit(limit);
+        }
+        topology.with_partitions(self.partitions)
+    }
+
     /// Parses and validates a configuration; `file` names the source in error messages.
     pub fn from_toml(text: &str, file: &str) -> Result<RouterConfig, ConfigError> {
         let config: RouterConfig = toml::from_str(text).map_err(|e| ConfigError {

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::config::{QueueType, RouterConfig};
+use crate::config::RouterConfig;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::policy_file::{self, DeploymentWatcher};
@@ -63,15 +63,7 @@ impl Router {
             .context("reading the bound HTTP address")?;
 
         let metrics = Arc::new(Metrics::new());
-        let mut topology =
-            Topology::new(config.namespace.clone()).with_queue_type(match config.queue_type {
-                QueueType::Classic => concord_amqp::QueueType::Classic,
-                QueueType::Quorum => concord_amqp::QueueType::Quorum,
-            });
-        if let Some(limit) = config.delivery_limit {
-            topology = topology.with_delivery_limit(limit);
-        }
-        topology = topology.with_partitions(config.partitions);
+        let topology = config.topology();
         let role = format!("concord-router/{}", config.namespace);
         let connection_names = [
             concord_amqp::connection_name(&format!("{role}/consume")),

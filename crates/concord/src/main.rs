@@ -17,6 +17,7 @@
 //! parses arguments, reads files and prints; all decisions come from `concord-policy`, schemas
 //! from `concord-schema` and all broker work from `concord-router`.
 
+mod broker_defs;
 mod explain;
 mod policy_cmd;
 mod schema_cmd;
@@ -86,6 +87,43 @@ enum Command {
         command: SchemaCommand,
     },
     /// Work with policies.
+    /// Write the RabbitMQ definitions that make the broker enforce the policy's isolation.
+    ///
+    /// One broker user per system of the policy (named after the system, or by the router
+    /// config's `[users]` map), one for the router and one for the operator, each with the
+    /// permissions and topic permissions of the security model (README, "Security model"), and
+    /// the exchanges, queues and bindings exactly as the router declares them. Passwords come
+    /// from `CONCORD_BROKER_PASSWORD_<USER>` (upper-cased, other characters as `_`); a missing
+    /// one is generated and printed once on stderr. Only password hashes are written.
+    ///
+    /// The JSON is for `rabbitmqctl import_definitions` or `POST /api/definitions`; `--load`
+    /// posts it to a broker's management API as `CONCORD_ADMIN_USER` /
+    /// `CONCORD_ADMIN_PASSWORD` (default guest/guest), creating the vhost first.
+    BrokerDefs {
+        /// The policy file (TOML): its systems get users and inboxes.
+        #[arg(long)]
+        policy: PathBuf,
+        /// The router's settings: namespace, queue type, partitions, `[users]`, and the vhost
+        /// (from `amqp_uri`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The vhost (default: that of the config's `amqp_uri`).
+        #[arg(long)]
+        vhost: Option<String>,
+        /// The router's broker user.
+        #[arg(long, default_value = "router")]
+        router_user: String,
+        /// The operator's broker user (may read the router's dead letters).
+        #[arg(long, default_value = "operator")]
+        operator_user: String,
+        /// Write the JSON to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Load the definitions into the broker whose management API is at this URL
+        /// (e.g. `http://127.0.0.1:15672`) instead of printing them.
+        #[arg(long)]
+        load: Option<String>,
+    },
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
@@ -198,6 +236,24 @@ fn main() -> ExitCode {
             Ok(r) => verdict(r.out, r.compatible),
             Err(e) => report(Err(e)),
         },
+        Command::BrokerDefs {
+            policy,
+            config,
+            vhost,
+            router_user,
+            operator_user,
+            out,
+            load,
+        } => {
+            let request = broker_defs::Request {
+                policy: &policy,
+                config: config.as_deref(),
+                vhost,
+                router_user,
+                operator_user,
+            };
+            report(run_broker_defs(&request, out.as_deref(), load.as_deref()))
+        }
         Command::Policy {
             command: PolicyCommand::Diff { old, new, json },
         } => match policy_cmd::diff(&old, &new, json) {
@@ -238,6 +294,39 @@ fn init_tracing(format: LogFormat) {
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Builds the definitions, prints the generated passwords on stderr, then writes or loads the
+/// definitions; returns what to print on stdout.
+fn run_broker_defs(
+    request: &broker_defs::Request<'_>,
+    out: Option<&Path>,
+    load: Option<&str>,
+) -> anyhow::Result<String> {
+    let output = broker_defs::build(request)?;
+    for (user, password) in &output.generated {
+        eprintln!(
+            "generated password for broker user {user:?} (set {} to choose it): {password}",
+            broker_defs::password_variable(user)
+        );
+    }
+    let json = serde_json::to_string_pretty(&output.definitions)?;
+    if let Some(url) = load {
+        broker_defs::load(url, &output.definitions)?;
+        return Ok(format!(
+            "loaded {} users and {} queues into {url}",
+            output.definitions.users.len(),
+            output.definitions.queues.len()
+        ));
+    }
+    match out {
+        Some(path) => {
+            std::fs::write(path, format!("{json}\n"))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(format!("wrote {}", path.display()))
+        }
+        None => Ok(json),
     }
 }
 
