@@ -40,6 +40,10 @@ fn every_example_policy_and_config_parses() {
         {
             concord_router::RouterConfig::from_toml(&text, &name)
                 .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        } else if text.contains("[adapter]") {
+            // An adapter process's config: the SDK's settings and the SQL adapter's table.
+            concord_adapter::ProcessConfig::<concord_sql::SqlConfig>::parse(&text, &name, None)
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
         } else {
             panic!(
                 "{name}: no test knows what this file is; teach every_example_policy_and_config_parses"
@@ -108,107 +112,5 @@ fn every_example_schema_file_is_named_by_a_policy() {
     assert!(protos.len() >= 2, "{protos:?}");
     for p in protos {
         assert!(loaded.contains(&p), "{} is named by no policy", p.display());
-    }
-}
-
-#[test]
-fn docker_compose_is_consistent() {
-    let text = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
-    let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
-    let services = doc["services"].as_mapping().expect("services");
-    for name in ["rabbitmq", "router", "seed-demo"] {
-        assert!(services.contains_key(name), "service {name}");
-    }
-    // Every bind-mounted file and the Dockerfile exist.
-    for (_, svc) in services {
-        if let Some(vols) = svc["volumes"].as_sequence() {
-            for v in vols {
-                let host = v.as_str().unwrap().split(':').next().unwrap();
-                assert!(root().join(host).exists(), "mounted {host} missing");
-            }
-        }
-        if let Some(df) = svc["build"]["dockerfile"].as_str() {
-            assert!(root().join(df).exists(), "{df}");
-        }
-    }
-    let router = &doc["services"]["router"];
-    let cmd: Vec<&str> = router["command"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    assert_eq!(cmd[0], "router");
-    // The schema the policy names is mounted next to it.
-    let mounts: Vec<(String, String)> = router["volumes"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|v| {
-            let mut parts = v.as_str().unwrap().split(':');
-            let host = parts.next().unwrap().to_owned();
-            (host, parts.next().unwrap().to_owned())
-        })
-        .collect();
-    let policy_at = cmd[cmd.iter().position(|a| *a == "--policy").unwrap() + 1];
-    let (policy_host, _) = mounts.iter().find(|(_, c)| c == policy_at).unwrap();
-    let policy_host = root().join(policy_host);
-    let deployment = concord_schema::Deployment::load(&policy_host).unwrap();
-    let host_dir = policy_host.parent().unwrap().canonicalize().unwrap();
-    let container_dir = Path::new(policy_at).parent().unwrap();
-    for source in deployment.schema.sources() {
-        let relative = source.strip_prefix(&host_dir).unwrap();
-        let expected = container_dir.join(relative);
-        assert!(
-            mounts.iter().any(|(h, c)| Path::new(c) == expected
-                && root().join(h).canonicalize().unwrap() == *source),
-            "{} is not mounted at {}",
-            source.display(),
-            expected.display()
-        );
-    }
-    // The router's metrics port is published and matches the config it mounts.
-    let cfg = std::fs::read_to_string(root().join("deploy/router.toml")).unwrap();
-    let cfg = concord_router::RouterConfig::from_toml(&cfg, "deploy/router.toml").unwrap();
-    let port = cfg.http_listen.rsplit(':').next().unwrap().to_owned();
-    let ports: Vec<&str> = router["ports"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap())
-        .collect();
-    assert!(
-        ports.iter().any(|p| p.ends_with(&format!(":{port}"))),
-        "{ports:?} vs {port}"
-    );
-    // The broker gets the plugins Concord uses.
-    let plugins = std::fs::read_to_string(root().join("deploy/rabbitmq/enabled_plugins")).unwrap();
-    for p in ["rabbitmq_management", "rabbitmq_consistent_hash_exchange"] {
-        assert!(plugins.contains(p), "{p}");
-    }
-}
-
-#[test]
-fn dockerfile_builds_the_binaries_the_compose_file_runs() {
-    let df = std::fs::read_to_string(root().join("deploy/docker/Dockerfile")).unwrap();
-    for bin in ["concord", "concord-seed-demo"] {
-        assert!(
-            df.contains(&format!("-p {bin}")),
-            "Dockerfile does not build {bin}"
-        );
-        assert!(
-            df.contains(&format!("/usr/local/bin/{bin}")),
-            "Dockerfile does not install {bin}"
-        );
-    }
-    for copied in [
-        "examples/seed/policy.toml",
-        "examples/seed/customer.proto",
-        "deploy/router.toml",
-    ] {
-        assert!(
-            df.contains(copied) && root().join(copied).exists(),
-            "{copied}"
-        );
     }
 }

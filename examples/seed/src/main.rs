@@ -3,8 +3,9 @@
 //!
 //! `cargo run -p concord-seed-demo` runs its own router in namespace `concord-demo` and deletes
 //! the namespace at the end (`--keep` leaves the queues for the management UI);
-//! `--external-router` uses a router that is already running in namespace `concord`
-//! (`docker compose up router`). The broker is `CONCORD_AMQP_URI`, by default the local guest.
+//! `--external-router` uses a router that is already running in namespace `concord` (not the
+//! one of `docker compose up`, which runs `concord-sql` adapters with a broker user per system).
+//! The broker is `CONCORD_AMQP_URI`, by default the local guest.
 
 use std::path::Path;
 use std::time::Duration;
