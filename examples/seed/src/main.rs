@@ -249,11 +249,11 @@ async fn script(cli: &Cli, demo: &mut Demo) -> anyhow::Result<()> {
         app.exec(spec.schema(family)?)
             .await
             .with_context(|| format!("{}: creating table {}", spec.name, spec.table))?;
-        let config = adapter_config(spec, &root, &policy, vhost, &db)?;
+        let (config, http) = adapter_config(spec, &root, &policy, vhost, &db)?;
         let path = root.join(format!("{}.toml", spec.name));
-        std::fs::write(&path, &config.0)?;
+        std::fs::write(&path, &config)?;
         // `concord-sql install`: the change log and the capture triggers.
-        let mut sql = sql_config(&config.0)?;
+        let mut sql = sql_config(&config)?;
         sql.url = Some(url.clone());
         sql.url_env = None;
         let capture = SqlSystem::connect(&sql, &entities)
@@ -279,7 +279,7 @@ async fn script(cli: &Cli, demo: &mut Demo) -> anyhow::Result<()> {
         demo.adapters.push(adapter::Process::spawn(
             spec.name,
             &path,
-            config.1,
+            http,
             &[
                 ("CONCORD_AMQP_URI".into(), vhost.system_uri(spec.name)),
                 (db_env(spec.name), url),
