@@ -4,7 +4,9 @@
 //! Pausing narrows the read permission of the system's broker user from its inbox and DLQ
 //! ([`system_read`], what `concord broker-defs` grants) to its DLQ only
 //! ([`paused_system_read`]), then closes that user's connections to the vhost (the broker keeps
-//! a consumer that exists, whatever the permissions). The adapter reconnects with backoff and
+//! a consumer that exists, whatever the permissions) until the management API shows no consumer
+//! of that user on the inbox for longer than its statistics interval (connections and
+//! consumers appear there only with the next sample). The adapter reconnects with backoff and
 //! its `basic.consume` of the inbox is refused, again and again, until resumed: it applies
 //! nothing and reports not ready on `/readyz`. The router keeps routing to the inbox, which
 //! accumulates (nothing is unroutable, nothing is lost); what was delivered but not acked when
@@ -17,6 +19,8 @@
 //! resume. Changing permissions and closing other users' connections needs a broker user with
 //! the `administrator` tag. Loading the definitions again (`concord broker-defs --load`)
 //! resumes every system.
+
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -63,6 +67,14 @@ pub enum PauseError {
     )]
     SeveralUsers { system: String, users: Vec<String> },
     #[error(
+        "broker user {user:?} still consumes {queue} after {seconds} s (its connections are closed as the management API lists them)"
+    )]
+    StillConsuming {
+        user: String,
+        queue: String,
+        seconds: u64,
+    },
+    #[error(
         "broker user {user:?} reads {read:?} in vhost {vhost:?}, not what `concord broker-defs` grants system {system:?}: left alone"
     )]
     Unexpected {
@@ -93,6 +105,13 @@ pub struct Target<'a> {
     pub namespace: &'a str,
     pub system: &'a str,
     pub user: Option<&'a str>,
+    /// How long a pause keeps closing the user's connections and checking its inbox has no
+    /// consumer of it: longer than the management API's statistics interval
+    /// (`collect_statistics_interval`, 5 s by default), since a connection or consumer appears
+    /// in the API only with the next sample.
+    pub settle: Duration,
+    /// How long a pause may take before it reports the inbox still consumed.
+    pub timeout: Duration,
 }
 
 fn find_user(m: &Management, t: &Target<'_>) -> Result<String, PauseError> {
@@ -151,14 +170,7 @@ pub fn pause(m: &Management, t: &Target<'_>) -> Result<Outcome, PauseError> {
         State::Running => set_read(m, t, &user, paused_system_read(t.namespace, t.system))?,
         State::Paused => {}
     }
-    let reason = format!("concord pause --system {}", t.system);
-    let mut closed = 0;
-    for c in m.connections(t.vhost)? {
-        if c.user == user {
-            m.close_connection(&c.name, &reason)?;
-            closed += 1;
-        }
-    }
+    let closed = close_until_idle(m, t, &user)?;
     Ok(Outcome {
         system: t.system.to_owned(),
         user,
@@ -166,6 +178,41 @@ pub fn pause(m: &Management, t: &Target<'_>) -> Result<Outcome, PauseError> {
         after: State::Paused,
         closed_connections: closed,
     })
+}
+
+/// Closes `user`'s connections until its inbox has no consumer of it, as the management API
+/// reports both (sampled): for at least `t.settle`, at most `t.timeout`. Returns how many
+/// connections were closed.
+fn close_until_idle(m: &Management, t: &Target<'_>, user: &str) -> Result<usize, PauseError> {
+    let inbox = format!("{}.inbox.{}", t.namespace, t.system);
+    let reason = format!("concord pause --system {}", t.system);
+    let start = Instant::now();
+    let mut closed = 0;
+    loop {
+        for c in m.connections(t.vhost)? {
+            if c.user == user {
+                m.close_connection(&c.name, &reason)?;
+                closed += 1;
+            }
+        }
+        let consuming = m
+            .consumers(t.vhost)?
+            .iter()
+            .any(|c| c.queue.name == inbox && c.channel_details.user == user);
+        let waited = start.elapsed();
+        if !consuming && waited >= t.settle {
+            return Ok(closed);
+        }
+        if waited >= t.timeout {
+            return Err(PauseError::StillConsuming {
+                user: user.to_owned(),
+                queue: inbox,
+                seconds: waited.as_secs(),
+            });
+        }
+        // The API is sampled: look again shortly.
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Resumes the system (idempotent).
