@@ -121,6 +121,17 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+/// The read permission of `system`'s user: its inbox and its dead-letter queue.
+pub fn system_read(namespace: &str, system: &str) -> String {
+    format!("^{}\\.(inbox|dlq)\\.{}$", escape(namespace), escape(system))
+}
+
+/// The read permission of `system`'s user while `concord pause` holds it: its dead-letter queue
+/// only, so it cannot consume its inbox.
+pub fn paused_system_read(namespace: &str, system: &str) -> String {
+    format!("^{}\\.dlq\\.{}$", escape(namespace), escape(system))
+}
+
 /// Matches nothing.
 const NOTHING: &str = "^$";
 
@@ -163,7 +174,7 @@ impl Spec {
                 &s.user,
                 NOTHING.to_owned(),
                 format!("^{ns}\\.(ingress|dlx)$"),
-                format!("^{ns}\\.(inbox|dlq)\\.{sys}$"),
+                system_read(&self.namespace, &s.system),
             ));
             d.topic_permissions.push(topic(
                 &s.user,

@@ -11,14 +11,30 @@
 //!   create and delete rights, systems and entities added or removed, merge rules, the
 //!   `concord resync --system S --entity E` commands to run for the systems that now see more,
 //!   the copies no longer sent (they keep their values: Concord erases nothing), and the schema
-//!   changes the router's reload refuses. Exit status 0 no change, 1 changes, 2 bad input.
+//!   changes the router's reload refuses. Exit status 0 no change, 1 changes, 2 bad input;
+//! - `concord broker-defs` writes (or loads) the RabbitMQ definitions;
+//! - `concord status` reports per system its inbox (depth, consumers, rates) and dead letters by
+//!   reason, the router's queues with their (single active) consumers, its dead letters and its
+//!   end-to-end lag; exit status 1 when something needs attention;
+//! - `concord dlq list|show|redrive --system S` lists, decodes and moves back dead letters (a
+//!   system's into its inbox as the router; the router's into its input as their source
+//!   system), move-then-ack, rate-limited, idempotent when interrupted;
+//! - `concord pause|resume --system S` stops and resumes delivering to one system (its user may
+//!   not consume its inbox while paused; the inbox accumulates).
+//!
+//! The operator commands reach the broker as the operator (`--management-url`, `--user`,
+//! `--password`, `--vhost`, `--namespace`, or `CONCORD_MANAGEMENT_URL`,
+//! `CONCORD_OPERATOR_USER`, `CONCORD_OPERATOR_PASSWORD`, `CONCORD_VHOST`,
+//! `CONCORD_NAMESPACE`); README "Operating Concord" is their runbook.
 //!
 //! Every command loads the schema the policy names (its `[schema]` table). This binary only
 //! parses arguments, reads files and prints; all decisions come from `concord-policy`, schemas
-//! from `concord-schema` and all broker work from `concord-router`.
+//! from `concord-schema`, the router from `concord-router` and the broker administration and
+//! operation from `concord-admin`.
 
 mod broker_defs;
 mod explain;
+mod ops;
 mod policy_cmd;
 mod schema_cmd;
 
@@ -127,6 +143,163 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Per system: inbox depth, consumers, rates and dead letters by reason; the router's
+    /// queues with their consumers (single active consumer: which connection), its dead
+    /// letters and end-to-end lag.
+    ///
+    /// Read through the RabbitMQ management API as the operator (its statistics are sampled
+    /// every 5 s by default); dead letters are counted by reason by peeking at most --peek
+    /// messages of each dead-letter queue (read and put back, nothing consumed). Exit status:
+    /// 0 all well; 1 something needs attention (an inbox or router queue without consumer, a
+    /// paused system, a non-empty dead-letter queue, a depth above --max-depth, metrics
+    /// unreadable); 2 the broker could not be read.
+    Status {
+        #[command(flatten)]
+        broker: ops::Broker,
+        /// The policy: its systems are reported (default: every system with an inbox).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// More ready messages than this in an inbox or router queue needs attention.
+        #[arg(long)]
+        max_depth: Option<u64>,
+        /// The router's metrics endpoint (e.g. http://router:8080/metrics) for the end-to-end
+        /// lag.
+        #[arg(long, env = "CONCORD_ROUTER_METRICS_URL")]
+        router_metrics: Option<String>,
+        /// Most dead letters read per queue to count them by reason.
+        #[arg(long, default_value_t = 1000)]
+        peek: usize,
+        /// One JSON object instead of the tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dead letters: list, show (decoded), redrive (move back).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Stop delivering to a system: its inbox accumulates until `concord resume`.
+    ///
+    /// The system's broker user loses the right to consume its inbox (its read permission keeps
+    /// its dead-letter queue only) and its connections are closed: the adapter reconnects and
+    /// is refused until resumed, applying nothing (its own local changes wait in its change
+    /// feed too). The router keeps routing to the inbox; nothing is lost. Needs a broker user
+    /// with the `administrator` tag (--user/--password). Idempotent.
+    Pause {
+        #[command(flatten)]
+        broker: ops::Broker,
+        /// The system.
+        #[arg(long)]
+        system: String,
+        /// Its broker user (default: the one user whose read permission is the system's).
+        #[arg(long)]
+        broker_user: Option<String>,
+        /// Seconds to keep closing the user's connections and checking that its inbox has no
+        /// consumer: more than the management API's statistics interval (5 s by default), as
+        /// connections and consumers appear in the API only with its next sample.
+        #[arg(long, default_value_t = 6)]
+        settle_secs: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume delivering to a paused system: its user may consume its inbox again, and its
+    /// adapter catches up at its next reconnect (within its backoff, at most about 20 s).
+    Resume {
+        #[command(flatten)]
+        broker: ops::Broker,
+        #[arg(long)]
+        system: String,
+        #[arg(long)]
+        broker_user: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// One line per dead letter: reason, record (`entity/key`), event id, time (Unix seconds),
+    /// detail. The queue is read through the management API and left as it was.
+    List {
+        #[command(flatten)]
+        broker: ops::Broker,
+        /// The system whose dead letters (`router`: the router's).
+        #[arg(long)]
+        system: String,
+        /// Only this reason code (e.g. `apply_failed`).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Most messages read from the head of the queue.
+        #[arg(long, default_value_t = 1000)]
+        scan: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Each dead letter as one JSON object per line: reason, detail, and the change event
+    /// decoded (`event`); with --policy, its record decoded with the message the policy names
+    /// for its entity. A parked local change is shown as the JSON it is (`parked`), other bytes
+    /// as `body_base64`.
+    ///
+    /// The record is shown whole, as the dead letter holds it: a router dead letter holds the
+    /// source's complete input, fields hidden from every other system included. Only the
+    /// operator may read the router's dead-letter queue (a system's holds only what the system
+    /// may see), and hidden fields are shown here because the operator may read them.
+    Show {
+        #[command(flatten)]
+        broker: ops::Broker,
+        #[arg(long)]
+        system: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        #[arg(long, default_value_t = 1000)]
+        scan: usize,
+        /// The policy (and its schema) to decode records with.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+    /// Move dead letters back where they came from, never elsewhere: a system's into its inbox
+    /// (published to `{ns}.routed` with its name as routing key, as the router's user:
+    /// --router-uri), the router's into its input (`{ns}.ingress`, original routing key, as
+    /// their source system's user, so the router validates the identity again: --source S and
+    /// --source-uri; only S's dead letters move).
+    ///
+    /// Move-then-ack: each is published and confirmed, then acknowledged. Interrupted, a
+    /// redrive can leave a moved message in its DLQ too; redriving again sends it with the
+    /// same event id and the adapter's deduplication drops the copy. Parked local changes and
+    /// messages that are no change event stay. At most the messages in the queue at the start
+    /// are looked at.
+    Redrive {
+        #[command(flatten)]
+        broker: ops::Broker,
+        #[arg(long)]
+        system: String,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Move at most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// At most this many per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// The operator's AMQP URI (reads and acks the dead letters).
+        #[arg(long, env = "CONCORD_AMQP_URI", hide_env_values = true)]
+        amqp_uri: String,
+        /// The router's AMQP URI (a system's dead letters are published as the router).
+        #[arg(long, env = "CONCORD_ROUTER_AMQP_URI", hide_env_values = true)]
+        router_uri: Option<String>,
+        /// Router dead letters: the system whose dead letters move.
+        #[arg(long)]
+        source: Option<String>,
+        /// Router dead letters: that system's AMQP URI.
+        #[arg(long, env = "CONCORD_SOURCE_AMQP_URI", hide_env_values = true)]
+        source_uri: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -260,6 +433,101 @@ fn main() -> ExitCode {
             Ok(r) => verdict(r.out, r.unchanged),
             Err(e) => report(Err(e)),
         },
+        Command::Status {
+            broker,
+            policy,
+            max_depth,
+            router_metrics,
+            peek,
+            json,
+        } => match ops::status(
+            &broker,
+            policy.as_deref(),
+            max_depth,
+            router_metrics,
+            peek,
+            json,
+        ) {
+            Ok((out, ok)) => verdict(out, ok),
+            Err(e) => report(Err(e)),
+        },
+        Command::Dlq { command } => report(dlq(command)),
+        Command::Pause {
+            broker,
+            system,
+            broker_user,
+            settle_secs,
+            json,
+        } => report(ops::pause_resume(
+            &broker,
+            &system,
+            broker_user.as_deref(),
+            settle_secs,
+            true,
+            json,
+        )),
+        Command::Resume {
+            broker,
+            system,
+            broker_user,
+            json,
+        } => report(ops::pause_resume(
+            &broker,
+            &system,
+            broker_user.as_deref(),
+            0,
+            false,
+            json,
+        )),
+    }
+}
+
+fn dlq(command: DlqCommand) -> anyhow::Result<String> {
+    match command {
+        DlqCommand::List {
+            broker,
+            system,
+            reason,
+            limit,
+            scan,
+            json,
+        } => ops::dlq_list(&broker, &system, reason.as_deref(), limit, scan, json),
+        DlqCommand::Show {
+            broker,
+            system,
+            reason,
+            limit,
+            scan,
+            policy,
+        } => ops::dlq_show(
+            &broker,
+            &system,
+            reason.as_deref(),
+            limit,
+            scan,
+            policy.as_deref(),
+        ),
+        DlqCommand::Redrive {
+            broker,
+            system,
+            reason,
+            limit,
+            rate,
+            amqp_uri,
+            router_uri,
+            source,
+            source_uri,
+            json,
+        } => {
+            let publisher = if system == "router" {
+                source_uri
+            } else {
+                router_uri
+            };
+            ops::dlq_redrive(
+                &broker, &system, reason, limit, rate, source, amqp_uri, publisher, json,
+            )
+        }
     }
 }
 
