@@ -274,20 +274,24 @@ class Adapter:
 
     def run(self):
         threading.Thread(target=self.read_stdin, daemon=True).start()
-        delay = 0.1
+        self.backoff = 0.1
         while not self.stopping.is_set():
             try:
                 self.session()
             except pika.exceptions.AMQPError as e:
-                log.warning("connection lost (%r); reconnecting in %.1f s", e, delay)
-                self.stopping.wait(delay)  # backoff, cut short by a stop
-                delay = min(delay * 2, 5.0)
+                log.warning("connection lost (%r); reconnecting in %.1f s", e, self.backoff)
+                self.stopping.wait(self.backoff)  # cut short by a stop
+                self.backoff = min(self.backoff * 2, 5.0)
+            finally:
+                if self.conn is not None and self.conn.is_open:
+                    self.conn.close()
 
     def session(self):
         self.consuming = False
         self.conn = pika.BlockingConnection(self.params)
         inbox = f"{self.ns}.inbox.{self.system}"
-        self.wait_for(inbox)
+        if not self.wait_for(inbox):
+            return
         self.publisher = self.conn.channel()
         self.publisher.confirm_delivery()
         for item in list(self.store.data["outbox"]):
@@ -296,26 +300,28 @@ class Adapter:
         self.consumer.basic_qos(prefetch_count=32)
         self.consumer.basic_consume(inbox, self.on_message)
         emit("ready", inbox=inbox)
+        self.backoff = 0.1
         self.consuming = True
         # Runs first thing in start_consuming: the commands that came while connecting.
         self.conn.add_callback_threadsafe(self.drain_commands)
         self.consumer.start_consuming()
-        self.conn.close()
 
     def wait_for(self, inbox):
-        """Waits until the router has declared the inbox (a passive check creates nothing)."""
-        while True:
+        """Waits until the router has declared the inbox (a passive check creates nothing);
+        False if told to stop meanwhile."""
+        while not self.stopping.is_set():
             channel = self.conn.channel()
             try:
                 channel.queue_declare(inbox, passive=True)
                 channel.close()
-                return
+                return True
             except pika.exceptions.ChannelClosedByBroker as e:
                 if e.reply_code != 404:
                     raise
                 log.info("waiting for %s (is the router running with %s in its policy?)",
                          inbox, self.system)
                 self.conn.sleep(0.5)
+        return False
 
     # -- incoming -----------------------------------------------------------------------------
 

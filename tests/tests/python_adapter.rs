@@ -310,6 +310,9 @@ async fn python_adapter_joins_as_a_fourth_system_through_the_wire_contract() -> 
     generate(&python, &gen_dir)?;
     let policy = example().join("policy.toml");
     let env = Env::new("pyad", &["billing", "delivery", "orders", "support"])?;
+    // Started before the router: it declares nothing and waits for the router's inbox.
+    let mut billing =
+        PythonAdapter::spawn(&env, &python, &gen_dir, &dir.path().join("billing.json"))?;
     let router = start_router(&env, &policy).await?;
     let mut nodes = Vec::new();
     for system in SEED_SYSTEMS {
@@ -317,8 +320,6 @@ async fn python_adapter_joins_as_a_fourth_system_through_the_wire_contract() -> 
         nodes.push(Node::start_with_policy(&env, system, memory, dir.path(), &policy).await?);
     }
     let [delivery, orders, support] = [&nodes[0], &nodes[1], &nodes[2]];
-    let mut billing =
-        PythonAdapter::spawn(&env, &python, &gen_dir, &dir.path().join("billing.json"))?;
     billing
         .expect("ready", "adapter.py consuming", |_| true)
         .await?;
@@ -442,6 +443,18 @@ async fn python_adapter_joins_as_a_fourth_system_through_the_wire_contract() -> 
         value(&billing.record(&key)?, "email"),
         "ada@lovelace.example"
     );
+
+    // Orders closes the account: the delete clears everything written before it, billing's own
+    // tier too.
+    orders.memory.delete("customer", &oid);
+    billing
+        .expect("applied", "the delete", |r| {
+            r["changed"] == json!(["amount_paid", "email", "name", "tier"])
+        })
+        .await?;
+    let record = billing.record(&key)?;
+    assert_eq!(record["exists"], false, "{record}");
+    assert!(fields(&record).is_empty(), "{record}");
 
     // Billing published its one edit and nothing else (applied changes are never echoed).
     let published = billing
