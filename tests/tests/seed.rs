@@ -149,6 +149,12 @@ async fn seed_scenario_ownership_visibility_and_no_echo() -> anyhow::Result<()> 
     }
 
     // No echo: every user edit was published exactly once, applying a change published nothing.
+    // (A publish counts once its confirm is processed, which may come after the copies were
+    // applied elsewhere: wait for the counts, then check they are exact.)
+    for (node, n) in [(orders, 1), (delivery, 1), (support, 2)] {
+        node.wait(30, "the publishes confirmed", |m| m.published >= n)
+            .await?;
+    }
     assert_eq!(orders.metrics().published, 1);
     assert_eq!(delivery.metrics().published, 1);
     assert_eq!(support.metrics().published, 2);
@@ -168,6 +174,9 @@ async fn seed_scenario_ownership_visibility_and_no_echo() -> anyhow::Result<()> 
         .wait(30, "the new name", |m| m.incoming_applied >= 3)
         .await?;
     assert_eq!(delivery.text(&did, "name").as_deref(), Some("Ada King"));
+    orders
+        .wait(30, "the publish confirmed", |m| m.published >= 2)
+        .await?;
     assert_eq!(
         [
             orders.metrics().published,
