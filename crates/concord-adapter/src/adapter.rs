@@ -220,6 +220,35 @@ pub trait SystemAdapter: Send + Sync + 'static {
         async move { Err(refused) }
     }
 
+    /// Applies several incoming changes, in order: the runner passes the inbox messages its
+    /// prefetch already holds (at most one change per record), so a system can apply them
+    /// together (e.g. in one database transaction). Returns one result per change, in order;
+    /// a shorter list means the changes after it were not attempted.
+    ///
+    /// The runner takes the results up to the first transient error: that change and every one
+    /// after it are applied again one by one with [`SystemAdapter::apply`] (with backoff), so,
+    /// as for `apply`, applying a change twice must be harmless. A change that fails
+    /// permanently is dead-lettered alone: it must not fail the others.
+    ///
+    /// Default: [`SystemAdapter::apply`] one by one, stopping at the first transient error.
+    fn apply_batch(
+        &self,
+        changes: &[Apply],
+    ) -> impl Future<Output = Vec<Result<Applied, AdapterError>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(changes.len());
+            for change in changes {
+                let r = self.apply(change).await;
+                let transient = matches!(&r, Err(e) if e.is_transient());
+                out.push(r);
+                if transient {
+                    break;
+                }
+            }
+            out
+        }
+    }
+
     /// Every change up to feed position `cursor` (a cursor of [`SystemAdapter::changes`]) is
     /// published and confirmed by the broker: the system may now forget them (e.g. delete its
     /// change-log rows up to there). Called after each confirmed batch, and at start for what
@@ -258,6 +287,12 @@ impl<A: SystemAdapter> SystemAdapter for std::sync::Arc<A> {
     }
     fn apply(&self, change: &Apply) -> impl Future<Output = Result<Applied, AdapterError>> + Send {
         (**self).apply(change)
+    }
+    fn apply_batch(
+        &self,
+        changes: &[Apply],
+    ) -> impl Future<Output = Vec<Result<Applied, AdapterError>>> + Send {
+        (**self).apply_batch(changes)
     }
     fn published(&self, cursor: &str) -> impl Future<Output = Result<(), AdapterError>> + Send {
         (**self).published(cursor)

@@ -4,7 +4,7 @@
 //! step of the machine, and performs the step's effects: the store write (in one SQLite
 //! transaction with the outbox or the event's deduplication), the publish, the apply.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use concord_policy::replica::{
@@ -18,7 +18,7 @@ use prost::Message;
 use prost_reflect::{DynamicMessage, MessageDescriptor};
 use tracing::{debug, warn};
 
-use crate::adapter::{AdapterError, Apply, LocalChange, SystemAdapter};
+use crate::adapter::{AdapterError, Applied, Apply, LocalChange, SystemAdapter};
 use crate::metrics::Metrics;
 use crate::store::{self, OutboxEntry, Parked, Store, StoreError};
 use crate::transport::{Link, Outgoing, TransportError};
@@ -79,6 +79,26 @@ fn permanent(reason: DeadLetterReason, detail: impl Into<String>) -> IncomingErr
         reason,
         detail: detail.into(),
     }
+}
+
+/// An inbox message processed up to the apply.
+enum Prepared {
+    /// Nothing to apply: this became of it.
+    Done(Processed),
+    Apply(Box<Pending>),
+}
+
+/// What to apply for an inbox message, and what to record once it is applied.
+struct Pending {
+    seen_key: String,
+    /// The record's state before the message.
+    before: RecordState,
+    /// The state recorded so far (with the pending fields when recorded first).
+    recorded: RecordState,
+    /// The state once applied.
+    state: RecordState,
+    plan: ApplyPlan,
+    apply: Apply,
 }
 
 /// How an engine works, beyond its system and adapter.
@@ -176,31 +196,132 @@ impl<A: SystemAdapter> Engine<A> {
         user_id: Option<&str>,
     ) -> Result<Processed, IncomingError> {
         Metrics::inc(&self.metrics.incoming);
-        let r = if user_id == Some(self.router_user.as_str()) {
-            self.incoming(body).await
-        } else {
-            // Only the router decides what this system may receive: a message anyone else put
-            // in the inbox (hidden fields, forged ranks or clocks) is never applied.
-            Err(permanent(
-                DeadLetterReason::UntrustedPublisher,
-                format!(
-                    "published by {}, not by the router ({})",
-                    user_id.map_or_else(|| "an unknown user".to_owned(), |u| format!("{u:?}")),
-                    self.router_user
-                ),
-            ))
+        let r = match self.trusted(user_id) {
+            Ok(()) => self.incoming(body).await,
+            Err(e) => Err(e),
         };
-        match &r {
+        self.counted(&r);
+        r
+    }
+
+    /// Processes several inbox messages (body, publisher), in order, applying those that need it
+    /// with ONE call of [`SystemAdapter::apply_batch`]. Returns what became of a prefix of them,
+    /// in order, with no transient error in it: the message that failed transiently (or could
+    /// not be taken into this batch, because an earlier one in it concerns the same record) and
+    /// every one after it are left to [`Engine::handle_incoming`], one by one. Idempotent like it.
+    pub(crate) async fn handle_incoming_batch(
+        &mut self,
+        messages: &[(&[u8], Option<&str>)],
+    ) -> Vec<Result<Processed, IncomingError>> {
+        // What became of each message taken; `None`: its apply is pending.
+        let mut results: Vec<Option<Result<Processed, IncomingError>>> = Vec::new();
+        let mut pending: Vec<(usize, Pending)> = Vec::new();
+        let mut records: HashSet<(String, String)> = HashSet::new();
+        for (body, user_id) in messages {
+            if let Err(e) = self.trusted(*user_id) {
+                Metrics::inc(&self.metrics.incoming);
+                results.push(Some(Err(e)));
+                continue;
+            }
+            // At most one apply per record in a batch: each apply is planned on the state the
+            // one before it recorded.
+            if let Ok(ev) = ChangeEvent::decode(*body)
+                && records.contains(&(ev.entity.clone(), ev.key.clone()))
+            {
+                break;
+            }
+            Metrics::inc(&self.metrics.incoming);
+            match self.prepare(body).await {
+                Ok(Prepared::Done(p)) => {
+                    let r = Ok(p);
+                    self.counted(&r);
+                    results.push(Some(r));
+                }
+                Ok(Prepared::Apply(p)) => {
+                    records.insert((p.apply.entity.clone(), p.apply.key.clone()));
+                    pending.push((results.len(), *p));
+                    results.push(None);
+                }
+                Err(e @ IncomingError::Permanent { .. }) => results.push(Some(Err(e))),
+                Err(IncomingError::Transient(e)) => {
+                    debug!(error = %e, "preparing an incoming change failed; retried alone");
+                    break;
+                }
+            }
+        }
+        let mut taken = results.len();
+        if !pending.is_empty() {
+            let changes: Vec<Apply> = pending.iter().map(|(_, p)| p.apply.clone()).collect();
+            let mut applied = self.adapter.apply_batch(&changes).await.into_iter();
+            for (i, p) in pending {
+                let r = match applied.next() {
+                    Some(r) if i < taken => r,
+                    // Not attempted, or after a transient failure: retried alone.
+                    _ => {
+                        taken = taken.min(i);
+                        continue;
+                    }
+                };
+                match self.finish(p, r).await {
+                    Err(IncomingError::Transient(e)) => {
+                        debug!(error = %e, "applying an incoming change failed; retried alone");
+                        Metrics::inc(&self.metrics.retries);
+                        taken = taken.min(i);
+                    }
+                    r => {
+                        self.counted(&r);
+                        if let Some(slot) = results.get_mut(i) {
+                            *slot = Some(r);
+                        }
+                    }
+                }
+            }
+        }
+        self.metrics.touch();
+        results.truncate(taken);
+        results.into_iter().map_while(|r| r).collect()
+    }
+
+    /// Only the router decides what this system may receive: a message anyone else put in the
+    /// inbox (hidden fields, forged ranks or clocks) is never applied.
+    fn trusted(&self, user_id: Option<&str>) -> Result<(), IncomingError> {
+        if user_id == Some(self.router_user.as_str()) {
+            return Ok(());
+        }
+        Err(permanent(
+            DeadLetterReason::UntrustedPublisher,
+            format!(
+                "published by {}, not by the router ({})",
+                user_id.map_or_else(|| "an unknown user".to_owned(), |u| format!("{u:?}")),
+                self.router_user
+            ),
+        ))
+    }
+
+    /// Counts what became of an incoming message.
+    fn counted(&self, r: &Result<Processed, IncomingError>) {
+        match r {
             Ok(Processed::Applied) => Metrics::inc(&self.metrics.incoming_applied),
             Ok(Processed::Duplicate) => Metrics::inc(&self.metrics.incoming_duplicate),
             Ok(Processed::Stale) => Metrics::inc(&self.metrics.incoming_stale),
             _ => {}
         }
         self.metrics.touch();
-        r
     }
 
     async fn incoming(&mut self, body: &[u8]) -> Result<Processed, IncomingError> {
+        match self.prepare(body).await? {
+            Prepared::Done(p) => Ok(p),
+            Prepared::Apply(p) => {
+                let r = self.adapter.apply(&p.apply).await;
+                self.finish(*p, r).await
+            }
+        }
+    }
+
+    /// Processes an inbox message up to the apply: what became of it, or what to apply (its
+    /// fields recorded as pending when the plan says so).
+    async fn prepare(&mut self, body: &[u8]) -> Result<Prepared, IncomingError> {
         if body.len() > self.max_message_bytes {
             return Err(permanent(
                 DeadLetterReason::TooLarge,
@@ -228,7 +349,7 @@ impl<A: SystemAdapter> Engine<A> {
         let seen_key = dedup_key(&ev);
         if self.store.seen(&seen_key).await? {
             debug!(event_id = %ev.event_id, "duplicate event");
-            return Ok(Processed::Duplicate);
+            return Ok(Prepared::Done(Processed::Duplicate));
         }
         let Some(message) = self.entities.get(&ev.entity).cloned() else {
             return Err(permanent(
@@ -264,11 +385,11 @@ impl<A: SystemAdapter> Engine<A> {
                 store::save_record(&mut tx, entity, key, &before, &state).await?;
                 store::mark_seen(&mut tx, &seen_key, now_ms()).await?;
                 tx.commit().await?;
-                return Ok(if matches!(step, IncomingStep::Stale) {
+                return Ok(Prepared::Done(if matches!(step, IncomingStep::Stale) {
                     Processed::Stale
                 } else {
                     Processed::Recorded
-                });
+                }));
             }
             IncomingStep::Apply(plan) => plan,
         };
@@ -288,7 +409,32 @@ impl<A: SystemAdapter> Engine<A> {
             &ev.origin
         };
         let apply = self.to_apply(entity, key, &plan, &message, &ev.event_id, origin);
-        match self.adapter.apply(&apply).await {
+        Ok(Prepared::Apply(Box::new(Pending {
+            seen_key,
+            before,
+            recorded,
+            state,
+            plan,
+            apply,
+        })))
+    }
+
+    /// Records what became of the apply of a prepared message.
+    async fn finish(
+        &mut self,
+        p: Pending,
+        result: Result<Applied, AdapterError>,
+    ) -> Result<Processed, IncomingError> {
+        let Pending {
+            seen_key,
+            before,
+            recorded,
+            mut state,
+            plan,
+            apply,
+        } = p;
+        let (entity, key) = (apply.entity.as_str(), apply.key.as_str());
+        match result {
             Ok(applied) => {
                 self.replica.applied(
                     &mut state,

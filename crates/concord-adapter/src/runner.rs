@@ -34,8 +34,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use concord_policy::route::DeadLetterReason;
 use futures::stream::{BoxStream, ReadyChunks};
+use futures::{FutureExt, StreamExt};
 use prost_reflect::MessageDescriptor;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -433,8 +434,28 @@ async fn session<A: SystemAdapter, L: Link>(
                 None => return Stop::Transport(TransportError::connection("inbox consumer ended")),
                 Some(Err(e)) => return Stop::Transport(e),
                 Some(Ok(m)) => {
-                    if let Err(stop) = incoming(engine, link, m, &config.retry, shutdown).await {
+                    // What the prefetch already holds goes with it, as one batch.
+                    let mut batch = vec![m];
+                    let mut ended = None;
+                    while batch.len() < usize::from(config.prefetch) {
+                        match inbox.next().now_or_never() {
+                            Some(Some(Ok(m))) => batch.push(m),
+                            Some(Some(Err(e))) => {
+                                ended = Some(e);
+                                break;
+                            }
+                            Some(None) => {
+                                ended = Some(TransportError::connection("inbox consumer ended"));
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    if let Err(stop) = incoming_batch(engine, link, batch, &config.retry, shutdown).await {
                         return stop;
+                    }
+                    if let Some(e) = ended {
+                        return Stop::Transport(e);
                     }
                 }
             },
@@ -569,6 +590,58 @@ async fn snapshot<A: SystemAdapter, L: Link>(
     Ok(total)
 }
 
+/// Processes inbox messages, in order, until each is acknowledged: those the engine takes
+/// together (their applies in one [`SystemAdapter::apply_batch`]), then the rest one by one.
+async fn incoming_batch<A: SystemAdapter, L: Link>(
+    engine: &mut Engine<A>,
+    link: &L,
+    batch: Vec<Incoming>,
+    retry: &RetryConfig,
+    shutdown: &mut Shutdown,
+) -> Result<(), Stop> {
+    let results = if batch.len() > 1 {
+        let messages: Vec<(&[u8], Option<&str>)> = batch
+            .iter()
+            .map(|m| (m.body.as_slice(), m.user_id.as_deref()))
+            .collect();
+        engine.handle_incoming_batch(&messages).await
+    } else {
+        Vec::new()
+    };
+    let mut results = results.into_iter();
+    for m in batch {
+        match results.next() {
+            Some(Ok(_)) => link.ack(m.tag).await?,
+            Some(Err(IncomingError::Permanent { reason, detail })) => {
+                dead_letter(engine, link, &m, reason, &detail).await?;
+            }
+            // Left to be processed alone (the engine puts no transient failure in a batch's
+            // results; one would be retried alone too).
+            Some(Err(IncomingError::Transient(_))) | None => {
+                results = Vec::new().into_iter();
+                incoming(engine, link, m, retry, shutdown).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Dead-letters an incoming message that failed permanently, then acknowledges it.
+async fn dead_letter<A: SystemAdapter, L: Link>(
+    engine: &Engine<A>,
+    link: &L,
+    m: &Incoming,
+    reason: DeadLetterReason,
+    detail: &str,
+) -> Result<(), Stop> {
+    warn!(reason = reason.as_str(), %detail, "dead-lettering an incoming message");
+    link.dead_letter(&m.body, reason.as_str(), detail).await?;
+    Metrics::inc(&engine.metrics().dead_lettered);
+    engine.metrics().touch();
+    link.ack(m.tag).await?;
+    Ok(())
+}
+
 /// Processes one inbox message until it is acknowledged (applied, recorded, duplicate, stale or
 /// dead-lettered). Transient failures are retried in place, forever.
 async fn incoming<A: SystemAdapter, L: Link>(
@@ -588,12 +661,7 @@ async fn incoming<A: SystemAdapter, L: Link>(
                 return Ok(());
             }
             Err(IncomingError::Permanent { reason, detail }) => {
-                warn!(reason = reason.as_str(), %detail, "dead-lettering an incoming message");
-                link.dead_letter(&m.body, reason.as_str(), &detail).await?;
-                Metrics::inc(&engine.metrics().dead_lettered);
-                engine.metrics().touch();
-                link.ack(m.tag).await?;
-                return Ok(());
+                return dead_letter(engine, link, &m, reason, &detail).await;
             }
             Err(IncomingError::Transient(e)) => {
                 Metrics::inc(&engine.metrics().retries);

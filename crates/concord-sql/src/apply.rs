@@ -1,6 +1,7 @@
-//! Applying an incoming change: one database transaction, marked as the adapter's (the capture
-//! triggers skip it), that records the event's id with the row it wrote, so a change applied
-//! before a crash (and redelivered) is recognised and not applied twice.
+//! Applying incoming changes: one database transaction per batch the runner holds (or per
+//! change), marked as the adapter's (the capture triggers skip it), that records each event's id
+//! with the row it wrote, so a change applied before a crash (and redelivered) is recognised and
+//! not applied twice.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -37,6 +38,8 @@ pub struct ApplyError {
 
 /// What went wrong inside the transaction.
 enum Failure {
+    /// No connection could be had.
+    Unavailable(sqlx::Error),
     Db(sqlx::Error),
     /// The change cannot be applied as it is (no key value, an ambiguous match...).
     Refused(String),
@@ -78,27 +81,65 @@ fn digest(change: &Apply) -> String {
     format!("{:016x}", fnv(text.as_bytes()))
 }
 
-pub(crate) async fn apply(inner: &Inner, change: &Apply) -> Result<Applied, AdapterError> {
-    let Some((ei, e)) = inner.mapping.entity(&change.entity) else {
-        return Err(AdapterError::permanent(format!(
-            "entity {} (record {}, event {}) is not mapped to a table by this adapter's configuration",
-            change.entity, change.key, change.event_id
-        )));
-    };
-    let fail = |reason: String, cause: Option<sqlx::Error>| ApplyError {
+/// An incoming change ready to be written: its table, its row (if known) and its values.
+struct Planned<'a> {
+    /// The entity's index in the mapping.
+    ei: usize,
+    e: &'a EntityMap,
+    change: &'a Apply,
+    target: Option<Key>,
+    values: Vec<(usize, SqlValue)>,
+    digest: String,
+}
+
+impl Planned<'_> {
+    fn error(&self, reason: String, cause: Option<sqlx::Error>) -> ApplyError {
+        error(self.e, self.change, reason, cause)
+    }
+
+    /// What the SDK is told about a failure of this change.
+    fn failed(&self, f: Failure) -> AdapterError {
+        match f {
+            Failure::Refused(why) => AdapterError::permanent(self.error(why, None)),
+            Failure::Unavailable(err) => {
+                AdapterError::transient(self.error("database unavailable".into(), Some(err)))
+            }
+            Failure::Db(err) => {
+                let reason = err.to_string();
+                match db::classify(&err) {
+                    ErrorClass::Permanent => AdapterError::permanent(self.error(reason, Some(err))),
+                    ErrorClass::Transient => AdapterError::transient(self.error(reason, Some(err))),
+                }
+            }
+        }
+    }
+}
+
+fn error(e: &EntityMap, change: &Apply, reason: String, cause: Option<sqlx::Error>) -> ApplyError {
+    ApplyError {
         table: e.table.clone(),
         key: change.local_id.clone().unwrap_or_else(|| "new".into()),
         record: change.key.clone(),
         event: change.event_id.clone(),
         reason,
         cause,
+    }
+}
+
+/// The change's table, row and values (pure): fields this table does not store are not this
+/// system's. An error names every value that cannot be written.
+fn plan<'a>(inner: &'a Inner, change: &'a Apply) -> Result<Planned<'a>, AdapterError> {
+    let Some((ei, e)) = inner.mapping.entity(&change.entity) else {
+        return Err(AdapterError::permanent(format!(
+            "entity {} (record {}, event {}) is not mapped to a table by this adapter's configuration",
+            change.entity, change.key, change.event_id
+        )));
     };
     let target = match change.local_id.as_deref().map(|id| e.parse_local_id(id)) {
         None => None,
         Some(Ok(k)) => Some(k),
-        Some(Err(why)) => return Err(AdapterError::permanent(fail(why, None))),
+        Some(Err(why)) => return Err(AdapterError::permanent(error(e, change, why, None))),
     };
-    // The values to write (pure): fields this table does not store are not this system's.
     let mut values: Vec<(usize, SqlValue)> = Vec::new();
     let mut problems = Vec::new();
     for (name, v) in &change.fields {
@@ -114,25 +155,148 @@ pub(crate) async fn apply(inner: &Inner, change: &Apply) -> Result<Applied, Adap
         }
     }
     if !problems.is_empty() {
-        return Err(AdapterError::permanent(fail(problems.join("; "), None)));
+        return Err(AdapterError::permanent(error(
+            e,
+            change,
+            problems.join("; "),
+            None,
+        )));
     }
-    let digest = digest(change);
-    let d = inner.db.dialect();
-    let mut conn =
-        inner.db.acquire().await.map_err(|err| {
-            AdapterError::transient(fail("database unavailable".into(), Some(err)))
-        })?;
-    let result = {
-        match conn.begin().await {
-            Err(err) => Err(Failure::Db(err)),
-            Ok(mut tx) => {
-                let r = write(&mut tx, inner, e, change, target, &values, &digest).await;
-                match r {
-                    Ok(outcome) => tx.commit().await.map(|()| outcome).map_err(Failure::Db),
-                    Err(f) => {
-                        let _ = tx.rollback().await;
-                        Err(f)
+    Ok(Planned {
+        ei,
+        e,
+        change,
+        target,
+        values,
+        digest: digest(change),
+    })
+}
+
+/// Applies one incoming change in its own transaction.
+pub(crate) async fn apply(inner: &Inner, change: &Apply) -> Result<Applied, AdapterError> {
+    let p = plan(inner, change)?;
+    let outcomes = transaction(inner, &[&p])
+        .await
+        .map_err(|(_, f)| p.failed(f))?;
+    let local_id = outcomes.into_iter().next().map(|o| {
+        inner.touch(p.ei, &o.touched);
+        o.local_id
+    });
+    prune(inner).await;
+    local_id
+        .map(Applied::to)
+        .ok_or_else(|| AdapterError::permanent(p.error("nothing was written".into(), None)))
+}
+
+/// Applies incoming changes in ONE transaction (each recorded in the applied-events table in
+/// it). A change that cannot be converted fails alone; when a write fails permanently (a
+/// constraint), the transaction is rolled back and the changes are applied one by one, each in
+/// its own transaction, so only the refused one fails. When the database fails transiently,
+/// nothing is applied: the first change reports it (the SDK retries them one by one).
+pub(crate) async fn apply_batch(
+    inner: &Inner,
+    changes: &[Apply],
+) -> Vec<Result<Applied, AdapterError>> {
+    let mut results: Vec<Option<Result<Applied, AdapterError>>> =
+        changes.iter().map(|_| None).collect();
+    let mut planned = Vec::with_capacity(changes.len());
+    for (i, change) in changes.iter().enumerate() {
+        match plan(inner, change) {
+            Ok(p) => planned.push((i, p)),
+            Err(e) => {
+                if let Some(slot) = results.get_mut(i) {
+                    *slot = Some(Err(e));
+                }
+            }
+        }
+    }
+    if !planned.is_empty() {
+        let writes: Vec<&Planned<'_>> = planned.iter().map(|(_, p)| p).collect();
+        match transaction(inner, &writes).await {
+            Ok(outcomes) => {
+                for ((i, p), o) in planned.iter().zip(outcomes) {
+                    inner.touch(p.ei, &o.touched);
+                    if let Some(slot) = results.get_mut(*i) {
+                        *slot = Some(Ok(Applied::to(o.local_id)));
                     }
+                }
+                prune(inner).await;
+            }
+            Err((at, f)) => {
+                let failed = writes.get(at).or(writes.first()).map(|p| p.failed(f));
+                match failed {
+                    Some(e) if e.is_transient() => return vec![Err(e)],
+                    _ => return one_by_one(inner, changes).await,
+                }
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(AdapterError::transient("not attempted"))))
+        .collect()
+}
+
+/// Applies the changes one by one, stopping at the first transient failure.
+async fn one_by_one(inner: &Inner, changes: &[Apply]) -> Vec<Result<Applied, AdapterError>> {
+    let mut out = Vec::with_capacity(changes.len());
+    for change in changes {
+        let r = apply(inner, change).await;
+        let transient = matches!(&r, Err(e) if e.is_transient());
+        out.push(r);
+        if transient {
+            break;
+        }
+    }
+    out
+}
+
+/// Writes `planned` in one transaction marked with the origin marker. Fails with the index of
+/// the change whose write failed (0 for the transaction itself) and why; then nothing of it is
+/// written.
+async fn transaction(
+    inner: &Inner,
+    planned: &[&Planned<'_>],
+) -> Result<Vec<Outcome>, (usize, Failure)> {
+    let d = inner.db.dialect();
+    let mut conn = inner
+        .db
+        .acquire()
+        .await
+        .map_err(|err| (0, Failure::Unavailable(err)))?;
+    let result = match conn.begin().await {
+        Err(err) => Err((0, Failure::Db(err))),
+        Ok(mut tx) => {
+            let mut outcomes = Vec::with_capacity(planned.len());
+            let mut failed = None;
+            for (i, p) in planned.iter().enumerate() {
+                match write(
+                    &mut tx,
+                    inner,
+                    p.e,
+                    p.change,
+                    p.target.clone(),
+                    &p.values,
+                    &p.digest,
+                )
+                .await
+                {
+                    Ok(o) => outcomes.push(o),
+                    Err(f) => {
+                        failed = Some((i, f));
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => tx
+                    .commit()
+                    .await
+                    .map(|()| outcomes)
+                    .map_err(|err| (0, Failure::Db(err))),
+                Some(f) => {
+                    let _ = tx.rollback().await;
+                    Err(f)
                 }
             }
         }
@@ -148,20 +312,7 @@ pub(crate) async fn apply(inner: &Inner, change: &Apply) -> Result<Applied, Adap
     } else {
         drop(conn);
     }
-    let outcome = match result {
-        Ok(o) => o,
-        Err(Failure::Refused(why)) => return Err(AdapterError::permanent(fail(why, None))),
-        Err(Failure::Db(err)) => {
-            let reason = err.to_string();
-            return Err(match db::classify(&err) {
-                ErrorClass::Permanent => AdapterError::permanent(fail(reason, Some(err))),
-                ErrorClass::Transient => AdapterError::transient(fail(reason, Some(err))),
-            });
-        }
-    };
-    inner.touch(ei, &outcome.touched);
-    prune(inner).await;
-    Ok(Applied::to(outcome.local_id))
+    result
 }
 
 /// The transaction's statements.

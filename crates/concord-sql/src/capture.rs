@@ -492,9 +492,11 @@ async fn pass(
         .filter_map(|(ei, key, ids, created)| {
             let e = inner.mapping.entities.get(ei)?;
             let local_id = key::local_id(&key);
+            // `get`, not `remove`: a row may be named twice (read again, and logged again),
+            // and each item must see it (a missing row is a delete).
             let values = values
-                .remove(&(ei, local_id.clone()))
-                .map(|cells| convert_row(e, cells));
+                .get(&(ei, local_id.clone()))
+                .map(|cells| convert_row(e, cells.clone()));
             Some(Captured {
                 entity: ei,
                 key,

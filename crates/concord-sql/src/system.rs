@@ -314,6 +314,11 @@ impl SystemAdapter for SqlSystem {
         crate::apply::apply(&self.inner, change).await
     }
 
+    /// The changes the runner holds, in one database transaction (see [`crate::apply`]).
+    async fn apply_batch(&self, changes: &[Apply]) -> Vec<Result<Applied, AdapterError>> {
+        crate::apply::apply_batch(&self.inner, changes).await
+    }
+
     async fn published(&self, cursor: &str) -> Result<(), AdapterError> {
         capture::published(&self.inner, cursor).await
     }

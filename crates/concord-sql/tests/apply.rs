@@ -374,3 +374,111 @@ async fn an_unknown_entity_or_an_unconvertible_value_is_permanent() -> anyhow::R
     sys.close().await;
     Ok(())
 }
+
+async fn batches(family: Family) -> anyhow::Result<()> {
+    let (_, entities) = seed();
+    let m = message(&entities);
+    let db = TestDb::new(family, "batch").await?;
+    db.exec(schema(family)).await?;
+    let sys = adapter(&db, &config("clients"), &entities).await?;
+
+    // Five changes the runner holds: the third breaks a constraint (the phone is too long), the
+    // fourth names a row id that is no id of this table (refused before any write).
+    let batch = vec![
+        change(&m, "b-1", "k-1", None, &[("name", text("Ada"))]),
+        change(&m, "b-2", "k-2", None, &[("name", text("Grace"))]),
+        change(
+            &m,
+            "b-3",
+            "k-3",
+            None,
+            &[("name", text("Edsger")), ("phone", text("+31 20 000 0000"))],
+        ),
+        change(
+            &m,
+            "b-4",
+            "k-4",
+            Some("not-a-number"),
+            &[("name", text("Alan"))],
+        ),
+        change(&m, "b-5", "k-5", None, &[("name", text("Barbara"))]),
+    ];
+    let results = sys.apply_batch(&batch).await;
+    assert_eq!(results.len(), 5, "{family:?}: {results:?}");
+    let ok: Vec<bool> = results.iter().map(Result::is_ok).collect();
+    assert_eq!(
+        ok,
+        [true, true, false, false, true],
+        "{family:?}: {results:?}"
+    );
+    for r in &results {
+        if let Err(e) = r {
+            assert!(!e.is_transient(), "{family:?}: refused for good: {e}");
+        }
+    }
+    assert!(
+        results[2].as_ref().unwrap_err().to_string().contains("k-3"),
+        "{family:?}: the refusal names the record"
+    );
+    assert_eq!(count(&db, "clients").await?, "3", "{family:?}");
+    let ids: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|a| a.local_id.clone()))
+        .collect();
+
+    // The SDK crashed before recording the batch: the same batch again writes nothing twice.
+    let again = sys.apply_batch(&batch).await;
+    let again_ids: Vec<String> = again
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|a| a.local_id.clone()))
+        .collect();
+    assert_eq!(again_ids, ids, "{family:?}");
+    assert_eq!(
+        count(&db, "clients").await?,
+        "3",
+        "{family:?}: exactly once"
+    );
+
+    // A batch without a refused change is one transaction (PostgreSQL shows it: every row it
+    // wrote carries the same transaction id).
+    let good: Vec<Apply> = (6..=9)
+        .map(|i| {
+            change(
+                &m,
+                &format!("b-{i}"),
+                &format!("k-{i}"),
+                None,
+                &[("name", text(&format!("n{i}")))],
+            )
+        })
+        .collect();
+    let results = sys.apply_batch(&good).await;
+    assert!(results.iter().all(Result::is_ok), "{family:?}: {results:?}");
+    assert_eq!(count(&db, "clients").await?, "7", "{family:?}");
+    if family == Family::Postgres {
+        let xids = db
+            .value("SELECT CAST(COUNT(DISTINCT CAST(xmin AS TEXT)) AS TEXT) FROM clients WHERE full_name LIKE 'n%'")
+            .await?;
+        assert_eq!(xids.as_deref(), Some("1"), "one transaction");
+    }
+    // Applied by the batch, never captured as local edits.
+    assert_eq!(sys.pending_changes().await?, 0, "{family:?}: no echo");
+
+    // The database gone: the first change reports a transient failure, nothing else is tried.
+    sys.close().await;
+    let results = sys.apply_batch(&good).await;
+    assert_eq!(results.len(), 1, "{family:?}");
+    assert!(
+        results[0].as_ref().unwrap_err().is_transient(),
+        "{family:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_batch_is_one_transaction_and_a_refused_change_fails_alone() -> anyhow::Result<()> {
+    for family in FAMILIES {
+        batches(family).await?;
+    }
+    Ok(())
+}

@@ -160,6 +160,10 @@ trait Driver: Send {
         body: &'a [u8],
         user_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Processed, IncomingError>>;
+    fn incoming_batch<'a>(
+        &'a mut self,
+        messages: &'a [(&'a [u8], Option<&'a str>)],
+    ) -> BoxFuture<'a, Vec<Result<Processed, IncomingError>>>;
     fn store(&self) -> &Store;
 }
 
@@ -224,6 +228,13 @@ impl<A: SystemAdapter> Driver for EngineDriver<A> {
         user_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Processed, IncomingError>> {
         self.engine.handle_incoming(body, user_id).boxed()
+    }
+
+    fn incoming_batch<'a>(
+        &'a mut self,
+        messages: &'a [(&'a [u8], Option<&'a str>)],
+    ) -> BoxFuture<'a, Vec<Result<Processed, IncomingError>>> {
+        self.engine.handle_incoming_batch(messages).boxed()
     }
 
     fn store(&self) -> &Store {
@@ -623,10 +634,51 @@ impl TestBus {
     }
 }
 
-/// Processes a node's inbox in order; returns whether anything moved.
+/// Messages of an inbox processed together, as the runner takes what its prefetch holds.
+const INBOX_BATCH: usize = 64;
+
+/// Processes a node's inbox in order, as the runner does: what is waiting in batches (applied
+/// with one `apply_batch` each), a message the engine leaves out of a batch alone; returns
+/// whether anything moved.
 async fn drain_inbox(node: &mut Node, max_attempts: usize) -> bool {
     let mut progress = false;
-    while let Some((body, user_id, attempts)) = node.inbox.pop_front() {
+    loop {
+        let take = node.inbox.len().min(INBOX_BATCH);
+        if take > 1 {
+            let batch: Vec<_> = node.inbox.drain(..take).collect();
+            let messages: Vec<(&[u8], Option<&str>)> = batch
+                .iter()
+                .map(|(body, user_id, _)| (body.as_slice(), user_id.as_deref()))
+                .collect();
+            let results = node.driver.incoming_batch(&messages).await;
+            let mut done = 0;
+            for (r, (body, ..)) in results.into_iter().zip(&batch) {
+                match r {
+                    Ok(_) => {}
+                    Err(IncomingError::Permanent { reason, detail }) => {
+                        Metrics::inc(&node.metrics.dead_lettered);
+                        node.dead.push(DeadLettered {
+                            reason: reason.as_str().to_owned(),
+                            detail,
+                            body: body.clone(),
+                        });
+                    }
+                    Err(IncomingError::Transient(_)) => break,
+                }
+                done += 1;
+            }
+            // The rest goes back to the front, in order.
+            for item in batch.into_iter().skip(done).rev() {
+                node.inbox.push_front(item);
+            }
+            if done > 0 {
+                progress = true;
+                continue;
+            }
+        }
+        let Some((body, user_id, attempts)) = node.inbox.pop_front() else {
+            return progress;
+        };
         match node.driver.incoming(&body, user_id.as_deref()).await {
             Ok(_) => progress = true,
             Err(IncomingError::Permanent { reason, detail }) => {
@@ -648,5 +700,4 @@ async fn drain_inbox(node: &mut Node, max_attempts: usize) -> bool {
             }
         }
     }
-    progress
 }
