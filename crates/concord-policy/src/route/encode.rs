@@ -12,6 +12,7 @@ use crate::sets::{FieldSet, SystemId};
 /// The deliveries of one input from `source`: for each target of `verdict`, its routed copy
 /// carrying the `changed` fields it may see, projected by `projector` (`None` when nothing
 /// was accepted). With `only`, the copy for that one system (a resync), if it gets any.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn deliveries(
     policy: &Policy,
     entity: &EntityPolicy,
