@@ -58,9 +58,13 @@ async fn declared_equals_defined(
         );
         assert!(!defined.is_empty());
     }
-    // The router queue(s) and its DLQ, and an inbox and a DLQ per system.
+    // The router queue(s) and its DLQ, the resync lane and the control queue (never
+    // partitioned), and an inbox and a DLQ per system.
     let queues = lines(&written, "queues")?.len();
-    assert_eq!(queues, usize::from(partitions) + 1 + 2 * SEED_SYSTEMS.len());
+    assert_eq!(
+        queues,
+        usize::from(partitions) + 1 + 2 + 2 * SEED_SYSTEMS.len()
+    );
     tokio::time::timeout(Duration::from_secs(30), router.shutdown()).await??;
     Ok(())
 }

@@ -351,3 +351,54 @@ async fn a_message_injected_into_an_inbox_with_full_rights_is_dead_lettered_as_u
     assert_eq!(orders.text(&id, "name").as_deref(), Some("Ada L."));
     run.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_system_cannot_resync_as_another_request_a_resync_or_read_the_control_path()
+-> anyhow::Result<()> {
+    let (run, support, topology) = attack("sec-resync", "support").await?;
+    let user = run.env.vhost().system_user("support");
+    let forged = change("orders", "c-1", "Forged").encode_to_vec();
+    // The resync lane takes its own routing keys only, like the ingress.
+    for rk in ["orders.customer", "delivery.customer", "orders", "#"] {
+        let refused = try_publish(
+            &support,
+            &topology.resync_exchange(),
+            rk,
+            &forged,
+            MessageProps::new()
+                .user_id(&user)
+                .header(concord_amqp::HEADER_RESYNC_TARGET, "delivery"),
+        )
+        .await;
+        assert!(
+            refused.is_err(),
+            "support published {rk} on the resync lane"
+        );
+    }
+    // Only the operator may ask for a resync.
+    let request = concord_proto::v1::ResyncRequest {
+        id: "forged".to_owned(),
+        target: "support".to_owned(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let refused = try_publish(
+        &support,
+        &topology.control_exchange(),
+        concord_amqp::CONTROL_REQUEST_KEY,
+        &request,
+        MessageProps::new()
+            .user_id(&user)
+            .header(concord_amqp::HEADER_CONTROL, "resync"),
+    )
+    .await;
+    assert!(refused.is_err(), "support published a control request");
+    for queue in [topology.resync_queue(), topology.control_queue()] {
+        assert!(
+            try_consume(&support, &queue).await.is_err(),
+            "support consumed {queue}"
+        );
+    }
+    nothing_happened(&run).await?;
+    run.shutdown().await
+}

@@ -14,7 +14,9 @@ use tracing::{debug, warn};
 use crate::config::RunnerConfig;
 use crate::transport::{Inbox, Incoming, Link, Outgoing, Transport, TransportError};
 
-use concord_amqp::{HEADER_DETAIL, HEADER_KEY, HEADER_REASON};
+use concord_amqp::{
+    HEADER_CONTROL, HEADER_DETAIL, HEADER_KEY, HEADER_REASON, HEADER_RESYNC_TARGET,
+};
 
 /// Longest `concord-detail` header value sent, in bytes.
 const MAX_DETAIL: usize = 1024;
@@ -90,11 +92,13 @@ impl Transport for AmqpTransport {
                     let tag = d.delivery_tag;
                     lock(&inbox_handles).insert(tag, handle);
                     let user_id = d.user_id().map(str::to_owned);
+                    let control = d.header_str(HEADER_CONTROL).map(str::to_owned);
                     Ok(Incoming {
                         body: d.body,
                         tag,
                         redelivered: d.redelivered,
                         user_id,
+                        control,
                     })
                 }
                 Err(e) => Err(conn_err(e)),
@@ -105,6 +109,7 @@ impl Transport for AmqpTransport {
             conn,
             publisher,
             ingress: self.topology.ingress_exchange(),
+            resync: self.topology.resync_exchange(),
             dlx: self.topology.dlx(),
             system: self.system.clone(),
             acks: tokio::sync::Mutex::new(AckBatcher::for_prefetch(self.prefetch)),
@@ -124,6 +129,7 @@ pub struct AmqpLink {
     conn: Connection,
     publisher: Publisher,
     ingress: String,
+    resync: String,
     dlx: String,
     system: String,
     acks: tokio::sync::Mutex<AckBatcher>,
@@ -156,9 +162,20 @@ impl Link for AmqpLink {
             if let Some(u) = &ev.user_id {
                 props = props.user_id(u);
             }
+            if let Some(target) = &ev.resync_target {
+                props = props.header(HEADER_RESYNC_TARGET, target);
+            }
+            if let Some(control) = &ev.control {
+                props = props.header(HEADER_CONTROL, control);
+            }
+            let exchange = if ev.on_resync_lane() {
+                &self.resync
+            } else {
+                &self.ingress
+            };
             let confirm = self
                 .publisher
-                .publish(&self.ingress, &ev.routing_key, &ev.body, props)
+                .publish(exchange, &ev.routing_key, &ev.body, props)
                 .await
                 .map_err(conn_err)?;
             pending.push(confirm);

@@ -188,6 +188,86 @@ impl<A: SystemAdapter> Engine<A> {
         &self.adapter
     }
 
+    pub(crate) fn system(&self) -> &str {
+        &self.system
+    }
+
+    pub(crate) fn router_user(&self) -> &str {
+        &self.router_user
+    }
+
+    /// A resync snapshot of one record for `target`: the `fields` this system wrote last
+    /// (name, stored value, clock), each with its own clock, so that a receiver keeps whatever
+    /// is newer and a resync run again changes nothing. `None` for an entity no longer in the
+    /// deployment.
+    pub(crate) fn resync_event(
+        &self,
+        entity: &str,
+        key: &str,
+        fields: &[(String, Option<Vec<u8>>, u64)],
+        target: &str,
+    ) -> Option<Outgoing> {
+        let message = self.entities.get(entity)?;
+        let publish = concord_policy::replica::Publish {
+            op: concord_policy::Op::Snapshot,
+            hlc: 0,
+            fields: fields
+                .iter()
+                .map(|(name, value, _)| concord_policy::replica::PublishedField {
+                    name: name.clone(),
+                    value: value.clone(),
+                    rank: 0,
+                })
+                .collect(),
+        };
+        let mut ev = change_event(
+            &self.system,
+            entity,
+            key,
+            message,
+            &publish,
+            uuid::Uuid::now_v7().to_string(),
+            now_ms(),
+        );
+        for (name, _, hlc) in fields {
+            if let Some(clock) = ev.clocks.get_mut(name) {
+                clock.hlc = *hlc;
+            }
+        }
+        let mut out = self.outgoing(&ev);
+        out.resync_target = Some(target.to_owned());
+        Some(out)
+    }
+
+    /// A progress report of resync `id` (to the operator, through the router).
+    pub(crate) fn resync_progress(
+        &self,
+        id: &str,
+        target: &str,
+        done: u64,
+        total: u64,
+        finished: bool,
+    ) -> Outgoing {
+        let body = concord_proto::v1::ResyncProgress {
+            id: id.to_owned(),
+            system: self.system.clone(),
+            target: target.to_owned(),
+            done,
+            total,
+            finished,
+        }
+        .encode_to_vec();
+        Outgoing {
+            routing_key: format!("{}.progress", self.system),
+            body,
+            event_id: uuid::Uuid::now_v7().to_string(),
+            concord_key: String::new(),
+            user_id: self.publish_user_id.clone(),
+            resync_target: None,
+            control: Some("progress".to_owned()),
+        }
+    }
+
     /// Processes one inbox message. Idempotent: processing the same message again (after a
     /// transient failure or a redelivery) is safe.
     pub(crate) async fn handle_incoming(
@@ -761,6 +841,8 @@ impl<A: SystemAdapter> Engine<A> {
             event_id: ev.event_id.clone(),
             concord_key: format!("{}/{}", ev.entity, ev.key),
             user_id: self.publish_user_id.clone(),
+            resync_target: None,
+            control: None,
         }
     }
 }

@@ -78,6 +78,12 @@ counters! {
     corrections,
     /// Connections opened to the broker.
     connections,
+    /// Resync requests received from the router (`concord resync`).
+    resync_requests,
+    /// Records to publish for the resyncs received (counted when each starts).
+    resync_records_total,
+    /// Records published (and confirmed) for resyncs, on the resync lane.
+    resync_records_published,
     /// Times the clock was found beyond twice the router's skew and reset to the wall clock.
     clock_resets,
 }

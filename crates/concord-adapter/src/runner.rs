@@ -257,6 +257,8 @@ async fn serve<A: SystemAdapter, T: Transport>(
     .await?;
     let mut snapshot_pending =
         config.snapshot_on_first_start && store.meta(store::SNAPSHOT_DONE).await?.is_none();
+    // Resyncs not finished before the last stop go on where they were.
+    let mut resyncs = ResyncJobs::load(&store).await?;
     let open = |cursor: Option<String>| -> Changes {
         adapter
             .changes(cursor)
@@ -298,6 +300,7 @@ async fn serve<A: SystemAdapter, T: Transport>(
             &mut feed_delays,
             &mut unpublished,
             &mut snapshot_pending,
+            &mut resyncs,
             &config,
             &open,
             &mut shutdown,
@@ -378,6 +381,7 @@ async fn session<A: SystemAdapter, L: Link>(
     feed_delays: &mut (impl Iterator<Item = Duration> + Send),
     unpublished: &mut Option<Vec<LocalChange>>,
     snapshot_pending: &mut bool,
+    resyncs: &mut ResyncJobs,
     config: &RunnerConfig,
     open: &(impl Fn(Option<String>) -> Changes + Sync),
     shutdown: &mut Shutdown,
@@ -433,12 +437,23 @@ async fn session<A: SystemAdapter, L: Link>(
             msg = inbox.next() => match msg {
                 None => return Stop::Transport(TransportError::connection("inbox consumer ended")),
                 Some(Err(e)) => return Stop::Transport(e),
+                Some(Ok(m)) if m.control.is_some() => {
+                    if let Err(stop) = control(engine, link, m, resyncs).await {
+                        return stop;
+                    }
+                }
                 Some(Ok(m)) => {
                     // What the prefetch already holds goes with it, as one batch.
                     let mut batch = vec![m];
                     let mut ended = None;
+                    // A control message ends the batch; it is taken after it, in order.
+                    let mut then_control = None;
                     while batch.len() < usize::from(config.prefetch) {
                         match inbox.next().now_or_never() {
+                            Some(Some(Ok(m))) if m.control.is_some() => {
+                                then_control = Some(m);
+                                break;
+                            }
                             Some(Some(Ok(m))) => batch.push(m),
                             Some(Some(Err(e))) => {
                                 ended = Some(e);
@@ -454,11 +469,23 @@ async fn session<A: SystemAdapter, L: Link>(
                     if let Err(stop) = incoming_batch(engine, link, batch, &config.retry, shutdown).await {
                         return stop;
                     }
+                    if let Some(m) = then_control
+                        && let Err(stop) = control(engine, link, m, resyncs).await
+                    {
+                        return stop;
+                    }
                     if let Some(e) = ended {
                         return Stop::Transport(e);
                     }
                 }
             },
+            // One page of a resync at a time, between the inbox and the feed (the select picks
+            // among ready branches at random, so neither waits for the whole backfill).
+            () = std::future::ready(()), if !resyncs.jobs.is_empty() => {
+                if let Err(e) = resync_page(engine, link, resyncs, config.publish_batch).await {
+                    return engine_stop(e);
+                }
+            }
             items = next_chunk(changes) => match items {
                 None => {
                     info!(system = %config.system, "the change feed ended");
@@ -588,6 +615,163 @@ async fn snapshot<A: SystemAdapter, L: Link>(
         total += engine.handle_local(&chunk, true, link).await?;
     }
     Ok(total)
+}
+
+/// A resync this system publishes snapshots for (a request the router forwarded), with how far
+/// it got: kept in the state store until done.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct ResyncJob {
+    id: String,
+    target: String,
+    entity: Option<String>,
+    key: Option<String>,
+    /// The last record published (entity, key).
+    after: (String, String),
+    done: u64,
+    total: u64,
+}
+
+/// The resyncs to do, oldest first.
+#[derive(Debug, Default)]
+struct ResyncJobs {
+    jobs: Vec<ResyncJob>,
+}
+
+impl ResyncJobs {
+    async fn load(store: &Store) -> Result<ResyncJobs, StoreError> {
+        let jobs = match store.meta(store::RESYNC_JOBS).await? {
+            Some(json) => serde_json::from_str(&json).unwrap_or_else(|e| {
+                warn!(error = %e, "unreadable resync state: the resyncs in progress are dropped");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        Ok(ResyncJobs { jobs })
+    }
+
+    async fn save(&self, store: &Store) -> Result<(), StoreError> {
+        let json = serde_json::to_string(&self.jobs).unwrap_or_else(|_| "[]".to_owned());
+        store.set_meta(store::RESYNC_JOBS, &json).await
+    }
+}
+
+/// Header `concord-control` of a resync request.
+const CONTROL_RESYNC: &str = "resync";
+
+/// Takes a control message from the inbox: a resync request the router forwarded becomes a job
+/// (saved, then acknowledged); anything else is dead-lettered, never applied.
+async fn control<A: SystemAdapter, L: Link>(
+    engine: &mut Engine<A>,
+    link: &L,
+    m: Incoming,
+    resyncs: &mut ResyncJobs,
+) -> Result<(), Stop> {
+    use concord_policy::route::DeadLetterReason;
+    use prost::Message;
+    let refused = if m.user_id.as_deref() != Some(engine.router_user()) {
+        Some((
+            DeadLetterReason::UntrustedPublisher,
+            format!(
+                "a control message from {:?}, not from the router",
+                m.user_id
+            ),
+        ))
+    } else if m.control.as_deref() != Some(CONTROL_RESYNC) {
+        Some((
+            DeadLetterReason::InvalidControl,
+            format!("unknown control message {:?}", m.control),
+        ))
+    } else {
+        match concord_proto::v1::ResyncRequest::decode(m.body.as_slice()) {
+            Err(e) => Some((
+                DeadLetterReason::InvalidControl,
+                format!("not a concord.v1.ResyncRequest: {e}"),
+            )),
+            Ok(request) => {
+                let entity = (!request.entity.is_empty()).then_some(request.entity);
+                let key = (!request.key.is_empty()).then_some(request.key);
+                let system = engine.system().to_owned();
+                let total = engine
+                    .store()
+                    .resync_count(&system, entity.as_deref(), key.as_deref())
+                    .await
+                    .map_err(|e| engine_stop(e.into()))?;
+                info!(%system, id = %request.id, target = %request.target, ?entity, ?key, total,
+                    "resync requested: publishing snapshots");
+                Metrics::inc(&engine.metrics().resync_requests);
+                Metrics::add(&engine.metrics().resync_records_total, total);
+                resyncs.jobs.push(ResyncJob {
+                    id: request.id,
+                    target: request.target,
+                    entity,
+                    key,
+                    after: (String::new(), String::new()),
+                    done: 0,
+                    total,
+                });
+                resyncs
+                    .save(engine.store())
+                    .await
+                    .map_err(|e| engine_stop(e.into()))?;
+                None
+            }
+        }
+    };
+    if let Some((reason, detail)) = refused {
+        warn!(reason = reason.as_str(), %detail, "dead-lettering a control message");
+        link.dead_letter(&m.body, reason.as_str(), &detail).await?;
+        Metrics::inc(&engine.metrics().dead_lettered);
+    }
+    engine.metrics().touch();
+    link.ack(m.tag).await?;
+    Ok(())
+}
+
+/// Publishes the next page of the oldest resync on the resync lane (each record's fields this
+/// system wrote last, with their own clocks, as `OP_SNAPSHOT` for the target only) and a
+/// progress report, then saves how far it got; drops the job once done.
+async fn resync_page<A: SystemAdapter, L: Link>(
+    engine: &mut Engine<A>,
+    link: &L,
+    resyncs: &mut ResyncJobs,
+    batch: usize,
+) -> Result<(), EngineError> {
+    let Some(job) = resyncs.jobs.first_mut() else {
+        return Ok(());
+    };
+    let limit = u32::try_from(batch.max(1)).unwrap_or(u32::MAX);
+    let page = engine
+        .store()
+        .resync_page(
+            engine.system(),
+            job.entity.as_deref(),
+            job.key.as_deref(),
+            (&job.after.0, &job.after.1),
+            limit,
+        )
+        .await?;
+    let finished = page.len() < batch.max(1);
+    let mut out = Vec::with_capacity(page.len() + 1);
+    for (entity, key, fields) in &page {
+        if let Some(ev) = engine.resync_event(entity, key, fields, &job.target) {
+            out.push(ev);
+        }
+    }
+    let published = page.len() as u64;
+    if let Some((entity, key, _)) = page.into_iter().last() {
+        job.after = (entity, key);
+    }
+    job.done = job.done.saturating_add(published);
+    out.push(engine.resync_progress(&job.id, &job.target, job.done, job.total, finished));
+    link.publish(&out).await?;
+    Metrics::add(&engine.metrics().resync_records_published, published);
+    engine.metrics().touch();
+    if finished {
+        info!(system = %engine.system(), id = %job.id, target = %job.target, done = job.done, "resync published");
+        resyncs.jobs.remove(0);
+    }
+    resyncs.save(engine.store()).await?;
+    Ok(())
 }
 
 /// Processes inbox messages, in order, until each is acknowledged: those the engine takes

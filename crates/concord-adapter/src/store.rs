@@ -347,6 +347,8 @@ impl Store {
                         body: r.try_get(3)?,
                         concord_key: r.try_get(4)?,
                         user_id: r.try_get(5)?,
+                        resync_target: None,
+                        control: None,
                     }),
                 };
                 Ok((seq, entry))
@@ -371,6 +373,89 @@ impl Store {
 }
 
 pub(crate) const CURSOR: &str = "cursor";
+/// The resyncs to do (JSON, see `runner::ResyncJob`): kept until done, so that a restart
+/// resumes them.
+pub(crate) const RESYNC_JOBS: &str = "resync_jobs";
+
+/// One record of a resync: its entity, key and the fields this system wrote last (name, value,
+/// clock).
+pub(crate) type ResyncRecord = (String, String, Vec<(String, Option<Vec<u8>>, u64)>);
+
+impl Store {
+    /// How many live records hold a field `system` wrote last (in `entity`, with `key`).
+    pub(crate) async fn resync_count(
+        &self,
+        system: &str,
+        entity: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM records r WHERE r.live = 1
+               AND (?1 IS NULL OR r.entity = ?1) AND (?2 IS NULL OR r.key = ?2)
+               AND EXISTS (SELECT 1 FROM fields f
+                           WHERE f.entity = r.entity AND f.key = r.key AND f.system = ?3)",
+        )
+        .bind(entity)
+        .bind(key)
+        .bind(system)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or_default())
+    }
+
+    /// The next `limit` live records after `after` (entity, key order) holding fields `system`
+    /// wrote last, with those fields' values and clocks: what a resync publishes, in pages.
+    pub(crate) async fn resync_page(
+        &self,
+        system: &str,
+        entity: Option<&str>,
+        key: Option<&str>,
+        after: (&str, &str),
+        limit: u32,
+    ) -> Result<Vec<ResyncRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT r.entity, r.key FROM records r WHERE r.live = 1
+               AND (?1 IS NULL OR r.entity = ?1) AND (?2 IS NULL OR r.key = ?2)
+               AND (r.entity > ?3 OR (r.entity = ?3 AND r.key > ?4))
+               AND EXISTS (SELECT 1 FROM fields f
+                           WHERE f.entity = r.entity AND f.key = r.key AND f.system = ?5)
+             ORDER BY r.entity, r.key LIMIT ?6",
+        )
+        .bind(entity)
+        .bind(key)
+        .bind(after.0)
+        .bind(after.1)
+        .bind(system)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut page = Vec::with_capacity(rows.len());
+        for row in rows {
+            let (entity, key): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+            let fields = sqlx::query(
+                "SELECT field, value, hlc FROM fields
+                 WHERE entity = ?1 AND key = ?2 AND system = ?3 ORDER BY field",
+            )
+            .bind(&entity)
+            .bind(&key)
+            .bind(system)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|f| {
+                let hlc: i64 = f.try_get(2)?;
+                Ok((
+                    f.try_get::<String, _>(0)?,
+                    f.try_get::<Option<Vec<u8>>, _>(1)?,
+                    u64::try_from(hlc).unwrap_or_default(),
+                ))
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            page.push((entity, key, fields));
+        }
+        Ok(page)
+    }
+}
 
 /// Adds an event to the outbox (in the caller's transaction).
 /// Parks a local change that cannot be published (in the caller's transaction).

@@ -41,6 +41,18 @@ pub struct Outgoing {
     pub concord_key: String,
     /// The AMQP `user_id` property, when configured.
     pub user_id: Option<String>,
+    /// A resync snapshot for this one system (header `concord-resync-target`), published on the
+    /// resync lane (`{ns}.resync`) instead of the ingress.
+    pub resync_target: Option<String>,
+    /// A control message (header `concord-control`, e.g. `progress`), on the resync lane.
+    pub control: Option<String>,
+}
+
+impl Outgoing {
+    /// Whether it goes to the resync lane.
+    pub fn on_resync_lane(&self) -> bool {
+        self.resync_target.is_some() || self.control.is_some()
+    }
 }
 
 /// One message from the inbox.
@@ -53,6 +65,8 @@ pub struct Incoming {
     pub redelivered: bool,
     /// The broker user that published it (`user_id`, validated by the broker).
     pub user_id: Option<String>,
+    /// Header `concord-control`: a control message (e.g. `resync`), never data.
+    pub control: Option<String>,
 }
 
 /// The inbox of a connection: ends (or yields an error) when the connection is lost.

@@ -173,12 +173,18 @@ impl Spec {
             d.permissions.push(permission(
                 &s.user,
                 NOTHING.to_owned(),
-                format!("^{ns}\\.(ingress|dlx)$"),
+                format!("^{ns}\\.(ingress|dlx|resync)$"),
                 system_read(&self.namespace, &s.system),
             ));
             d.topic_permissions.push(topic(
                 &s.user,
                 format!("{}.ingress", self.namespace),
+                format!("^{sys}\\.[a-z0-9_-]+$"),
+            ));
+            // The backfill lane: its own records only, under its own name.
+            d.topic_permissions.push(topic(
+                &s.user,
+                format!("{}.resync", self.namespace),
                 format!("^{sys}\\.[a-z0-9_-]+$"),
             ));
             d.topic_permissions.push(topic(
@@ -187,17 +193,17 @@ impl Spec {
                 format!("^{sys}$"),
             ));
         }
-        let router_queues = "router(\\.p[0-9]+)?";
+        let router_queues = "router(\\.p[0-9]+|\\.resync|\\.control)?";
         d.users.push(user(&self.router_user, &[]));
         d.permissions.push(permission(
             &self.router_user,
             format!("^{ns}\\."),
             format!(
-                "^{ns}\\.(routed|dlx|partition|{router_queues}|inbox\\.[a-z0-9_-]+|dlq\\.[a-z0-9_-]+)$"
+                "^{ns}\\.(routed|dlx|control|partition|{router_queues}|inbox\\.[a-z0-9_-]+|dlq\\.[a-z0-9_-]+)$"
             ),
             // Declaring a queue with a dead-letter exchange needs read on the queue: the router
             // declares the inboxes (it never consumes them).
-            format!("^{ns}\\.(ingress|routed|dlx|partition|{router_queues}|inbox\\.[a-z0-9_-]+)$"),
+            format!("^{ns}\\.(ingress|resync|control|routed|dlx|partition|{router_queues}|inbox\\.[a-z0-9_-]+)$"),
         ));
         // Binding a queue to a topic exchange needs topic read permission for the binding key:
         // the router binds every DLQ, and publishes its own dead letters only.

@@ -56,8 +56,9 @@ pub use consumer::{Consumer, Delivery, Properties, consume};
 pub use error::{AmqpError, ClientError, PublishError};
 pub use publisher::{CONTENT_TYPE, MessageProps, PendingConfirm, Publisher, PublisherOptions};
 pub use topology::{
-    Arg, Arguments, BindingPlan, ExchangePlan, HEADER_DETAIL, HEADER_KEY, HEADER_ORIGIN,
-    HEADER_REASON, HEADER_ROUTING_KEY, PARTITION_HASH_HEADER, Plan, QueuePlan, QueueType, Topology,
+    Arg, Arguments, BindingPlan, CONTROL_REPLY_PREFIX, CONTROL_REQUEST_KEY, ExchangePlan,
+    HEADER_CONTROL, HEADER_DETAIL, HEADER_KEY, HEADER_ORIGIN, HEADER_REASON, HEADER_RESYNC_TARGET,
+    HEADER_ROUTING_KEY, PARTITION_HASH_HEADER, Plan, QueuePlan, QueueType, Topology,
     queue_message_count,
 };
 

@@ -72,6 +72,15 @@ pub const HEADER_REASON: &str = "concord-reason";
 pub const HEADER_DETAIL: &str = "concord-detail";
 /// Header of a router dead letter: the routing key the message was published with.
 pub const HEADER_ROUTING_KEY: &str = "concord-routing-key";
+/// Header of a resync input (on `{ns}.resync`): the one system its copies go to.
+pub const HEADER_RESYNC_TARGET: &str = "concord-resync-target";
+/// Header of a control message (never applied as data): `resync` (router → an owner's inbox)
+/// or `progress` (an adapter → the router, on `{ns}.resync`).
+pub const HEADER_CONTROL: &str = "concord-control";
+/// Routing key of the operator's requests on `{ns}.control`.
+pub const CONTROL_REQUEST_KEY: &str = "request";
+/// Prefix of the routing key of the router's replies on `{ns}.control` (`reply.<request id>`).
+pub const CONTROL_REPLY_PREFIX: &str = "reply.";
 /// The header the partition exchange hashes: the record key.
 pub const PARTITION_HASH_HEADER: &str = HEADER_KEY;
 /// Largest number of router partitions (queue names stay short, the broker stays sane).
@@ -272,6 +281,33 @@ impl Topology {
         }
     }
 
+    /// `{ns}.resync`: durable topic exchange the owners' adapters publish resync snapshots (and
+    /// their progress) to, with routing key `<system>.<entity>`: the backfill lane.
+    #[must_use]
+    pub fn resync_exchange(&self) -> String {
+        format!("{}.resync", self.ns)
+    }
+
+    /// `{ns}.router.resync`: the router's resync input, bound to the resync exchange with `#`
+    /// (never partitioned: a resync carries the field stamps, so its order does not matter).
+    #[must_use]
+    pub fn resync_queue(&self) -> String {
+        format!("{}.router.resync", self.ns)
+    }
+
+    /// `{ns}.control`: durable direct exchange of the operator's requests (key `request`) and
+    /// of the router's replies (key `reply.<request id>`).
+    #[must_use]
+    pub fn control_exchange(&self) -> String {
+        format!("{}.control", self.ns)
+    }
+
+    /// `{ns}.router.control`: the router's queue of operator requests.
+    #[must_use]
+    pub fn control_queue(&self) -> String {
+        format!("{}.router.control", self.ns)
+    }
+
     /// `{ns}.routed`: durable direct exchange the router publishes to; routing key =
     /// target system.
     #[must_use]
@@ -369,6 +405,10 @@ impl Topology {
         // A topic exchange, so that topic permissions can limit each system to dead-lettering
         // under its own name (bindings use exact keys, as on a direct exchange).
         plan.exchanges.push(exchange(self.dlx(), "topic"));
+        plan.exchanges
+            .push(exchange(self.resync_exchange(), "topic"));
+        plan.exchanges
+            .push(exchange(self.control_exchange(), "direct"));
     }
 
     fn plan_bound_queue(
@@ -450,6 +490,22 @@ impl Topology {
                 "#",
             );
         }
+        // The backfill lane and the operator's requests: one queue each, whatever the
+        // partitioning.
+        Self::plan_bound_queue(
+            &mut plan,
+            self.resync_queue(),
+            self.queue_arguments(ROUTER_DLQ_KEY),
+            self.resync_exchange(),
+            "#",
+        );
+        Self::plan_bound_queue(
+            &mut plan,
+            self.control_queue(),
+            self.queue_arguments(ROUTER_DLQ_KEY),
+            self.control_exchange(),
+            CONTROL_REQUEST_KEY,
+        );
         for system in systems {
             self.plan_system(&mut plan, system);
         }
@@ -548,6 +604,37 @@ impl Topology {
         self.declare_plan(channel, &plan).await
     }
 
+    /// Declares the operator's reply queue of control request `id`: `{ns}.control.reply.<id>`,
+    /// exclusive to this connection and deleted with it, bound to the control exchange with
+    /// `reply.<id>`. Returns its name.
+    pub async fn declare_reply_queue(
+        &self,
+        channel: &Channel,
+        id: &str,
+    ) -> Result<String, AmqpError> {
+        let queue = format!("{}.control.reply.{id}", self.ns);
+        let key = format!("{CONTROL_REPLY_PREFIX}{id}");
+        let lapin = channel.lapin();
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        };
+        lapin
+            .queue_declare(short(&queue)?, options, FieldTable::default())
+            .await?;
+        lapin
+            .queue_bind(
+                short(&queue)?,
+                short(&self.control_exchange())?,
+                short(&key)?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(queue)
+    }
+
     /// Checks, without declaring anything (no permission needed), that `system`'s inbox exists:
     /// the router declares it (or the broker definitions do). Fails with the broker's 404 while
     /// it does not (the channel is then closed).
@@ -564,7 +651,12 @@ impl Topology {
     /// and each system's inbox and DLQ. Missing entities are ignored (RabbitMQ's deletes are
     /// idempotent; a 404 is also tolerated).
     pub async fn delete_all(&self, channel: &Channel, systems: &[String]) -> Result<(), AmqpError> {
-        let mut queues = vec![self.router_queue(), self.router_dlq()];
+        let mut queues = vec![
+            self.router_queue(),
+            self.router_dlq(),
+            self.resync_queue(),
+            self.control_queue(),
+        ];
         if self.is_partitioned() {
             queues.extend((0..self.partitions).map(|i| self.partition_queue(i)));
         }
@@ -581,6 +673,8 @@ impl Topology {
         }
         for exchange in [
             self.partition_exchange(),
+            self.resync_exchange(),
+            self.control_exchange(),
             self.ingress_exchange(),
             self.routed_exchange(),
             self.dlx(),
@@ -773,6 +867,8 @@ mod tests {
             [
                 "ns.dlq.router",
                 "ns.router",
+                "ns.router.resync",
+                "ns.router.control",
                 "ns.dlq.crm",
                 "ns.inbox.crm",
                 "ns.dlq.erp",

@@ -114,6 +114,12 @@ pub enum DeadLetterReason {
     InvalidDerivedFrom,
     /// A message in an adapter's inbox that the router did not publish.
     UntrustedPublisher,
+    /// A resync input without a valid target system (header `concord-resync-target`), or not
+    /// an `OP_SNAPSHOT`.
+    InvalidResync,
+    /// A control message the router or an adapter cannot act on (not from the operator, or
+    /// not understood).
+    InvalidControl,
 }
 
 impl DeadLetterReason {
@@ -143,6 +149,8 @@ impl DeadLetterReason {
             KeyHeaderMismatch => "key_header_mismatch",
             InvalidDerivedFrom => "invalid_derived_from",
             UntrustedPublisher => "untrusted_publisher",
+            InvalidResync => "invalid_resync",
+            InvalidControl => "invalid_control",
         }
     }
 }
@@ -203,7 +211,41 @@ pub fn process(
     now_ms: u64,
     input: Input<'_>,
 ) -> Outcome {
-    match try_process(policy, settings, now_ms, input) {
+    match try_process(policy, settings, now_ms, input, None) {
+        Ok(r) => Outcome::Routed(r),
+        Err(d) => Outcome::DeadLetter(d),
+    }
+}
+
+/// Processes one input of the resync lane (a backfill): like [`process`], but the copies go to
+/// `target` only (header `concord-resync-target`), with the fields `target` may see, and only
+/// an `OP_SNAPSHOT` is accepted. A missing or unknown target, or another op, is dead-lettered
+/// as `invalid_resync`; a target that may see none of the accepted fields gets nothing.
+pub fn process_resync(
+    policy: &Policy,
+    settings: &RouterSettings,
+    now_ms: u64,
+    input: Input<'_>,
+    target: Option<&str>,
+) -> Outcome {
+    let target = match target {
+        None => {
+            return Outcome::DeadLetter(dead(
+                DeadLetterReason::InvalidResync,
+                "a resync input without a concord-resync-target header",
+            ));
+        }
+        Some(t) => match policy.system_id(t) {
+            Some(id) => id,
+            None => {
+                return Outcome::DeadLetter(dead(
+                    DeadLetterReason::InvalidResync,
+                    format!("resync target {t:?} is not a system of the policy"),
+                ));
+            }
+        },
+    };
+    match try_process(policy, settings, now_ms, input, Some(target)) {
         Ok(r) => Outcome::Routed(r),
         Err(d) => Outcome::DeadLetter(d),
     }
@@ -214,9 +256,16 @@ fn try_process(
     settings: &RouterSettings,
     now_ms: u64,
     input: Input<'_>,
+    resync_target: Option<crate::sets::SystemId>,
 ) -> Result<Routed, DeadLetter> {
     let ev = validate::decode(settings, input.body)?;
     let Envelope { source, entity, op } = validate::envelope(policy, settings, input, &ev)?;
+    if resync_target.is_some() && op != Op::Snapshot {
+        return Err(dead(
+            DeadLetterReason::InvalidResync,
+            format!("a resync input must be a snapshot, not {}", op.as_str()),
+        ));
+    }
     let changes = validate::changes(entity, settings, now_ms, op, &ev)?;
     let verdict = policy.decide_set(entity, source, op, changes.known);
     let rejected = verdict.rejections(entity, changes.known, &changes.unknown);
@@ -231,6 +280,7 @@ fn try_process(
         &verdict,
         changes.known,
         projector.as_ref(),
+        resync_target,
     );
     Ok(Routed {
         dead_letter: changes.dead_letter(&ev.entity),
@@ -244,4 +294,41 @@ fn try_process(
         deliveries,
         observed_at_ms: ev.observed_at_ms,
     })
+}
+
+/// Which systems a resync of `target` (optionally one entity) asks for snapshots: per entity
+/// `target` sees, the owners of the fields it may see and the systems that may create records
+/// (a record appears in `target` only through a creator's copy), `target` itself excepted. In
+/// policy order; empty when `target` sees nothing. `None` when `target` or `entity` is unknown.
+pub fn resync_sources(policy: &Policy, target: &str, entity: Option<&str>) -> Option<Vec<String>> {
+    let target = policy.system_id(target)?;
+    let entities: Vec<&crate::model::EntityPolicy> = match entity {
+        Some(name) => vec![policy.entity(name)?],
+        None => policy.entities().iter().collect(),
+    };
+    let mut sources = crate::sets::SystemSet::default();
+    for e in entities {
+        let visible = e.visible_to(target);
+        if visible.is_empty() {
+            continue;
+        }
+        for i in visible.iter() {
+            if let Some(rule) = e.fields.get(i) {
+                for owner in &rule.owners {
+                    sources.insert(*owner);
+                }
+            }
+        }
+        for creator in e.create.iter() {
+            sources.insert(creator);
+        }
+    }
+    sources.remove(target);
+    Some(
+        policy
+            .system_ids()
+            .filter(|s| sources.contains(*s))
+            .map(|s| policy.system_name(s).to_owned())
+            .collect(),
+    )
 }

@@ -893,3 +893,73 @@ fn encode_and_decode_field_round_trip_and_strip_unknown_fields() {
     let plain = DynamicMessage::decode(desc, plain.encode_to_vec().as_slice()).unwrap();
     assert_eq!(value::encode_field(&plain, &f).unwrap(), enc);
 }
+
+/// Routes `ev` on the resync lane for `target`.
+fn resync(ev: &ChangeEvent, target: Option<&str>) -> Outcome {
+    let key = format!("{}.{}", ev.source, ev.entity);
+    let body = ev.encode_to_vec();
+    route::process_resync(
+        &seed_policy(),
+        &settings(),
+        NOW_MS,
+        Input::new(&key, &body, Some(&ev.source)),
+        target,
+    )
+}
+
+fn snapshot_of(fields: &[&str]) -> ChangeEvent {
+    let rec = record_with(fields, 7);
+    let mut ev = event("orders", fields, rec.encode_to_vec(), clock_now());
+    ev.op = concord_proto::v1::Op::Snapshot as i32;
+    ev
+}
+
+#[test]
+fn a_resync_input_goes_to_its_target_only_with_the_fields_it_may_see() {
+    let ev = snapshot_of(&["name", "email", "amount_paid"]);
+    let r = routed(resync(&ev, Some("delivery")));
+    assert_eq!(r.deliveries.len(), 1);
+    let d = &r.deliveries[0];
+    assert_eq!(d.system, "delivery");
+    let copy = ChangeEvent::decode(d.body.as_slice()).unwrap();
+    assert_eq!(copy.field_mask, ["name"], "delivery sees the name only");
+    assert!(copy.may_create, "orders may create customers");
+    // The same input on the live lane goes to every system that sees a field.
+    assert_eq!(routed(run(&ev)).deliveries.len(), 2);
+}
+
+#[test]
+fn a_resync_input_without_a_valid_target_or_not_a_snapshot_is_dead_lettered() {
+    let ev = snapshot_of(&["name"]);
+    assert_eq!(dead_letter(resync(&ev, None)).0, R::InvalidResync);
+    assert_eq!(
+        dead_letter(resync(&ev, Some("billing"))).0,
+        R::InvalidResync
+    );
+    let mut upsert = ev.clone();
+    upsert.op = concord_proto::v1::Op::Upsert as i32;
+    assert_eq!(
+        dead_letter(resync(&upsert, Some("support"))).0,
+        R::InvalidResync
+    );
+    // To its own source: nothing to send.
+    assert!(routed(resync(&ev, Some("orders"))).deliveries.is_empty());
+}
+
+#[test]
+fn a_resync_asks_the_owners_of_what_the_target_sees_and_the_creators() {
+    let p = seed_policy();
+    // Delivery sees orders' name, address, phone, language and its own fields; support owns
+    // phone, language and delivery_notes.
+    assert_eq!(
+        route::resync_sources(&p, "delivery", None).unwrap(),
+        ["orders", "support"]
+    );
+    // Orders sees delivery's status and support's fields; it creates records itself.
+    assert_eq!(
+        route::resync_sources(&p, "orders", Some("customer")).unwrap(),
+        ["delivery", "support"]
+    );
+    assert!(route::resync_sources(&p, "billing", None).is_none());
+    assert!(route::resync_sources(&p, "orders", Some("invoice")).is_none());
+}

@@ -43,8 +43,16 @@ pub struct RouterConfig {
     pub amqp_uri: String,
     /// Prefix of every exchange and queue name, so that several deployments share a broker.
     pub namespace: String,
-    /// Unacknowledged input messages the broker may push to the router at once.
+    /// Unacknowledged input messages the broker may push to the router at once, over both lanes:
+    /// the resync lane takes [`RouterConfig::resync_lane_prefetch`] of them, the live input the
+    /// rest.
     pub prefetch: u16,
+    /// Prefetch of the resync lane (`{ns}.router.resync`, backfills), taken from `prefetch` and
+    /// at most half of it: the live input keeps the rest, and is always served first.
+    pub resync_prefetch: u16,
+    /// The broker user of the operator: the only one whose control requests (`{ns}.control`,
+    /// e.g. `concord resync`) the router acts on.
+    pub operator_user: String,
     /// Routed messages that may await their publisher confirm at once.
     pub confirm_window: usize,
     /// Input acknowledgements sent at once (as one `multiple` ack).
@@ -106,6 +114,8 @@ impl Default for RouterConfig {
             amqp_uri: DEFAULT_AMQP_URI.to_owned(),
             namespace: "concord".to_owned(),
             prefetch: 256,
+            resync_prefetch: 16,
+            operator_user: "operator".to_owned(),
             confirm_window: 512,
             ack_batch: 32,
             http_listen: "127.0.0.1:9464".to_owned(),
@@ -194,8 +204,16 @@ impl RouterConfig {
                 "`namespace` must be at most 100 bytes (queue names are limited to 255)".to_owned(),
             );
         }
-        if self.prefetch == 0 {
-            problems.push("`prefetch` must be at least 1".to_owned());
+        if self.prefetch < 2 {
+            problems.push(
+                "`prefetch` must be at least 2 (the resync lane takes a share of it)".to_owned(),
+            );
+        }
+        if self.resync_prefetch == 0 {
+            problems.push("`resync_prefetch` must be at least 1".to_owned());
+        }
+        if self.operator_user.is_empty() {
+            problems.push("`operator_user` must not be empty".to_owned());
         }
         let held = (2 * u64::from(self.prefetch) + self.confirm_window as u64)
             .saturating_mul(self.max_message_bytes as u64);
@@ -303,6 +321,18 @@ impl RouterConfig {
             }
             _ => all.collect(),
         }
+    }
+
+    /// Prefetch of the resync lane: `resync_prefetch`, at most half of `prefetch`.
+    pub fn resync_lane_prefetch(&self) -> u16 {
+        self.resync_prefetch.clamp(1, (self.prefetch / 2).max(1))
+    }
+
+    /// Prefetch of the live input (of each partition queue): `prefetch` less the resync lane's.
+    pub fn live_lane_prefetch(&self) -> u16 {
+        self.prefetch
+            .saturating_sub(self.resync_lane_prefetch())
+            .max(1)
     }
 
     /// The limits the pure routing core enforces.

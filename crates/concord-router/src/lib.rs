@@ -20,6 +20,7 @@
 //! function.
 
 pub mod config;
+pub mod control;
 mod http;
 pub mod metrics;
 mod policy_file;

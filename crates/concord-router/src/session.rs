@@ -44,7 +44,8 @@ use crate::reload::reload;
 use crate::state::{CLOSE_TIMEOUT, Control, PolicyState, Shared, now_ms};
 
 pub use concord_amqp::{
-    HEADER_DETAIL, HEADER_KEY, HEADER_ORIGIN, HEADER_REASON, HEADER_ROUTING_KEY,
+    HEADER_CONTROL, HEADER_DETAIL, HEADER_KEY, HEADER_ORIGIN, HEADER_REASON, HEADER_RESYNC_TARGET,
+    HEADER_ROUTING_KEY,
 };
 /// Routing key of the router's dead letters on the dead-letter exchange.
 pub const DEAD_LETTER_KEY: &str = concord_amqp::topology::ROUTER_DLQ_KEY;
@@ -76,10 +77,22 @@ pub(crate) struct Session {
     publish_events: Events,
 }
 
+/// What an input queue carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Live changes: `{ns}.router` or a partition queue.
+    Live,
+    /// The operator's requests: `{ns}.router.control`.
+    Control,
+    /// Backfills: `{ns}.router.resync`, served only when no live input is ready.
+    Resync,
+}
+
 /// One subscribed input queue: its consumer (on its own channel) and its ack batcher.
 struct InputQueue {
-    /// Index of the queue in `Topology::router_queues` (the partition).
+    /// Index of the queue in `Topology::router_queues` (the partition; 0 for the other lanes).
     index: u16,
+    lane: Lane,
     consumer: Consumer,
     batcher: AckBatcher,
     /// Still yielding deliveries (false once the stream ended during a drain).
@@ -101,19 +114,23 @@ struct Inputs {
 
 impl Inputs {
     /// The next delivery of any open queue, with the queue's position; `None` in the item means
-    /// that queue's stream ended. Pending while no queue has anything.
+    /// that queue's stream ended. Pending while no queue has anything. Live queues come first
+    /// (round-robin among them), then the operator's requests, then the resync lane: a backfill
+    /// only takes what live traffic leaves.
     async fn next(&mut self) -> (usize, Option<Result<Delivery, AmqpError>>) {
         poll_fn(|cx| {
             let n = self.queues.len();
-            for k in 0..n {
-                let pos = (self.next + k) % n;
-                let queue = &mut self.queues[pos];
-                if !queue.open {
-                    continue;
-                }
-                if let Poll::Ready(item) = queue.consumer.poll_next_unpin(cx) {
-                    self.next = (pos + 1) % n;
-                    return Poll::Ready((pos, item));
+            for lane in [Lane::Live, Lane::Control, Lane::Resync] {
+                for k in 0..n {
+                    let pos = (self.next + k) % n;
+                    let queue = &mut self.queues[pos];
+                    if !queue.open || queue.lane != lane {
+                        continue;
+                    }
+                    if let Poll::Ready(item) = queue.consumer.poll_next_unpin(cx) {
+                        self.next = (pos + 1) % n;
+                        return Poll::Ready((pos, item));
+                    }
                 }
             }
             Poll::Pending
@@ -134,12 +151,12 @@ impl Inputs {
 }
 
 /// One input in flight: its publishes, awaited in order.
-struct Pending {
+pub(crate) struct Pending {
     /// Position of its queue in [`Inputs::queues`].
-    input: usize,
-    ack: AckHandle,
-    confirms: Vec<(PendingConfirm, Option<Counter>)>,
-    started: Instant,
+    pub(crate) input: usize,
+    pub(crate) ack: AckHandle,
+    pub(crate) confirms: Vec<(PendingConfirm, Option<Counter>)>,
+    pub(crate) started: Instant,
 }
 
 /// The outcome of one input's publishes.
@@ -242,6 +259,8 @@ impl Session {
         for index in preferred {
             subscribe(shared, consume_conn, &mut inputs, index).await?;
         }
+        subscribe_lane(shared, consume_conn, &mut inputs, Lane::Control).await?;
+        subscribe_lane(shared, consume_conn, &mut inputs, Lane::Resync).await?;
         if partitioned {
             info!(
                 partitions = shared.topology.partitions(),
@@ -264,7 +283,12 @@ impl Session {
     ) -> Result<SessionEnd, AmqpError> {
         let result = self.pipeline(shared, control, shutdown).await;
         let subscribed: Vec<u16> = if self.inputs.partitioned {
-            self.inputs.queues.iter().map(|q| q.index).collect()
+            self.inputs
+                .queues
+                .iter()
+                .filter(|q| q.lane == Lane::Live)
+                .map(|q| q.index)
+                .collect()
         } else {
             Vec::new()
         };
@@ -360,15 +384,23 @@ impl Session {
                             if delivery.redelivered {
                                 shared.metrics.redelivered();
                             }
-                            let pending = handle(
-                                &self.publisher,
-                                shared,
-                                &routed_exchange,
-                                &dlx,
-                                input,
-                                delivery,
-                            )
-                            .await?;
+                            let lane = self.inputs.queues[input].lane;
+                            let pending = match lane {
+                                Lane::Live | Lane::Resync => handle(
+                                    &self.publisher,
+                                    shared,
+                                    &routed_exchange,
+                                    &dlx,
+                                    input,
+                                    delivery,
+                                    lane == Lane::Resync,
+                                )
+                                .await?,
+                                Lane::Control => {
+                                    crate::control::handle(&self.publisher, shared, input, delivery)
+                                        .await?
+                                }
+                            };
                             outstanding += pending.confirms.len();
                             in_flight.push_back(settle(pending));
                         }
@@ -480,21 +512,57 @@ async fn subscribe(
         )
     };
     let channel = conn.open_channel().await?;
-    let consumer = consume(&channel, &queue, &tag, shared.config.prefetch).await?;
+    let prefetch = shared.config.live_lane_prefetch();
+    let consumer = consume(&channel, &queue, &tag, prefetch).await?;
     if inputs.partitioned {
         shared.metrics.set_partition_subscribed(index, true);
     }
     inputs.queues.push(InputQueue {
         index,
+        lane: Lane::Live,
         consumer,
-        batcher: AckBatcher::new(shared.config.ack_batch),
+        batcher: AckBatcher::new(shared.config.ack_batch.min(usize::from(prefetch))),
         open: true,
         counter,
     });
     Ok(())
 }
 
-/// Processes one input and publishes its results; returns the confirms to await.
+/// Subscribes to the control queue (prefetch 1) or the resync lane (its own small prefetch),
+/// each on a new channel of `conn`.
+async fn subscribe_lane(
+    shared: &Shared,
+    conn: &Connection,
+    inputs: &mut Inputs,
+    lane: Lane,
+) -> Result<(), AmqpError> {
+    let topology = &shared.topology;
+    let (queue, suffix, prefetch) = match lane {
+        Lane::Control => (topology.control_queue(), "control", 1),
+        _ => (
+            topology.resync_queue(),
+            "resync",
+            shared.config.resync_lane_prefetch(),
+        ),
+    };
+    let channel = conn.open_channel().await?;
+    let tag = format!("{}/{suffix}", shared.connection_names[0]);
+    let consumer = consume(&channel, &queue, &tag, prefetch).await?;
+    // A batch of half the prefetch, so that the broker never waits for acks held back.
+    let batch = (usize::from(prefetch) / 2).clamp(1, shared.config.ack_batch);
+    inputs.queues.push(InputQueue {
+        index: 0,
+        lane,
+        consumer,
+        batcher: AckBatcher::new(batch),
+        open: true,
+        counter: None,
+    });
+    Ok(())
+}
+
+/// Processes one input (of the live input, or of the resync lane: `resync`) and publishes its
+/// results; returns the confirms to await.
 async fn handle(
     publisher: &Publisher,
     shared: &Shared,
@@ -502,21 +570,31 @@ async fn handle(
     dlx: &str,
     input: usize,
     delivery: Delivery,
+    resync: bool,
 ) -> Result<Pending, AmqpError> {
+    if resync && delivery.header_str(HEADER_CONTROL).is_some() {
+        return crate::control::progress(publisher, shared, input, delivery).await;
+    }
     let state: Arc<PolicyState> = shared.policy.load_full();
     let now = now_ms();
     state.handles.event_in(&delivery.routing_key);
-    let outcome = route::process(
-        state.policy(),
-        &shared.settings,
-        now,
-        Input {
-            routing_key: &delivery.routing_key,
-            body: &delivery.body,
-            user_id: delivery.user_id(),
-            concord_key: delivery.header_str(HEADER_KEY),
-        },
-    );
+    let message = Input {
+        routing_key: &delivery.routing_key,
+        body: &delivery.body,
+        user_id: delivery.user_id(),
+        concord_key: delivery.header_str(HEADER_KEY),
+    };
+    let outcome = if resync {
+        route::process_resync(
+            state.policy(),
+            &shared.settings,
+            now,
+            message,
+            delivery.header_str(HEADER_RESYNC_TARGET),
+        )
+    } else {
+        route::process(state.policy(), &shared.settings, now, message)
+    };
     let started = Instant::now();
     let mut confirms = Vec::new();
     match outcome {
@@ -577,7 +655,7 @@ async fn handle(
 }
 
 /// Publishes the original input to the dead-letter exchange.
-async fn dead_letter(
+pub(crate) async fn dead_letter(
     publisher: &Publisher,
     shared: &Shared,
     dlx: &str,

@@ -13,6 +13,9 @@
 //!   the copies no longer sent (they keep their values: Concord erases nothing), and the schema
 //!   changes the router's reload refuses. Exit status 0 no change, 1 changes, 2 bad input;
 //! - `concord broker-defs` writes (or loads) the RabbitMQ definitions;
+//! - `concord resync --system S [--entity E] [--key K]` asks the router (as the operator) to
+//!   backfill system S: the owners' adapters publish snapshots of their records, routed to S
+//!   only, on the resync lane; prints each owner's progress (records done / total, rate, ETA);
 //! - `concord status` reports per system its inbox (depth, consumers, rates) and dead letters by
 //!   reason, the router's queues with their (single active) consumers, its dead letters and its
 //!   end-to-end lag; exit status 1 when something needs attention;
@@ -36,6 +39,7 @@ mod broker_defs;
 mod explain;
 mod ops;
 mod policy_cmd;
+mod resync_cmd;
 mod schema_cmd;
 
 use std::path::{Path, PathBuf};
@@ -139,6 +143,40 @@ enum Command {
         /// (e.g. `http://127.0.0.1:15672`) instead of printing them.
         #[arg(long)]
         load: Option<String>,
+    },
+    /// Backfill a system: the owners' adapters publish their records to it, on the resync lane.
+    ///
+    /// Connects as the operator (the router acts only on requests of its `operator_user`),
+    /// publishes the request to `{ns}.control`, and prints the router's answer (which systems
+    /// publish snapshots: the owners of the fields S may see and the systems that may create
+    /// its records) and then each one's progress on stderr: records done / total, rate, ETA.
+    /// Each record goes with the clocks of its fields, so S keeps whatever is newer: running it
+    /// again, or after an interruption, is harmless. Adapters resume an interrupted resync
+    /// when they restart.
+    ///
+    /// Exit status: 0 every owner published its records; 2 refused, no answer, or failed.
+    Resync {
+        /// The system to backfill.
+        #[arg(long)]
+        system: String,
+        /// Only this entity.
+        #[arg(long)]
+        entity: Option<String>,
+        /// Only this record key (needs --entity).
+        #[arg(long, requires = "entity")]
+        key: Option<String>,
+        /// The operator's AMQP URI.
+        #[arg(long, env = "CONCORD_AMQP_URI")]
+        amqp_uri: String,
+        /// The namespace (the router's `namespace`).
+        #[arg(long, default_value = "concord")]
+        namespace: String,
+        /// Seconds to wait for the router's answer.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// Return once the router accepted the request.
+        #[arg(long)]
+        no_wait: bool,
     },
     Policy {
         #[command(subcommand)]
@@ -427,6 +465,23 @@ fn main() -> ExitCode {
             };
             report(run_broker_defs(&request, out.as_deref(), load.as_deref()))
         }
+        Command::Resync {
+            system,
+            entity,
+            key,
+            amqp_uri,
+            namespace,
+            timeout,
+            no_wait,
+        } => report(resync_cmd::run(&resync_cmd::Request {
+            amqp_uri,
+            namespace,
+            system,
+            entity,
+            key,
+            timeout: std::time::Duration::from_secs(timeout),
+            no_wait,
+        })),
         Command::Policy {
             command: PolicyCommand::Diff { old, new, json },
         } => match policy_cmd::diff(&old, &new, json) {

@@ -417,6 +417,10 @@ impl TestBus {
 
     /// Routes one input of system `from` through the router into the inboxes.
     fn route_input(&mut self, o: Outgoing) {
+        if o.control.is_some() {
+            // Progress reports go to the operator, not to the systems.
+            return;
+        }
         self.messages += 1;
         let input = Input {
             routing_key: &o.routing_key,
@@ -424,7 +428,13 @@ impl TestBus {
             user_id: o.user_id.as_deref(),
             concord_key: None,
         };
-        match route::process(&self.policy, &self.settings, now_ms(), input) {
+        let outcome = match &o.resync_target {
+            Some(target) => {
+                route::process_resync(&self.policy, &self.settings, now_ms(), input, Some(target))
+            }
+            None => route::process(&self.policy, &self.settings, now_ms(), input),
+        };
+        match outcome {
             Outcome::Routed(r) => {
                 if let Some(d) = r.dead_letter {
                     self.router_dead.push(RouterDeadLetter {
@@ -576,6 +586,8 @@ impl TestBus {
                 event_id,
                 concord_key: String::new(),
                 user_id: d.user_id,
+                resync_target: None,
+                control: None,
             });
         }
         n

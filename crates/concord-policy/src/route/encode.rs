@@ -11,7 +11,8 @@ use crate::sets::{FieldSet, SystemId};
 
 /// The deliveries of one input from `source`: for each target of `verdict`, its routed copy
 /// carrying the `changed` fields it may see, projected by `projector` (`None` when nothing
-/// was accepted).
+/// was accepted). With `only`, the copy for that one system (a resync), if it gets any.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn deliveries(
     policy: &Policy,
     entity: &EntityPolicy,
@@ -20,6 +21,7 @@ pub(super) fn deliveries(
     verdict: &Verdict,
     changed: FieldSet,
     projector: Option<&Projector>,
+    only: Option<SystemId>,
 ) -> Vec<Delivery> {
     let clocks = changed_clocks(ev, entity, changed);
     let mut deliveries: Vec<Delivery> = Vec::new();
@@ -27,6 +29,9 @@ pub(super) fn deliveries(
     // each distinct projection once (`shapes[i]` describes `deliveries[i]`).
     let mut shapes: Vec<(FieldSet, Vec<u32>)> = Vec::new();
     for (target, fields) in verdict.deliveries(entity) {
+        if only.is_some_and(|t| t != target) {
+            continue;
+        }
         let ranks: Vec<u32> = fields
             .iter()
             .map(|i| entity.fields.get(i).map_or(0, |rule| rule.rank_of(target)))
