@@ -300,8 +300,7 @@ impl Marks {
     }
 
     fn nanos(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.base).as_nanos())
-            .unwrap_or(u64::MAX - 1)
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX - 1)
             + 1
     }
 
@@ -333,7 +332,8 @@ impl Marks {
             .skip(1)
             .filter_map(|(c, s)| {
                 let (c, s) = (c.load(Ordering::Relaxed), s.load(Ordering::Relaxed));
-                (c != 0 && s != 0).then(|| u32::try_from(s.saturating_sub(c) / 1_000).unwrap_or(u32::MAX))
+                (c != 0 && s != 0)
+                    .then(|| u32::try_from(s.saturating_sub(c) / 1_000).unwrap_or(u32::MAX))
             })
             .collect()
     }
@@ -375,7 +375,10 @@ impl Adapter {
             Ok(Ok(s)) => eprintln!("concord-sql {} exited with {s}", self.system),
             Ok(Err(e)) => eprintln!("waiting for concord-sql {}: {e}", self.system),
             Err(_) => {
-                eprintln!("concord-sql {} did not stop in {STOP_TIMEOUT:?}: killed", self.system);
+                eprintln!(
+                    "concord-sql {} did not stop in {STOP_TIMEOUT:?}: killed",
+                    self.system
+                );
                 let _ = self.child.kill().await;
             }
         }
@@ -431,7 +434,9 @@ fn free_port() -> anyhow::Result<u16> {
 /// Whether `GET /readyz` answers 200.
 async fn ready(port: u16) -> bool {
     let probe = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
         s.write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
             .await
             .ok()?;
@@ -514,7 +519,8 @@ fn rss_sampler(pids: Vec<u32>) -> (Arc<Vec<AtomicU64>>, JoinHandle<()>) {
 
 /// Runs the selected pairs. Everything created is deleted, also on error or Ctrl-C.
 pub async fn run(args: &SqlArgs) -> anyhow::Result<SqlReport> {
-    if !(args.rate > 0.0 && args.rate.is_finite()) || !(args.seconds > 0.0) {
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if !positive(args.rate) || !positive(args.seconds) {
         bail!("--rate and --seconds must be positive");
     }
     let exe = concord_sql_binary(args)?;
@@ -668,7 +674,9 @@ impl PairCtx<'_> {
         for (system, db) in [(SOURCE, src), (TARGET, dst)] {
             let port = free_port()?;
             let path = self.dir.join(format!("{}-{system}.toml", self.name));
-            let state = self.dir.join(format!("{}-{system}-state.sqlite", self.name));
+            let state = self
+                .dir
+                .join(format!("{}-{system}-state.sqlite", self.name));
             std::fs::write(
                 &path,
                 adapter_toml(&AdapterFile {
@@ -751,16 +759,25 @@ impl PairCtx<'_> {
 
         // Warm-up: the rows the edits go round, created in the source and synced.
         let warm = Instant::now();
-        s.transaction(&insert_statements(0, k)
-            .into_iter()
-            .map(|st| st.replace("'bulk ", "'row "))
-            .collect::<Vec<_>>())
-            .await?;
-        wait_count(d, &format!("SELECT COUNT(*) FROM items WHERE ref < {k}"), k, "the rows to sync")
-            .await?;
+        s.transaction(
+            &insert_statements(0, k)
+                .into_iter()
+                .map(|st| st.replace("'bulk ", "'row "))
+                .collect::<Vec<_>>(),
+        )
+        .await?;
+        wait_count(
+            d,
+            &format!("SELECT COUNT(*) FROM items WHERE ref < {k}"),
+            k,
+            "the rows to sync",
+        )
+        .await?;
         eprintln!("{k} rows synced in {:.2} s", warm.elapsed().as_secs_f64());
         let ids: Vec<i64> = s
-            .ints(&format!("SELECT id, ref FROM items WHERE ref < {k} ORDER BY ref"))
+            .ints(&format!(
+                "SELECT id, ref FROM items WHERE ref < {k} ORDER BY ref"
+            ))
             .await?
             .into_iter()
             .filter_map(|r| r.first().copied())
@@ -786,8 +803,10 @@ impl PairCtx<'_> {
                 .await;
             let row = usize::try_from(i % k).unwrap_or(0);
             let id = ids.get(row).copied().unwrap_or_default();
-            s.exec(&format!("UPDATE items SET seq = {i}, note = 'edit {i}' WHERE id = {id}"))
-                .await?;
+            s.exec(&format!(
+                "UPDATE items SET seq = {i}, note = 'edit {i}' WHERE id = {id}"
+            ))
+            .await?;
             last_commit = Instant::now();
             marks.commit(i, last_commit);
         }
@@ -869,8 +888,7 @@ impl PairCtx<'_> {
                 .peak_rss_kib()
                 .max(sampled.get(i).map_or(0, |p| p.load(Ordering::Relaxed))))
         };
-        let per_row =
-            |c: Duration| round2(c.as_secs_f64() * 1e6 / args.rows as f64);
+        let per_row = |c: Duration| round2(c.as_secs_f64() * 1e6 / args.rows as f64);
         report.bulk_rows_per_s = Some((args.rows as f64 / done.as_secs_f64()).round());
         report.bulk_insert_rows_per_s = Some((args.rows as f64 / inserted.as_secs_f64()).round());
         report.bulk_seconds = Some(round2(done.as_secs_f64()));
@@ -986,12 +1004,16 @@ async fn bulk_observer(
     loop {
         tick.tick().await;
         let n = d
-            .int(&format!("SELECT COUNT(*) FROM items WHERE ref >= {records}"))
+            .int(&format!(
+                "SELECT COUNT(*) FROM items WHERE ref >= {records}"
+            ))
             .await?;
         let now = Instant::now();
         if published.is_none() {
             let inserted = s
-                .int(&format!("SELECT COUNT(*) FROM items WHERE ref >= {records}"))
+                .int(&format!(
+                    "SELECT COUNT(*) FROM items WHERE ref >= {records}"
+                ))
                 .await?;
             let pending = s.int("SELECT COUNT(*) FROM concord_changes").await?;
             if u64::try_from(inserted).is_ok_and(|i| i >= rows) && pending == 0 {
@@ -1019,7 +1041,10 @@ mod tests {
         // 4 rows: row 1 gets edits 1, 5, 9, ...; row 0 gets 4, 8, ...
         assert_eq!(edits_up_to(1, 4, 0, 9).collect::<Vec<_>>(), [1, 5, 9]);
         assert_eq!(edits_up_to(1, 4, 1, 9).collect::<Vec<_>>(), [5, 9]);
-        assert_eq!(edits_up_to(1, 4, 5, 8).collect::<Vec<_>>(), Vec::<u64>::new());
+        assert_eq!(
+            edits_up_to(1, 4, 5, 8).collect::<Vec<_>>(),
+            Vec::<u64>::new()
+        );
         assert_eq!(edits_up_to(0, 4, 0, 8).collect::<Vec<_>>(), [4, 8]);
         assert_eq!(edits_up_to(3, 4, 3, 11).collect::<Vec<_>>(), [7, 11]);
         assert_eq!(edits_up_to(0, 1, 0, 3).collect::<Vec<_>>(), [1, 2, 3]);
@@ -1029,7 +1054,9 @@ mod tests {
     fn bulk_inserts_are_cut_in_statements() {
         let s = insert_statements(10, 2_510);
         assert_eq!(s.len(), 3);
-        assert!(s[0].starts_with("INSERT INTO items (ref, seq, name, note) VALUES (10, 0, 'bulk 10'"));
+        assert!(
+            s[0].starts_with("INSERT INTO items (ref, seq, name, note) VALUES (10, 0, 'bulk 10'")
+        );
         assert!(s[2].ends_with("row 2509')"));
         assert!(insert_statements(5, 5).is_empty());
     }
@@ -1059,7 +1086,10 @@ mod tests {
         assert_eq!(table["router_user"].as_str(), Some("ns.router"));
         assert_eq!(table["adapter"]["poll_ms"].as_integer(), Some(20));
         assert!(table["adapter"].get("batch").is_none());
-        assert_eq!(table["adapter"]["entities"]["item"]["fields"]["seq"].as_str(), Some("seq"));
+        assert_eq!(
+            table["adapter"]["entities"]["item"]["fields"]["seq"].as_str(),
+            Some("seq")
+        );
     }
 
     #[test]
