@@ -412,7 +412,7 @@ async fn run_inner(
     live: Arc<Mutex<Vec<Topology>>>,
 ) -> anyhow::Result<Report> {
     let fanout = usize::from(cli.fanout);
-    let n = cli.events;
+    let n = cli.events.unwrap_or(1);
     let latency_n = cli.latency_events.unwrap_or(n).max(1);
     let rounds = usize::from(cli.rounds);
     let machine = procfs::machine();

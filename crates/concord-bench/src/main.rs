@@ -3,7 +3,12 @@
 //!
 //! ```text
 //! concord-bench --events N [--fanout K] [--size BYTES] [--backlog M] [--amqp-uri URI]
+//! concord-bench sql [--pair pg-mariadb|sqlite-sqlite|all] [--rate R] [--seconds S] [--rows M]
 //! ```
+//!
+//! `concord-bench sql` measures the SQL adapter end to end (`sql.rs`): `concord-sql run`
+//! processes on real databases, the router in process, each as its own broker user in a
+//! scratch virtual host.
 //!
 //! Human-readable progress goes to stderr; the last line of stdout is one JSON object (see
 //! `bench::Report`; its keys are stable, later runs are compared against them).
@@ -22,23 +27,34 @@ mod event;
 mod load;
 mod procfs;
 mod roles;
+mod sql;
+mod sqldb;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use concord_router::RouterConfig;
 
 use crate::child::Role;
 
 /// Router vs. plain-forwarder benchmark on the real broker.
 #[derive(Debug, Parser)]
-#[command(name = "concord-bench", version)]
+#[command(
+    name = "concord-bench",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Cli {
+    /// Another benchmark than the router's.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Change events per throughput round (and per latency round unless --latency-events).
-    #[arg(long)]
-    pub events: u64,
+    /// (Required without a subcommand.)
+    #[arg(long, required = true)]
+    pub events: Option<u64>,
     /// Subscriber systems every event fans out to.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub fanout: u16,
@@ -88,6 +104,13 @@ pub struct Cli {
     pub policy: Option<PathBuf>,
 }
 
+/// The other benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The SQL adapter end to end: commit-to-visible latency, bulk throughput, adapter memory.
+    Sql(sql::SqlArgs),
+}
+
 /// Prefetch, confirm window and ack batch, identical for router, forwarder and subscribers.
 #[derive(Debug, Clone, Copy)]
 pub struct Tuning {
@@ -113,9 +136,10 @@ impl Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.role {
-        Some(role) => run_child(role, &cli),
-        None => run_parent(cli),
+    let result = match (&cli.command, cli.role) {
+        (Some(Command::Sql(args)), _) => run_sql(args),
+        (None, Some(role)) => run_child(role, &cli),
+        (None, None) => run_parent(cli),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -167,8 +191,22 @@ fn run_child(role: Role, cli: &Cli) -> anyhow::Result<()> {
     }
 }
 
+fn run_sql(args: &sql::SqlArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = runtime(None)?;
+    let report = rt.block_on(sql::run(args))?;
+    let json = serde_json::to_string(&report).context("encoding the report")?;
+    println!("{json}");
+    Ok(())
+}
+
 fn run_parent(cli: Cli) -> anyhow::Result<()> {
-    if cli.events == 0 {
+    if cli.events.unwrap_or(0) == 0 {
         anyhow::bail!("--events must be at least 1");
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

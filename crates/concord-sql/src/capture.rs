@@ -403,7 +403,10 @@ async fn pass(
         .collect();
     let mut full = false;
     if room > 0 {
-        let limit = i64::try_from(room + exclude.len()).unwrap_or(i64::MAX);
+        // One row more than can be taken: finding it tells that the read was full and the
+        // log must be read again at once, not after the poll interval (when a bulk load has
+        // committed, no notification comes any more).
+        let limit = i64::try_from(room + exclude.len() + 1).unwrap_or(i64::MAX);
         let rows = inner
             .db
             .fetch(

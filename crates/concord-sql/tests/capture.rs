@@ -433,3 +433,38 @@ async fn postgres_notifications_wake_the_feed_at_once_and_the_others_poll() -> a
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_backlog_larger_than_the_batch_is_read_without_waiting_for_the_poll() -> anyhow::Result<()>
+{
+    for family in [Family::Postgres, Family::MySql, Family::Sqlite] {
+        let (_, entities) = seed();
+        let db = TestDb::new(family, "backlog").await?;
+        db.exec(schema(family)).await?;
+        // Reads of at most 4 rows, and no poll for a minute: after a read that took all it
+        // could, the feed must read on by itself (a bulk load commits no more notifications).
+        let mut c = config(&db, ORDERS);
+        c.batch = 4;
+        c.poll_ms = 60_000;
+        c.listen_poll_ms = 60_000;
+        let orders = SqlSystem::connect(&c, &entities).await?;
+        orders.install().await?;
+        let values: Vec<String> = (0..20).map(|i| format!("('c{i}')")).collect();
+        db.exec(&format!(
+            "INSERT INTO clients (full_name) VALUES {}",
+            values.join(", ")
+        ))
+        .await?;
+        let feed = orders.changes(None).take(20).collect::<Vec<_>>();
+        let changes = tokio::time::timeout(std::time::Duration::from_secs(20), feed)
+            .await
+            .map_err(|_| anyhow::anyhow!("{family:?}: the feed waited for the poll"))?;
+        let mut ids = BTreeSet::new();
+        for c in changes {
+            ids.insert(c?.local_id);
+        }
+        assert_eq!(ids.len(), 20, "{family:?}: {ids:?}");
+        orders.close().await;
+    }
+    Ok(())
+}
