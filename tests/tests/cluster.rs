@@ -5,7 +5,10 @@
 //! partitioned input of quorum queues; the seed adapters connect with the list of the three
 //! nodes. Mid-stream, the node every client is connected to is killed (`kill -9`); later, a
 //! second node closes every connection. Syncing goes on while a majority is up, every change
-//! is applied once and in per-record order, and the killed node rejoins at the end.
+//! is applied once and in per-record order, and the killed node rejoins at the end. (Messages a
+//! queue had handed to a consumer on the killed node may come back after newer ones of their
+//! record: the adapters count them as stale and never apply them. The test checks the order of
+//! the applies, which is what a system sees.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
