@@ -38,7 +38,10 @@ pub(crate) fn password_variable(user: &str) -> String {
 /// The vhost of an AMQP URI (its path, percent-decoded; `/` when it has none); of the first
 /// URI of a list.
 fn vhost_of(uri: &str) -> String {
-    let uri = concord_amqp::split_uris(uri).into_iter().next().unwrap_or(uri);
+    let uri = concord_amqp::split_uris(uri)
+        .into_iter()
+        .next()
+        .unwrap_or(uri);
     let rest = uri.split_once("://").map_or(uri, |(_, rest)| rest);
     let path = rest.split_once('/').map_or("", |(_, path)| path);
     let path = path.split(['?', '#']).next().unwrap_or("");
