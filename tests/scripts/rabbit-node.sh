@@ -8,7 +8,9 @@
 # certificate for localhost and a client certificate (ca.pem, server.pem/server.key,
 # client.pem/client.key), and the node listens with TLS on TLS_PORT, verifying client
 # certificates. The node runs as the rabbitmq user (it shares the CLI's Erlang cookie), with
-# guest/guest allowed from localhost, and no plugins. `start` returns once the node is up.
+# guest/guest allowed from localhost, and the plugins named (comma-separated) by
+# RABBIT_NODE_PLUGINS (default none). `start` returns once the node is up; a node started
+# again over its DIR keeps its data (and its cluster membership).
 set -euo pipefail
 
 cmd=$1 dir=$2 name=$3
@@ -49,7 +51,7 @@ ssl_options.fail_if_no_peer_cert = true
 CONF
   fi
   echo "ERL_EPMD_ADDRESS=127.0.0.1" >"$dir/rabbitmq-env.conf"
-  echo "[]." >"$dir/enabled_plugins"
+  echo "[${RABBIT_NODE_PLUGINS:-}]." >"$dir/enabled_plugins"
   echo "[]." >"$dir/advanced.config"
   chown -R rabbitmq:rabbitmq "$dir"
   chmod 0755 "$dir"

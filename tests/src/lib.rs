@@ -391,6 +391,12 @@ pub fn name_of(r: usize, round: usize) -> String {
     format!("c{r}-v{round}")
 }
 
+/// `(record, round)` of a name given by [`name_of`].
+pub fn parse_name(name: &str) -> Option<(usize, usize)> {
+    let (record, round) = name.strip_prefix('c')?.split_once("-v")?;
+    Some((record.parse().ok()?, round.parse().ok()?))
+}
+
 /// The email orders gives customer `r` in round `round`.
 pub fn email_of(r: usize, round: usize) -> String {
     format!("{r}@{round}")
@@ -515,5 +521,61 @@ impl SeedRun {
             n.runner.shutdown().await?;
         }
         self.router.shutdown().await
+    }
+}
+
+/// Picks `n` distinct free local ports (bound together, then released).
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()?)
+}
+
+/// A plain HTTP/1.1 GET of a local endpoint (a router's `/readyz`, `/metrics`); `None` while
+/// nothing listens.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        std::io::Result::Ok(String::from_utf8_lossy(&response).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()?
+        .ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Some((status, body))
+}
+
+/// Polls until `cond` holds (router metrics have no event a test could await); fails after
+/// `secs` seconds.
+pub async fn poll_until(
+    secs: u64,
+    what: &str,
+    mut cond: impl AsyncFnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if cond().await? {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -7,11 +7,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use concord_it::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PARTITIONS: usize = 6;
 const REPLICAS: usize = 3;
@@ -19,40 +18,6 @@ const REPLICAS: usize = 3;
 const VICTIM: usize = 1;
 const RECORDS: usize = 30;
 const ROUNDS: usize = 20;
-
-/// Picks `n` distinct free local ports (bound together, then released).
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<_, _>>()?)
-}
-
-/// A plain HTTP/1.1 GET of a router endpoint; `None` while nothing listens.
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        std::io::Result::Ok(String::from_utf8_lossy(&response).into_owned())
-    };
-    let text = tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .ok()?
-        .ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    Some((status, body))
-}
 
 /// What a router's `/metrics` tells about the partitions.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -107,29 +72,6 @@ async fn partitions_of(port: u16) -> anyhow::Result<Partitions> {
         .with_context(|| format!("GET /metrics of the router on port {port}"))?;
     anyhow::ensure!(status == 200, "/metrics answered {status}");
     Ok(parse_partitions(&body))
-}
-
-/// Polls until `cond` holds (router metrics have no event a test could await); fails after
-/// `secs` seconds.
-async fn poll_until(
-    secs: u64,
-    what: &str,
-    mut cond: impl AsyncFnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if cond().await? {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// `(record, version)` of a name `c{record}-v{version}`.
-fn parse_name(name: &str) -> Option<(usize, usize)> {
-    let (record, version) = name.strip_prefix('c')?.split_once("-v")?;
-    Some((record.parse().ok()?, version.parse().ok()?))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

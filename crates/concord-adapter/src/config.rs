@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 pub struct RunnerConfig {
     /// This system's name, as in the policy (`[a-z0-9_-]+`).
     pub system: String,
-    /// The broker, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    /// The broker, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`; the nodes of a cluster as
+    /// several URIs separated by commas (same user and vhost), tried in turn on every
+    /// (re)connection.
     pub amqp_uri: String,
     /// Prefix of every exchange and queue name.
     #[serde(default = "default_namespace")]

@@ -195,11 +195,64 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-/// The user an AMQP URI logs in as (`guest` when the URI names none): the identity the broker
-/// validates `user_id` against.
+/// The URIs of a broker setting: one AMQP URI, or several separated by commas (the nodes of a
+/// cluster, e.g. `amqp://u:p@rabbit-0:5672/v,amqp://u:p@rabbit-1:5672/v`), in the order given.
+/// A comma starts a new URI only where `amqp://` or `amqps://` follows it, so a password may
+/// contain commas; whitespace around the URIs is ignored.
+#[must_use]
+pub fn split_uris(uris: &str) -> Vec<&str> {
+    let starts_uri = |rest: &str| {
+        let rest = rest.trim_start().as_bytes();
+        [b"amqp://".as_slice(), b"amqps://".as_slice()]
+            .iter()
+            .any(|scheme| {
+                rest.len() >= scheme.len() && rest[..scheme.len()].eq_ignore_ascii_case(scheme)
+            })
+    };
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, _) in uris.match_indices(',') {
+        if starts_uri(&uris[i + 1..]) {
+            out.push(uris[start..i].trim());
+            start = i + 1;
+        }
+    }
+    out.push(uris[start..].trim());
+    out
+}
+
+/// Parses the URIs of [`split_uris`]: every one must be valid, and all must log in as the same
+/// user to the same vhost (they name the nodes of one broker, and the user is the identity the
+/// broker validates `user_id` against).
+fn parse_uris(uris: &str) -> Result<Vec<AMQPUri>, AmqpError> {
+    let parsed = split_uris(uris)
+        .into_iter()
+        .map(|uri| uri.parse::<AMQPUri>().map_err(AmqpError::InvalidUri))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(first) = parsed.first() {
+        let same = |u: &AMQPUri| {
+            u.authority.userinfo.username == first.authority.userinfo.username
+                && u.vhost == first.vhost
+        };
+        if !parsed.iter().all(same) {
+            return Err(AmqpError::InvalidUri(
+                "the URIs of a list must name the same user and vhost (the nodes of one broker)"
+                    .to_owned(),
+            ));
+        }
+    }
+    Ok(parsed)
+}
+
+/// The user an AMQP URI (or a list of them, see [`split_uris`]) logs in as (`guest` when the URI
+/// names none): the identity the broker validates `user_id` against.
 pub fn login_of(uri: &str) -> Result<String, AmqpError> {
-    let parsed: AMQPUri = uri.parse().map_err(AmqpError::InvalidUri)?;
-    Ok(parsed.authority.userinfo.username)
+    let parsed = parse_uris(uri)?;
+    Ok(parsed
+        .into_iter()
+        .next()
+        .map(|u| u.authority.userinfo.username)
+        .unwrap_or_default())
 }
 
 /// Connect with [`ConnectOptions::default`]. See [`connect_with`].
@@ -211,44 +264,72 @@ pub async fn connect(uri: &str, connection_name: &str) -> Result<Connection, Amq
 /// shown in the management UI), retrying failed attempts with exponential backoff
 /// within the bounds of `options`. Bad credentials or an unknown vhost fail at once.
 ///
+/// `uri` may list the nodes of a cluster ([`split_uris`]): one attempt tries them in the order
+/// given and takes the first that accepts the connection, so that a node that is down costs a
+/// refused connection, not a retry delay; the delay comes between rounds over all nodes.
+///
 /// lapin's automatic recovery is deliberately NOT enabled: after the connection is up,
-/// failures surface as errors and the caller's supervisor reconnects.
+/// failures surface as errors and the caller's supervisor reconnects (and, with a list,
+/// reaches whichever node is up).
 pub async fn connect_with(
     uri: &str,
     connection_name: &str,
     options: &ConnectOptions,
 ) -> Result<Connection, AmqpError> {
-    let mut parsed: AMQPUri = uri.parse().map_err(AmqpError::InvalidUri)?;
-    if let Some(heartbeat) = options.heartbeat {
-        parsed.query.heartbeat = Some(heartbeat);
+    let mut nodes = parse_uris(uri)?;
+    for parsed in &mut nodes {
+        if let Some(heartbeat) = options.heartbeat {
+            parsed.query.heartbeat = Some(heartbeat);
+        }
     }
-    let endpoint = format!(
-        "{}:{}/{}",
-        parsed.authority.host, parsed.authority.port, parsed.vhost
-    );
+    let endpoints: Vec<String> = nodes
+        .iter()
+        .map(|parsed| {
+            format!(
+                "{}:{}/{}",
+                parsed.authority.host, parsed.authority.port, parsed.vhost
+            )
+        })
+        .collect();
+    let endpoint = endpoints.join(", ");
     let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
     let attempts = AtomicUsize::new(0);
     let attempt_timeout = options.attempt_timeout;
 
     let tls = options.tls.as_ref().map(Tls::lapin).unwrap_or_default();
+    let connect_node = |parsed: AMQPUri| {
+        let properties = properties.clone();
+        let tls = tls.clone();
+        async move {
+            let runtime = lapin::runtime::default_runtime().map_err(AmqpError::from)?;
+            match tokio::time::timeout(
+                attempt_timeout,
+                lapin::Connection::connect_uri_with_config(parsed, properties, tls, runtime),
+            )
+            .await
+            {
+                Ok(Ok(connection)) => Ok(connection),
+                Ok(Err(e)) => Err(AmqpError::from(e)),
+                Err(_) => Err(AmqpError::Timeout(attempt_timeout)),
+            }
+        }
+    };
     let attempt = || async {
         attempts.fetch_add(1, Ordering::Relaxed);
-        let runtime = lapin::runtime::default_runtime().map_err(AmqpError::from)?;
-        match tokio::time::timeout(
-            attempt_timeout,
-            lapin::Connection::connect_uri_with_config(
-                parsed.clone(),
-                properties.clone(),
-                tls.clone(),
-                runtime,
-            ),
-        )
-        .await
-        {
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(e)) => Err(AmqpError::from(e)),
-            Err(_) => Err(AmqpError::Timeout(attempt_timeout)),
+        let mut last = AmqpError::InvalidUri("no URI".to_owned());
+        for (parsed, node) in nodes.iter().zip(&endpoints) {
+            match connect_node(parsed.clone()).await {
+                Ok(connection) => return Ok((connection, node)),
+                Err(e) if e.is_permanent_connect_error() => return Err(e),
+                Err(e) => {
+                    if nodes.len() > 1 {
+                        warn!(endpoint = %node, error = %e, "AMQP node unreachable, trying the next");
+                    }
+                    last = e;
+                }
+            }
         }
+        Err(last)
     };
     let result = attempt
         .retry(options.retry_policy())
@@ -259,8 +340,8 @@ pub async fn connect_with(
         })
         .await;
     match result {
-        Ok(inner) => {
-            info!(%endpoint, connection_name, "AMQP connected");
+        Ok((inner, node)) => {
+            info!(endpoint = %node, connection_name, "AMQP connected");
             Ok(Connection {
                 inner,
                 name: connection_name.to_owned(),
@@ -439,6 +520,32 @@ mod tests {
             ..ConnectOptions::default()
         };
         assert_eq!(zero.retry_policy().build().count(), 0);
+    }
+
+    #[test]
+    fn a_uri_setting_may_list_the_nodes_of_a_cluster() {
+        assert_eq!(split_uris("amqp://u:p@h:5672/v"), ["amqp://u:p@h:5672/v"]);
+        assert_eq!(
+            split_uris("amqp://u:p@a:5672/v, AMQPS://u:p@b:5671/v ,amqp://u:p@c/v"),
+            [
+                "amqp://u:p@a:5672/v",
+                "AMQPS://u:p@b:5671/v",
+                "amqp://u:p@c/v"
+            ]
+        );
+        // A comma not followed by a scheme belongs to the URI (a password may hold one).
+        assert_eq!(
+            split_uris("amqp://u:p,w@a/v,amqp://u:p,w@b/v"),
+            ["amqp://u:p,w@a/v", "amqp://u:p,w@b/v"]
+        );
+        assert_eq!(
+            login_of("amqp://orders:x@a:5681/v,amqp://orders:x@b:5682/v").unwrap(),
+            "orders"
+        );
+        assert_eq!(login_of("amqp://a:5681/v").unwrap(), "guest");
+        // The nodes of one broker: one user, one vhost.
+        assert!(login_of("amqp://orders:x@a/v,amqp://support:x@b/v").is_err());
+        assert!(login_of("amqp://orders:x@a/v,amqp://orders:x@b/w").is_err());
     }
 
     #[test]

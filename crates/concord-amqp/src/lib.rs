@@ -50,7 +50,7 @@ pub use ack::{AckBatcher, AckHandle};
 pub use channel::{Channel, QueueDeleteOptions};
 pub use connection::{
     ClientCertificate, ConnectOptions, Connection, ConnectionEvent, Tls, TlsFiles, backoff,
-    connect, connect_with, connection_name, login_of,
+    connect, connect_with, connection_name, login_of, split_uris,
 };
 pub use consumer::{Consumer, Delivery, Properties, consume};
 pub use error::{AmqpError, ClientError, PublishError};

@@ -156,8 +156,10 @@ fn field_table(arguments: &Arguments) -> FieldTable {
     table
 }
 
-/// Kind of the work queues (router queue and inboxes). DLQs are always plain durable
-/// classic queues.
+/// Kind of the queues: the work queues (router queue and inboxes) and the DLQs (which have no
+/// dead-lettering or delivery limit of their own). Quorum queues are replicated on a cluster:
+/// with them, every queue survives the loss of a minority of its nodes (a classic DLQ would
+/// not, and while its node is down nobody could declare the topology).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QueueType {
     /// Durable classic queue, `x-queue-version = 2`.
@@ -430,9 +432,13 @@ impl Topology {
         });
     }
 
-    /// A DLQ: plain durable classic queue, no dead-lettering of its own.
+    /// A DLQ: a durable queue of the topology's type, no dead-lettering of its own.
     fn plan_dlq(&self, plan: &mut Plan, key: &str) {
-        Self::plan_bound_queue(plan, self.dlq(key), Arguments::new(), self.dlx(), key);
+        let mut arguments = Arguments::new();
+        if self.queue_type == QueueType::Quorum {
+            arguments.insert("x-queue-type".into(), Arg::text("quorum"));
+        }
+        Self::plan_bound_queue(plan, self.dlq(key), arguments, self.dlx(), key);
     }
 
     fn plan_system(&self, plan: &mut Plan, system: &str) {
@@ -770,6 +776,34 @@ mod tests {
                 .get("x-delivery-limit"),
             Some(&Arg::Int(20))
         );
+    }
+
+    #[test]
+    fn dlqs_have_the_queue_type_of_the_topology() {
+        let systems = ["crm".to_owned()];
+        for (queue_type, expected) in [
+            (QueueType::Classic, None),
+            (QueueType::Quorum, Some(text("quorum"))),
+        ] {
+            let plan = Topology::new("ns")
+                .with_queue_type(queue_type)
+                .plan(&systems)
+                .unwrap();
+            for name in ["ns.dlq.router", "ns.dlq.crm"] {
+                let dlq = plan.queues.iter().find(|q| q.name == name).unwrap();
+                assert_eq!(
+                    dlq.arguments.get("x-queue-type"),
+                    expected.as_ref(),
+                    "{name}"
+                );
+                // No dead-lettering or delivery limit of their own.
+                assert_eq!(
+                    dlq.arguments.len(),
+                    usize::from(expected.is_some()),
+                    "{name}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,8 @@ use std::{
 use common::*;
 use concord_amqp::{
     AckBatcher, AmqpError, ConnectOptions, Connection, Delivery, MessageProps, PublishError,
-    Publisher, PublisherOptions, QueueType, Topology, connect_with, consume, queue_message_count,
+    Publisher, PublisherOptions, QueueType, Topology, connect_with, connection_name, consume,
+    queue_message_count,
 };
 use futures::{FutureExt, StreamExt, future::join_all};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
@@ -674,4 +675,62 @@ async fn connect_retries_are_bounded() {
         connect_with("not a uri", "x", &options).await,
         Err(AmqpError::InvalidUri(_))
     ));
+}
+
+/// `uri` with its host and port replaced by `127.0.0.1:{port}` (same user and vhost).
+fn on_port(uri: &str, port: u16) -> String {
+    let (scheme, rest) = uri.split_once("://").expect("scheme");
+    let (user, rest) = rest.rsplit_once('@').map_or(("", rest), |(u, r)| (u, r));
+    let path = rest.find('/').map_or("", |i| &rest[i..]);
+    let user = if user.is_empty() {
+        String::new()
+    } else {
+        format!("{user}@")
+    };
+    format!("{scheme}://{user}127.0.0.1:{port}{path}")
+}
+
+/// A local port nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// A URI setting may list the nodes of a cluster: one attempt goes down the list to the first
+/// node that accepts, so nodes that are down cost no retry; with none up, the error names
+/// every node (never the credentials).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_of_uris_connects_to_the_first_node_that_is_up() {
+    let live = uri();
+    let dead = [closed_port(), closed_port()].map(|p| on_port(&live, p));
+    let once = ConnectOptions {
+        max_attempts: 1,
+        ..ConnectOptions::default()
+    };
+    let list = format!("{},{},{live}", dead[0], dead[1]);
+    let conn = within(
+        "connect to a list",
+        connect_with(&list, &connection_name("test-list"), &once),
+    )
+    .await
+    .expect("the third node is up");
+    assert!(conn.is_connected());
+    conn.close().await.expect("close");
+
+    let err = within(
+        "connect to dead nodes",
+        connect_with(&dead.join(","), &connection_name("test-list-dead"), &once),
+    )
+    .await
+    .expect_err("no node is up");
+    match &err {
+        AmqpError::Connect {
+            endpoint, attempts, ..
+        } => {
+            assert_eq!(*attempts, 1);
+            assert_eq!(endpoint.matches("127.0.0.1:").count(), 2, "{endpoint}");
+            assert!(!endpoint.contains("guest:"), "{endpoint}");
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
 }

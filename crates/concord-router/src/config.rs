@@ -39,7 +39,8 @@ pub const MAX_WORKER_THREADS: usize = 64;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouterConfig {
-    /// Broker to connect to (`amqp://` or `amqps://`).
+    /// Broker to connect to (`amqp://` or `amqps://`); the nodes of a cluster as several URIs
+    /// separated by commas, tried in turn on every (re)connection.
     pub amqp_uri: String,
     /// Prefix of every exchange and queue name, so that several deployments share a broker.
     pub namespace: String,

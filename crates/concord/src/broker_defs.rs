@@ -35,8 +35,13 @@ pub(crate) fn password_variable(user: &str) -> String {
     name
 }
 
-/// The vhost of an AMQP URI (its path, percent-decoded; `/` when it has none).
+/// The vhost of an AMQP URI (its path, percent-decoded; `/` when it has none); of the first
+/// URI of a list.
 fn vhost_of(uri: &str) -> String {
+    let uri = concord_amqp::split_uris(uri)
+        .into_iter()
+        .next()
+        .unwrap_or(uri);
     let rest = uri.split_once("://").map_or(uri, |(_, rest)| rest);
     let path = rest.split_once('/').map_or("", |(_, path)| path);
     let path = path.split(['?', '#']).next().unwrap_or("");
@@ -183,5 +188,6 @@ mod tests {
         assert_eq!(vhost_of("amqp://u:p@h:5672"), "/");
         assert_eq!(vhost_of("amqp://u:p@h:5672/"), "/");
         assert_eq!(vhost_of("amqps://h/concord?heartbeat=10"), "concord");
+        assert_eq!(vhost_of("amqp://u:p@a:5681/v,amqp://u:p@b:5682/v"), "v");
     }
 }
