@@ -168,8 +168,13 @@ async fn dead_letters_are_reported_listed_shown_and_redriven_once() -> anyhow::R
             &metrics,
         ],
     );
+    // (The management API samples consumers and depths every 5 s: wait for a sample that has
+    // them all.)
     let s = until(&status, "status with support's dead letters", |code, s| {
-        code == 1 && sys(s, "support")["dead_letters"]["count"] == 2
+        code == 1
+            && sys(s, "support")["dead_letters"]["count"] == 2
+            && sys(s, "support")["inbox"]["consumers"] == 1
+            && s["router"]["queues"][0]["consumers"] == 1
     })
     .await?;
     assert_eq!(sys(&s, "support")["system"], "support");
