@@ -54,10 +54,17 @@ mod tests {
         for n in &names {
             assert!(n.starts_with("concord.v1."), "{n}");
         }
+        // The envelope and the control messages (resync requests and replies), no entity.
+        let control = [
+            "concord.v1.ResyncRequest",
+            "concord.v1.ResyncProgress",
+            "concord.v1.ControlReply",
+            "concord.v1.Accepted",
+        ];
         assert!(
-            names
-                .iter()
-                .all(|n| n.starts_with("concord.v1.ChangeEvent") || n == "concord.v1.FieldClock"),
+            names.iter().all(|n| n.starts_with("concord.v1.ChangeEvent")
+                || n == "concord.v1.FieldClock"
+                || control.contains(&n.as_str())),
             "{names:?}"
         );
     }

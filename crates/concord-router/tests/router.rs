@@ -799,7 +799,7 @@ async fn an_invalid_policy_stops_the_start_with_every_problem() {
     .await
     .unwrap_err()
     .to_string();
-    assert!(err.contains("`prefetch` must be at least 1"), "{err}");
+    assert!(err.contains("`prefetch` must be at least 2"), "{err}");
 }
 
 #[tokio::test]
