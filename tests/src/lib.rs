@@ -538,9 +538,15 @@ pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
 /// A plain HTTP/1.1 GET of a local endpoint (a router's `/readyz`, `/metrics`); `None` while
 /// nothing listens.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_get_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path).await
+}
+
+/// `GET path` at `addr` (an adapter's or router's endpoints): status and body; `None` when it
+/// does not answer within 5 s.
+pub async fn http_get_at(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
         let request =
             format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
@@ -578,4 +584,37 @@ pub async fn poll_until(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The value of the adapter counter `concord_adapter_<name>_total` in a `/metrics` body.
+pub fn adapter_counter(metrics: &str, name: &str) -> anyhow::Result<u64> {
+    let prefix = format!("concord_adapter_{name}_total");
+    metrics
+        .lines()
+        .find(|l| {
+            l.strip_prefix(&prefix)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {prefix} in\n{metrics}"))
+}
+
+/// Re-checks `done` (a state outside this process: a database, a file, an endpoint; an error
+/// counts as "not yet") until it holds, or fails after `deadline`.
+pub async fn eventually(
+    deadline: Duration,
+    what: &str,
+    done: impl AsyncFn() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(deadline, async {
+        loop {
+            if matches!(done().await, Ok(true)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+    .await
+    .with_context(|| format!("timed out waiting for {what}"))
 }

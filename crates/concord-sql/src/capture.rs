@@ -349,13 +349,22 @@ async fn reader(inner: Arc<Inner>, epoch: u64, tx: mpsc::UnboundedSender<Item>) 
     }
 }
 
+/// Delays between reconnections of the notification listener (the reader polls meanwhile, so
+/// nothing is missed).
+const LISTEN_RETRY: concord_adapter::RetryConfig = concord_adapter::RetryConfig {
+    min_delay_ms: 200,
+    max_delay_ms: 10_000,
+};
+
 /// PostgreSQL: wakes the reader on every notification of the capture triggers (and after a
 /// reconnection, when notifications may have been missed).
 async fn listen(pool: sqlx::PgPool, channel: String, wake: Arc<tokio::sync::Notify>) {
+    let mut delays = LISTEN_RETRY.delays();
     loop {
         match sqlx::postgres::PgListener::connect_with(&pool).await {
             Ok(mut listener) => match listener.listen(&channel).await {
                 Ok(()) => {
+                    delays = LISTEN_RETRY.delays();
                     wake.notify_one();
                     loop {
                         match listener.try_recv().await {
@@ -371,7 +380,9 @@ async fn listen(pool: sqlx::PgPool, channel: String, wake: Arc<tokio::sync::Noti
             },
             Err(e) => debug!(error = %e, "notification listener cannot connect"),
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(delay) = delays.next() {
+            tokio::time::sleep(delay).await;
+        }
     }
 }
 

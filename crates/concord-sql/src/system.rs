@@ -273,14 +273,18 @@ impl Adapter for SqlSystem {
     type Config = SqlConfig;
 
     async fn build(config: SqlConfig, context: &Context) -> Result<SqlSystem, AdapterError> {
-        let mut delay = Duration::from_millis(500);
+        let mut delays = concord_adapter::RetryConfig {
+            min_delay_ms: 500,
+            max_delay_ms: 30_000,
+        }
+        .delays();
         let system = loop {
             match SqlSystem::connect(&config, &context.entities).await {
                 Ok(s) => break s,
                 Err(e) if e.is_transient() => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(30));
                     warn!(system = %context.system, error = %e, ?delay, "the database is not reachable; retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
                 }
                 Err(e) => return Err(AdapterError::permanent(e)),
             }

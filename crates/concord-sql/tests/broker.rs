@@ -25,8 +25,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use common::TestDb;
 use concord_it::proxy::Proxy;
-use concord_it::{Env, start_router};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use concord_it::{Env, eventually, start_router};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 const EXE: &str = env!("CARGO_BIN_EXE_concord-sql");
@@ -185,7 +185,7 @@ impl Process {
             }
         });
         let p = Process { child, http };
-        eventually("the adapter to be ready", async || {
+        eventually(DEADLINE, "the adapter to be ready", async || {
             Ok(p.get("/readyz").await?.0 == 200)
         })
         .await?;
@@ -193,30 +193,15 @@ impl Process {
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let mut stream = tokio::net::TcpStream::connect(self.http).await?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-            .await?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await?;
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .context("no status")?;
-        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        Ok((status, body.to_owned()))
+        concord_it::http_get_at(self.http, path)
+            .await
+            .with_context(|| format!("no answer to GET {path}"))
     }
 
     /// The value of counter `concord_adapter_<name>_total` on `/metrics`.
     async fn counter(&self, name: &str) -> anyhow::Result<u64> {
         let (_, body) = self.get("/metrics").await?;
-        let prefix = format!("concord_adapter_{name}_total");
-        body.lines()
-            .find(|l| l.starts_with(&prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {prefix} in\n{body}"))
+        concord_it::adapter_counter(&body, name)
     }
 
     /// SIGKILL: no drain, no flush, nothing.
@@ -238,24 +223,6 @@ impl Process {
         anyhow::ensure!(status.success(), "concord-sql exited with {status}");
         Ok(())
     }
-}
-
-/// Re-checks `done` (a state outside this process: a database, an endpoint) until it holds, or
-/// fails after the deadline.
-async fn eventually(
-    what: &str,
-    done: impl AsyncFn() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    tokio::time::timeout(DEADLINE, async {
-        loop {
-            if matches!(done().await, Ok(true)) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    })
-    .await
-    .with_context(|| format!("timed out waiting for {what}"))
 }
 
 /// The two systems' databases, their config files and the broker: installed, router running.
@@ -502,7 +469,7 @@ async fn a_killed_adapter_restarted_publishes_and_applies_everything_exactly_onc
 
     // Every last value everywhere, every row once, both change logs drained.
     let mut last = (Rows::default(), Rows::default());
-    let converged = eventually("both databases to converge", async || {
+    let converged = eventually(DEADLINE, "both databases to converge", async || {
         let (o, s) = (d.orders_rows().await?, d.support_rows().await?);
         let same = o == s && o.count == CUSTOMERS as usize;
         let named = names
@@ -556,9 +523,11 @@ async fn a_database_cut_off_for_a_while_gets_every_change_once_and_readiness_tel
         Ok(())
     };
     insert(0, 10).await?;
-    eventually("support to have the first customers", async || {
-        Ok(d.support_rows().await?.count == 10)
-    })
+    eventually(
+        DEADLINE,
+        "support to have the first customers",
+        async || Ok(d.support_rows().await?.count == 10),
+    )
     .await?;
 
     // The database goes away (every connection reset, new ones refused) while changes flow.
@@ -574,12 +543,12 @@ async fn a_database_cut_off_for_a_while_gets_every_change_once_and_readiness_tel
             ))
             .await?;
     }
-    eventually("/readyz to say not ready", async || {
+    eventually(DEADLINE, "/readyz to say not ready", async || {
         let (status, body) = support.get("/readyz").await?;
         Ok(status == 503 && body.contains("the system"))
     })
     .await?;
-    eventually("the applies to be retried", async || {
+    eventually(DEADLINE, "the applies to be retried", async || {
         Ok(support.counter("retries").await? > retries)
     })
     .await?;
@@ -591,11 +560,11 @@ async fn a_database_cut_off_for_a_while_gets_every_change_once_and_readiness_tel
 
     // Back: every change applied once, ready again.
     proxy.resume();
-    eventually("/readyz to say ready", async || {
+    eventually(DEADLINE, "/readyz to say ready", async || {
         Ok(support.get("/readyz").await?.0 == 200)
     })
     .await?;
-    eventually("every change to be applied", async || {
+    eventually(DEADLINE, "every change to be applied", async || {
         let (o, s) = (d.orders_rows().await?, d.support_rows().await?);
         Ok(o == s && s.count == 20 && d.pending().await? == 0)
     })
@@ -629,7 +598,7 @@ async fn concurrent_edits_of_a_shared_field_in_two_databases_converge() -> anyho
             ))
             .await?;
     }
-    eventually("support to have the customers", async || {
+    eventually(DEADLINE, "support to have the customers", async || {
         Ok(d.support_rows().await?.count == CUSTOMERS as usize)
     })
     .await?;
@@ -649,7 +618,7 @@ async fn concurrent_edits_of_a_shared_field_in_two_databases_converge() -> anyho
         a?;
         b?;
     }
-    let converged = eventually("the phones to converge", async || {
+    let converged = eventually(DEADLINE, "the phones to converge", async || {
         let (o, s) = (d.orders_rows().await?, d.support_rows().await?);
         Ok(o == s && d.pending().await? == 0)
     })

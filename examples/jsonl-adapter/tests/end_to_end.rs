@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use concord_adapter::testkit::MemorySystem;
-use concord_it::{Env, Node, converge, start_router};
+use concord_it::{Env, Node, converge, eventually, start_router};
 use concord_jsonl_adapter::{ChangeLog, Op};
 use serde_json::{Map, Value as Json, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 const EXE: &str = env!("CARGO_BIN_EXE_concord-jsonl-adapter");
@@ -109,7 +109,7 @@ impl Shop {
         // Keep reading its log so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let shop = Shop { child, http };
-        eventually("the adapter to be ready", async || {
+        eventually(DEADLINE, "the adapter to be ready", async || {
             Ok(shop.get("/readyz").await?.0 == 200)
         })
         .await?;
@@ -117,30 +117,15 @@ impl Shop {
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let mut stream = tokio::net::TcpStream::connect(self.http).await?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-            .await?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await?;
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .context("no status")?;
-        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        Ok((status, body.to_owned()))
+        concord_it::http_get_at(self.http, path)
+            .await
+            .with_context(|| format!("no answer to GET {path}"))
     }
 
     /// The value of counter `concord_adapter_<name>_total` on `/metrics`.
     async fn counter(&self, name: &str) -> anyhow::Result<u64> {
         let (_, body) = self.get("/metrics").await?;
-        let prefix = format!("concord_adapter_{name}_total{{");
-        body.lines()
-            .find(|l| l.starts_with(&prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {prefix} in\n{body}"))
+        concord_it::adapter_counter(&body, name)
     }
 
     /// Sends SIGTERM and returns the exit status.
@@ -154,24 +139,6 @@ impl Shop {
         anyhow::ensure!(kill.success(), "kill -TERM failed");
         Ok(tokio::time::timeout(DEADLINE, self.child.wait()).await??)
     }
-}
-
-/// Re-checks `done` (a state outside this process: the adapter's file or endpoints) until it
-/// holds, or fails after the deadline.
-async fn eventually(
-    what: &str,
-    done: impl AsyncFn() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    tokio::time::timeout(DEADLINE, async {
-        loop {
-            if matches!(done().await, Ok(true)) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .with_context(|| format!("timed out waiting for {what}"))
 }
 
 fn fields(v: Json) -> Map<String, Json> {
@@ -227,7 +194,7 @@ async fn the_example_adapter_syncs_through_the_router_as_its_own_process() -> an
     // crm sets the tier: the adapter appends it to the shop's log.
     crm.memory
         .edit("customer", &crm_id, [("tier", Some(prost_value("gold")))]);
-    eventually("the tier in the shop's log", async || {
+    eventually(DEADLINE, "the tier in the shop's log", async || {
         Ok(log
             .records()?
             .get(&("customer".into(), "c-1".into()))
@@ -238,7 +205,7 @@ async fn the_example_adapter_syncs_through_the_router_as_its_own_process() -> an
     let last = log.lines_after(0)?.pop().unwrap();
     assert_eq!((last.by.as_str(), last.id.as_str()), ("concord", "c-1"));
     // The adapter's own line came back on the feed as an echo: nothing more was published.
-    eventually("the echo of the applied line", async || {
+    eventually(DEADLINE, "the echo of the applied line", async || {
         Ok(shop.counter("local_echoes").await? >= 1)
     })
     .await?;
@@ -264,7 +231,7 @@ async fn the_example_adapter_syncs_through_the_router_as_its_own_process() -> an
         crm.text(&crm_id, "name").as_deref() == Some("Ada Lovelace")
     })
     .await?;
-    eventually("the publish to be counted", async || {
+    eventually(DEADLINE, "the publish to be counted", async || {
         Ok(shop.counter("published").await? == 1)
     })
     .await?;
