@@ -16,6 +16,7 @@ use concord_policy::value::{decode_field, encode_field};
 use concord_proto::v1::ChangeEvent;
 use prost::Message;
 use prost_reflect::{DynamicMessage, MessageDescriptor};
+use sqlx::SqliteConnection;
 use tracing::{debug, warn};
 
 use crate::adapter::{AdapterError, Applied, Apply, LocalChange, SystemAdapter};
@@ -285,7 +286,8 @@ impl<A: SystemAdapter> Engine<A> {
     }
 
     /// Processes several inbox messages (body, publisher), in order, applying those that need it
-    /// with ONE call of [`SystemAdapter::apply_batch`]. Returns what became of a prefix of them,
+    /// with ONE call of [`SystemAdapter::apply_batch`] and recording them in two store
+    /// transactions (one before the apply, one after). Returns what became of a prefix of them,
     /// in order, with no transient error in it: the message that failed transiently (or could
     /// not be taken into this batch, because an earlier one in it concerns the same record) and
     /// every one after it are left to [`Engine::handle_incoming`], one by one. Idempotent like it.
@@ -297,69 +299,124 @@ impl<A: SystemAdapter> Engine<A> {
         let mut results: Vec<Option<Result<Processed, IncomingError>>> = Vec::new();
         let mut pending: Vec<(usize, Pending)> = Vec::new();
         let mut records: HashSet<(String, String)> = HashSet::new();
+        let Ok(mut tx) = self.store.begin().await else {
+            return Vec::new();
+        };
+        let mut ranks = RankCache::default();
+        let mut writes = store::Writes::default();
+        let mut loaded = match Preloaded::load(&mut tx, messages).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                debug!(error = %e, "loading incoming changes' records failed; retried one by one");
+                return Vec::new();
+            }
+        };
         for (body, user_id) in messages {
             if let Err(e) = self.trusted(*user_id) {
-                Metrics::inc(&self.metrics.incoming);
                 results.push(Some(Err(e)));
                 continue;
             }
             // At most one apply per record in a batch: each apply is planned on the state the
             // one before it recorded.
             if let Ok(ev) = ChangeEvent::decode(*body)
-                && records.contains(&(ev.entity.clone(), ev.key.clone()))
+                && !records.insert((ev.entity, ev.key))
             {
                 break;
             }
-            Metrics::inc(&self.metrics.incoming);
-            match self.prepare(body).await {
-                Ok(Prepared::Done(p)) => {
-                    let r = Ok(p);
-                    self.counted(&r);
-                    results.push(Some(r));
-                }
+            match self
+                .prepare_in(&mut tx, &mut ranks, &mut writes, Some(&mut loaded), body)
+                .await
+            {
+                Ok(Prepared::Done(p)) => results.push(Some(Ok(p))),
                 Ok(Prepared::Apply(p)) => {
-                    records.insert((p.apply.entity.clone(), p.apply.key.clone()));
                     pending.push((results.len(), *p));
                     results.push(None);
                 }
                 Err(e @ IncomingError::Permanent { .. }) => results.push(Some(Err(e))),
                 Err(IncomingError::Transient(e)) => {
-                    debug!(error = %e, "preparing an incoming change failed; retried alone");
-                    break;
+                    // The transaction is rolled back: every message is processed alone.
+                    debug!(error = %e, "preparing incoming changes failed; retried one by one");
+                    return Vec::new();
                 }
             }
         }
+        if let Err(e) = Self::commit_prepared(tx, ranks, writes).await {
+            debug!(error = %e, "recording incoming changes failed; retried one by one");
+            return Vec::new();
+        }
         let mut taken = results.len();
-        if !pending.is_empty() {
+        if let Some(&(first, _)) = pending.first() {
             let changes: Vec<Apply> = pending.iter().map(|(_, p)| p.apply.clone()).collect();
-            let mut applied = self.adapter.apply_batch(&changes).await.into_iter();
-            for (i, p) in pending {
-                let r = match applied.next() {
-                    Some(r) if i < taken => r,
-                    // Not attempted, or after a transient failure: retried alone.
-                    _ => {
-                        taken = taken.min(i);
-                        continue;
-                    }
-                };
-                match self.finish(p, r).await {
-                    Err(IncomingError::Transient(e)) => {
-                        debug!(error = %e, "applying an incoming change failed; retried alone");
-                        Metrics::inc(&self.metrics.retries);
-                        taken = taken.min(i);
-                    }
-                    r => {
-                        self.counted(&r);
+            let applied = self.adapter.apply_batch(&changes).await;
+            match self.finish_batch(pending, applied).await {
+                Ok((finished, cut)) => {
+                    taken = taken.min(cut);
+                    for (i, r) in finished {
                         if let Some(slot) = results.get_mut(i) {
                             *slot = Some(r);
                         }
                     }
                 }
+                Err(e) => {
+                    // Nothing recorded: the pending fields stay, and the changes applied are
+                    // applied again (idempotently) when processed alone.
+                    debug!(error = %e, "recording applied changes failed; retried one by one");
+                    taken = taken.min(first);
+                }
             }
         }
-        self.metrics.touch();
         results.truncate(taken);
-        results.into_iter().map_while(|r| r).collect()
+        let results: Vec<_> = results.into_iter().map_while(|r| r).collect();
+        for r in &results {
+            Metrics::inc(&self.metrics.incoming);
+            self.counted(r);
+        }
+        self.metrics.touch();
+        results
+    }
+
+    /// Writes what a batch changed and commits its transaction.
+    async fn commit_prepared(
+        mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        ranks: RankCache,
+        mut writes: store::Writes,
+    ) -> Result<(), StoreError> {
+        ranks.save(&mut tx).await?;
+        writes.flush(&mut tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records, in one transaction, what became of the applies of a batch (`applied`, in the
+    /// order of `pending`). Returns what became of each message recorded, by index, and the
+    /// index of the first message that is not (a transient apply failure, or not attempted).
+    async fn finish_batch(
+        &mut self,
+        pending: Vec<(usize, Pending)>,
+        applied: Vec<Result<Applied, AdapterError>>,
+    ) -> Result<(Vec<(usize, Result<Processed, IncomingError>)>, usize), StoreError> {
+        let mut tx = self.store.begin().await?;
+        let mut writes = store::Writes::default();
+        let mut finished = Vec::with_capacity(pending.len());
+        let mut cut = usize::MAX;
+        let mut applied = applied.into_iter();
+        for (i, p) in pending {
+            let Some(r) = applied.next() else {
+                cut = cut.min(i);
+                break;
+            };
+            match self.finish_in(&mut writes, p, r) {
+                Err(IncomingError::Transient(e)) => {
+                    debug!(error = %e, "applying an incoming change failed; retried alone");
+                    Metrics::inc(&self.metrics.retries);
+                    cut = cut.min(i);
+                }
+                r => finished.push((i, r)),
+            }
+        }
+        writes.flush(&mut tx).await?;
+        tx.commit().await?;
+        Ok((finished, cut))
     }
 
     /// Only the router decides what this system may receive: a message anyone else put in the
@@ -390,18 +447,40 @@ impl<A: SystemAdapter> Engine<A> {
     }
 
     async fn incoming(&mut self, body: &[u8]) -> Result<Processed, IncomingError> {
-        match self.prepare(body).await? {
+        let mut tx = self.store.begin().await?;
+        let mut ranks = RankCache::default();
+        let mut writes = store::Writes::default();
+        let prepared = self
+            .prepare_in(&mut tx, &mut ranks, &mut writes, None, body)
+            .await?;
+        Self::commit_prepared(tx, ranks, writes).await?;
+        match prepared {
             Prepared::Done(p) => Ok(p),
             Prepared::Apply(p) => {
                 let r = self.adapter.apply(&p.apply).await;
-                self.finish(*p, r).await
+                let mut writes = store::Writes::default();
+                let r = self.finish_in(&mut writes, *p, r);
+                let mut tx = self.store.begin().await?;
+                writes.flush(&mut tx).await?;
+                tx.commit().await?;
+                r
             }
         }
     }
 
-    /// Processes an inbox message up to the apply: what became of it, or what to apply (its
-    /// fields recorded as pending when the plan says so).
-    async fn prepare(&mut self, body: &[u8]) -> Result<Prepared, IncomingError> {
+    /// Processes an inbox message up to the apply, in the store transaction `c`: what became of
+    /// it, or what to apply (its fields recorded as pending when the plan says so). The ranks
+    /// it changes are kept in `ranks` and what it writes in `writes`, written when the
+    /// transaction is committed; what `loaded` holds of the event is taken from it instead of
+    /// read from the store.
+    async fn prepare_in(
+        &mut self,
+        c: &mut SqliteConnection,
+        ranks: &mut RankCache,
+        writes: &mut store::Writes,
+        mut loaded: Option<&mut Preloaded>,
+        body: &[u8],
+    ) -> Result<Prepared, IncomingError> {
         if body.len() > self.max_message_bytes {
             return Err(permanent(
                 DeadLetterReason::TooLarge,
@@ -427,7 +506,11 @@ impl<A: SystemAdapter> Engine<A> {
             ));
         }
         let seen_key = dedup_key(&ev);
-        if self.store.seen(&seen_key).await? {
+        let seen = match loaded.as_deref_mut().and_then(|l| l.seen(&seen_key)) {
+            Some(seen) => seen,
+            None => store::is_seen(c, &seen_key).await?,
+        };
+        if seen {
             debug!(event_id = %ev.event_id, "duplicate event");
             return Ok(Prepared::Done(Processed::Duplicate));
         }
@@ -452,19 +535,21 @@ impl<A: SystemAdapter> Engine<A> {
             warn!(event_id = %ev.event_id, fields = ?decoded.without_clock, "fields without a clock: skipped");
         }
         let (entity, key) = (ev.entity.as_str(), ev.key.as_str());
-        let mut tx = self.store.begin().await?;
-        let before = store::load_record(&mut tx, entity, key).await?;
-        let ranks_before = store::load_ranks(&mut tx, entity).await?;
-        let (mut state, mut ranks) = (before.clone(), ranks_before.clone());
-        let step = self
-            .replica
-            .incoming(&mut state, &mut ranks, &decoded.copy, now_ms());
-        store::save_ranks(&mut tx, entity, &ranks_before, &ranks).await?;
+        let before = match loaded.and_then(|l| l.take(entity, key)) {
+            Some(before) => before,
+            None => store::load_record(c, entity, key).await?,
+        };
+        let mut state = before.clone();
+        let step = self.replica.incoming(
+            &mut state,
+            ranks.of(c, entity).await?,
+            &decoded.copy,
+            now_ms(),
+        );
         let plan = match step {
             IncomingStep::Stale | IncomingStep::Recorded => {
-                store::save_record(&mut tx, entity, key, &before, &state).await?;
-                store::mark_seen(&mut tx, &seen_key, now_ms()).await?;
-                tx.commit().await?;
+                writes.record(entity, key, &before, &state);
+                writes.seen(seen_key, now_ms());
                 return Ok(Prepared::Done(if matches!(step, IncomingStep::Stale) {
                     Processed::Stale
                 } else {
@@ -477,12 +562,11 @@ impl<A: SystemAdapter> Engine<A> {
         // applies them again on redelivery. Otherwise (a delete) nothing is recorded until the
         // apply is, so a redelivery computes it again.
         let recorded = if plan.record_first {
-            store::save_record(&mut tx, entity, key, &before, &state).await?;
+            writes.record(entity, key, &before, &state);
             state.clone()
         } else {
             before.clone()
         };
-        tx.commit().await?;
         let origin = if ev.origin.is_empty() {
             &ev.source
         } else {
@@ -499,9 +583,10 @@ impl<A: SystemAdapter> Engine<A> {
         })))
     }
 
-    /// Records what became of the apply of a prepared message.
-    async fn finish(
+    /// Records, in `writes`, what became of the apply of a prepared message.
+    fn finish_in(
         &mut self,
+        writes: &mut store::Writes,
         p: Pending,
         result: Result<Applied, AdapterError>,
     ) -> Result<Processed, IncomingError> {
@@ -523,18 +608,14 @@ impl<A: SystemAdapter> Engine<A> {
                     applied.version,
                     now_ms(),
                 );
-                let mut tx = self.store.begin().await?;
-                store::save_record(&mut tx, entity, key, &recorded, &state).await?;
-                store::mark_seen(&mut tx, &seen_key, now_ms()).await?;
-                tx.commit().await?;
+                writes.record(entity, key, &recorded, &state);
+                writes.seen(seen_key, now_ms());
                 Ok(Processed::Applied)
             }
             Err(AdapterError::Permanent(e)) => {
                 // The system refused it: hold what it held again.
                 if plan.record_first {
-                    let mut tx = self.store.begin().await?;
-                    store::save_record(&mut tx, entity, key, &recorded, &before).await?;
-                    tx.commit().await?;
+                    writes.record(entity, key, &recorded, &before);
                 }
                 Err(permanent(DeadLetterReason::ApplyFailed, e.to_string()))
             }
@@ -601,6 +682,8 @@ impl<A: SystemAdapter> Engine<A> {
         let mut corrections = Vec::new();
         let mut cursor = None;
         let mut ranks: HashMap<String, Ranks> = HashMap::new();
+        let mut known = KnownLocal::load(&mut tx, batch).await?;
+        let mut writes = store::Writes::default();
         for ch in batch {
             Metrics::inc(&self.metrics.local_changes);
             if ch.cursor.is_some() {
@@ -608,8 +691,13 @@ impl<A: SystemAdapter> Engine<A> {
             }
             let Some(message) = self.entities.get(&ch.entity).cloned() else {
                 let detail = format!("entity {:?} is not in the policy", ch.entity);
-                self.park(&mut tx, ch, None, DeadLetterReason::UnknownEntity, &detail)
-                    .await?;
+                self.park(
+                    &mut writes,
+                    ch,
+                    None,
+                    DeadLetterReason::UnknownEntity,
+                    &detail,
+                );
                 continue;
             };
             let entity_ranks = match ranks.get(&ch.entity) {
@@ -621,14 +709,18 @@ impl<A: SystemAdapter> Engine<A> {
                 }
             };
             let (edit, problems) = self.edit(ch, &message, snapshot);
+            let found = match known.get(&ch.entity, &ch.local_id) {
+                Some(found) => found,
+                None => {
+                    writes.flush(&mut tx).await?;
+                    store::load_record_by_local(&mut tx, &ch.entity, &ch.local_id).await?
+                }
+            };
             let (key, before) =
-                match store::load_record_by_local(&mut tx, &ch.entity, &ch.local_id).await? {
-                    Some(found) => found,
-                    None => (uuid::Uuid::now_v7().to_string(), RecordState::default()),
-                };
+                found.unwrap_or_else(|| (uuid::Uuid::now_v7().to_string(), RecordState::default()));
             if let Some((reason, detail)) = problems {
                 // The valid fields go on; the change is parked with what is wrong.
-                self.park(&mut tx, ch, Some(&key), reason, &detail).await?;
+                self.park(&mut writes, ch, Some(&key), reason, &detail);
             }
             let mut state = before.clone();
             let now = now_ms();
@@ -639,7 +731,7 @@ impl<A: SystemAdapter> Engine<A> {
                 Metrics::inc(&self.metrics.clock_resets);
             }
             self.count(&step);
-            store::save_record(&mut tx, &ch.entity, &key, &before, &state).await?;
+            writes.record(&ch.entity, &key, &before, &state);
             if let Some(publish) = &step.publish {
                 let event_id = uuid::Uuid::now_v7().to_string();
                 let ev = change_event(
@@ -651,13 +743,21 @@ impl<A: SystemAdapter> Engine<A> {
                     event_id,
                     now,
                 );
-                store::push_outbox(&mut tx, &self.outgoing(&ev)).await?;
+                writes.publish(self.outgoing(&ev));
                 staged += 1;
             }
+            // The next change of the record in this batch starts from here.
+            let mapped = state.local_id.as_deref() == Some(ch.local_id.as_str());
+            known.put(
+                &ch.entity,
+                &ch.local_id,
+                mapped.then(|| (key.clone(), state)),
+            );
             if let Some(plan) = step.write_back {
                 corrections.push((ch.entity.clone(), key, plan, message));
             }
         }
+        writes.flush(&mut tx).await?;
         if !snapshot && let Some(c) = cursor {
             store::set_meta(&mut tx, store::CURSOR, &c).await?;
         }
@@ -679,15 +779,16 @@ impl<A: SystemAdapter> Engine<A> {
                 );
                 let local_id = plan.local_id.clone().unwrap_or_default();
                 let ch = LocalChange::upsert(entity.clone(), local_id, Default::default());
-                let mut tx = self.store.begin().await?;
+                let mut writes = store::Writes::default();
                 self.park(
-                    &mut tx,
+                    &mut writes,
                     &ch,
                     Some(&key),
                     DeadLetterReason::WriteBackFailed,
                     &detail,
-                )
-                .await?;
+                );
+                let mut tx = self.store.begin().await?;
+                writes.flush(&mut tx).await?;
                 tx.commit().await.map_err(StoreError::from)?;
             }
         }
@@ -729,18 +830,18 @@ impl<A: SystemAdapter> Engine<A> {
 
     /// Parks a local change that cannot be published (in the batch's transaction): it goes to
     /// the system's dead-letter queue with the reason, and is counted and logged with its record.
-    async fn park(
+    fn park(
         &self,
-        c: &mut sqlx::SqliteConnection,
+        writes: &mut store::Writes,
         ch: &LocalChange,
         key: Option<&str>,
         reason: DeadLetterReason,
         detail: &str,
-    ) -> Result<(), StoreError> {
+    ) {
         warn!(system = %self.system, entity = %ch.entity, local_id = %ch.local_id, key = ?key,
             reason = reason.as_str(), %detail, "a local change cannot be published: parked in the dead-letter queue");
         Metrics::inc(&self.metrics.local_invalid);
-        store::push_parked(c, &parked(&self.system, ch, key, reason, detail)).await
+        writes.park(parked(&self.system, ch, key, reason, detail));
     }
 
     fn count(&self, step: &LocalStep) {
@@ -851,6 +952,156 @@ impl<A: SystemAdapter> Engine<A> {
 /// A copy of the same event with other fields (the router routed it again after a policy change,
 /// e.g. an event dead-lettered for an unknown field and replayed once the field is in the
 /// policy) is processed: the stamps make whatever it repeats stale, and nothing it adds is lost.
+/// What the store holds of the events of a batch and of their records, read with a few
+/// statements for the whole batch instead of several per event.
+#[derive(Default)]
+struct Preloaded {
+    /// Dedup keys looked up, and whether each was seen.
+    seen: HashMap<String, bool>,
+    /// (entity, key) looked up → the record's state (default when the store has none).
+    records: HashMap<(String, String), RecordState>,
+}
+
+impl Preloaded {
+    /// Reads what the store holds of the events (that decode) in `messages`.
+    async fn load(
+        c: &mut SqliteConnection,
+        messages: &[(&[u8], Option<&str>)],
+    ) -> Result<Preloaded, StoreError> {
+        let events: Vec<ChangeEvent> = messages
+            .iter()
+            .filter_map(|(body, _)| ChangeEvent::decode(*body).ok())
+            .collect();
+        let dedup: Vec<String> = events.iter().map(dedup_key).collect();
+        let ids: Vec<&str> = dedup.iter().map(String::as_str).collect();
+        let seen = store::seen_among(c, &ids).await?;
+        let mut loaded = Preloaded {
+            seen: dedup
+                .iter()
+                .map(|k| (k.clone(), seen.contains(k)))
+                .collect(),
+            records: HashMap::new(),
+        };
+        let mut by_entity: HashMap<&str, Vec<&str>> = HashMap::new();
+        for ev in &events {
+            by_entity.entry(&ev.entity).or_default().push(&ev.key);
+        }
+        for (entity, keys) in by_entity {
+            let mut states = store::load_records(c, entity, &keys).await?;
+            for key in keys {
+                // A key named twice gets the state once.
+                if let Some(state) = states.remove(key) {
+                    loaded
+                        .records
+                        .insert((entity.to_owned(), key.to_owned()), state);
+                } else {
+                    loaded
+                        .records
+                        .entry((entity.to_owned(), key.to_owned()))
+                        .or_default();
+                }
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Whether the event with dedup key `key` was seen, if looked up (once, like
+    /// [`Preloaded::take`]).
+    fn seen(&mut self, key: &str) -> Option<bool> {
+        self.seen.remove(key)
+    }
+
+    /// The state of a record looked up (once: a second event of the same record reads the
+    /// store, where the first one's writes are).
+    fn take(&mut self, entity: &str, key: &str) -> Option<RecordState> {
+        self.records.remove(&(entity.to_owned(), key.to_owned()))
+    }
+}
+
+/// What the store holds of the records a batch of local changes concerns, read with a few
+/// statements for the whole batch instead of several per change.
+struct KnownLocal {
+    /// (entity, local id) looked up → its canonical key and state, if the store has it.
+    records: HashMap<(String, String), Option<(String, RecordState)>>,
+}
+
+impl KnownLocal {
+    async fn load(
+        c: &mut SqliteConnection,
+        batch: &[LocalChange],
+    ) -> Result<KnownLocal, StoreError> {
+        let mut by_entity: HashMap<&str, Vec<&str>> = HashMap::new();
+        for ch in batch {
+            by_entity.entry(&ch.entity).or_default().push(&ch.local_id);
+        }
+        let mut records = HashMap::new();
+        for (entity, local_ids) in by_entity {
+            let mut found = store::load_records_by_local(c, entity, &local_ids).await?;
+            for local_id in local_ids {
+                // A local id named twice gets the record once.
+                let entry = records.entry((entity.to_owned(), local_id.to_owned()));
+                match found.remove(local_id) {
+                    Some(f) => {
+                        entry.insert_entry(Some(f));
+                    }
+                    None => {
+                        entry.or_insert(None);
+                    }
+                }
+            }
+        }
+        Ok(KnownLocal { records })
+    }
+
+    /// The key and state of the record known as `local_id` (`Some(None)`: none), if looked up.
+    #[allow(clippy::option_option)]
+    fn get(&self, entity: &str, local_id: &str) -> Option<Option<(String, RecordState)>> {
+        self.records
+            .get(&(entity.to_owned(), local_id.to_owned()))
+            .cloned()
+    }
+
+    /// What the store now holds of the record known as `local_id`.
+    fn put(&mut self, entity: &str, local_id: &str, found: Option<(String, RecordState)>) {
+        self.records
+            .insert((entity.to_owned(), local_id.to_owned()), found);
+    }
+}
+
+/// The merge ranks of the entities a store transaction touched: loaded once each, written
+/// (what changed) before it commits.
+#[derive(Default)]
+struct RankCache {
+    /// Entity → (ranks as loaded, ranks now).
+    entities: HashMap<String, (Ranks, Ranks)>,
+}
+
+impl RankCache {
+    /// The ranks of `entity`, loaded from `c` the first time.
+    async fn of(
+        &mut self,
+        c: &mut SqliteConnection,
+        entity: &str,
+    ) -> Result<&mut Ranks, StoreError> {
+        use std::collections::hash_map::Entry;
+        Ok(match self.entities.entry(entity.to_owned()) {
+            Entry::Occupied(o) => &mut o.into_mut().1,
+            Entry::Vacant(v) => {
+                let loaded = store::load_ranks(c, entity).await?;
+                &mut v.insert((loaded.clone(), loaded)).1
+            }
+        })
+    }
+
+    /// Writes the ranks that changed.
+    async fn save(self, c: &mut SqliteConnection) -> Result<(), StoreError> {
+        for (entity, (before, now)) in &self.entities {
+            store::save_ranks(c, entity, before, now).await?;
+        }
+        Ok(())
+    }
+}
+
 fn dedup_key(ev: &ChangeEvent) -> String {
     // FNV-1a over the op and the sorted mask.
     let mut names: Vec<&str> = ev.field_mask.iter().map(String::as_str).collect();

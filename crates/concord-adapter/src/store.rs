@@ -6,6 +6,7 @@
 //! change events committed together with the stamps and cursor they stand for, kept until the
 //! broker confirmed them (so a retry republishes the identical bytes, never a rebuilt event).
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -459,32 +460,6 @@ impl Store {
 
 /// Adds an event to the outbox (in the caller's transaction).
 /// Parks a local change that cannot be published (in the caller's transaction).
-pub(crate) async fn push_parked(c: &mut SqliteConnection, p: &Parked) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO outbox (event_id, routing_key, body, concord_key, reason, detail)
-         VALUES ('', '', ?, '', ?, ?)",
-    )
-    .bind(&p.body)
-    .bind(&p.reason)
-    .bind(&p.detail)
-    .execute(&mut *c)
-    .await?;
-    Ok(())
-}
-
-pub(crate) async fn push_outbox(c: &mut SqliteConnection, ev: &Outgoing) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO outbox (event_id, routing_key, body, concord_key, user_id) VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(&ev.event_id)
-    .bind(&ev.routing_key)
-    .bind(&ev.body)
-    .bind(&ev.concord_key)
-    .bind(ev.user_id.as_deref())
-    .execute(&mut *c)
-    .await?;
-    Ok(())
-}
 pub(crate) const SNAPSHOT_DONE: &str = "snapshot_done";
 
 pub(crate) async fn get_meta(
@@ -520,17 +495,26 @@ pub(crate) async fn is_seen(c: &mut SqliteConnection, event_id: &str) -> Result<
     Ok(row.is_some())
 }
 
-pub(crate) async fn mark_seen(
+/// Which of `event_ids` were processed already.
+pub(crate) async fn seen_among(
     c: &mut SqliteConnection,
-    event_id: &str,
-    now_ms: u64,
-) -> Result<(), StoreError> {
-    sqlx::query("INSERT OR IGNORE INTO seen (event_id, at_ms) VALUES (?, ?)")
-        .bind(event_id)
-        .bind(to_i64(now_ms))
-        .execute(&mut *c)
-        .await?;
-    Ok(())
+    event_ids: &[&str],
+) -> Result<HashSet<String>, StoreError> {
+    let mut seen = HashSet::new();
+    for ids in event_ids.chunks(KEYS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "SELECT event_id FROM seen WHERE event_id IN (",
+        );
+        let mut list = q.separated(", ");
+        for id in ids {
+            list.push_bind(*id);
+        }
+        q.push(")");
+        for r in q.build().fetch_all(&mut *c).await? {
+            seen.insert(r.try_get(0)?);
+        }
+    }
+    Ok(seen)
 }
 
 pub(crate) async fn get_field(
@@ -564,32 +548,6 @@ fn field_state(r: &SqliteRow, first: usize) -> Result<FieldState, sqlx::Error> {
     })
 }
 
-pub(crate) async fn put_field(
-    c: &mut SqliteConnection,
-    entity: &str,
-    key: &str,
-    field: &str,
-    state: &FieldState,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO fields (entity, key, field, value, rank, hlc, system, pending)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT(entity, key, field) DO UPDATE SET value = excluded.value, rank = excluded.rank,
-           hlc = excluded.hlc, system = excluded.system, pending = excluded.pending",
-    )
-    .bind(entity)
-    .bind(key)
-    .bind(field)
-    .bind(state.value.as_deref())
-    .bind(i64::from(state.stamp.rank))
-    .bind(to_i64(state.stamp.hlc))
-    .bind(&state.stamp.system)
-    .bind(i64::from(state.pending))
-    .execute(&mut *c)
-    .await?;
-    Ok(())
-}
-
 pub(crate) async fn delete_field(
     c: &mut SqliteConnection,
     entity: &str,
@@ -602,28 +560,6 @@ pub(crate) async fn delete_field(
         .bind(field)
         .execute(&mut *c)
         .await?;
-    Ok(())
-}
-
-/// Stores what the replica keeps of one field (winner and shadows), replacing what it held.
-/// With `before` (what it held, as read), only the parts that changed are written.
-pub(crate) async fn keep(
-    c: &mut SqliteConnection,
-    entity: &str,
-    key: &str,
-    field: &str,
-    held: &Held,
-    before: Option<&Held>,
-) -> Result<(), StoreError> {
-    if before.is_none_or(|b| b.winner != held.winner) {
-        match &held.winner {
-            Some(w) => put_field(c, entity, key, field, w).await?,
-            None => delete_field(c, entity, key, field).await?,
-        }
-    }
-    if before.is_none_or(|b| b.shadows != held.shadows) {
-        set_shadows(c, entity, key, field, &held.shadows).await?;
-    }
     Ok(())
 }
 
@@ -729,67 +665,132 @@ pub(crate) async fn load_record(
     entity: &str,
     key: &str,
 ) -> Result<RecordState, StoreError> {
-    let row = record_by_key(c, entity, key).await?;
-    let mut state = RecordState {
-        known: row.is_some(),
-        ..RecordState::default()
-    };
-    if let Some(r) = row {
-        state.local_id = r.local_id;
-        state.live = r.live;
-        state.tombstone = r.tombstone;
+    let mut loaded = load_records(c, entity, &[key]).await?;
+    Ok(loaded.remove(key).unwrap_or_default())
+}
+
+/// Keys looked up by one statement of [`load_records`].
+const KEYS_PER_STATEMENT: usize = 500;
+
+/// Everything the store keeps about several records of `entity` (by key; a key the store knows
+/// nothing of is absent), in four statements per [`KEYS_PER_STATEMENT`] keys.
+pub(crate) async fn load_records(
+    c: &mut SqliteConnection,
+    entity: &str,
+    keys: &[&str],
+) -> Result<HashMap<String, RecordState>, StoreError> {
+    let mut states: HashMap<String, RecordState> = HashMap::new();
+    for keys in keys.chunks(KEYS_PER_STATEMENT) {
+        load_some(c, entity, keys, &mut states).await?;
     }
-    let rows = sqlx::query(
-        "SELECT field, value, rank, hlc, system, pending FROM fields WHERE entity = ? AND key = ?",
+    Ok(states)
+}
+
+/// `SELECT {columns} FROM {table} WHERE entity = ? AND key IN (…keys) {order}`.
+fn select_keys<'a>(
+    columns_from: &str,
+    entity: &'a str,
+    keys: &[&'a str],
+    order: &str,
+) -> sqlx::QueryBuilder<'a, sqlx::Sqlite> {
+    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(columns_from);
+    q.push(" WHERE entity = ")
+        .push_bind(entity)
+        .push(" AND key IN (");
+    let mut list = q.separated(", ");
+    for key in keys {
+        list.push_bind(*key);
+    }
+    q.push(") ").push(order);
+    q
+}
+
+async fn load_some(
+    c: &mut SqliteConnection,
+    entity: &str,
+    keys: &[&str],
+    states: &mut HashMap<String, RecordState>,
+) -> Result<(), StoreError> {
+    let rows = select_keys(
+        "SELECT key, local_id, live, tomb_hlc, tomb_system FROM records",
+        entity,
+        keys,
+        "",
     )
-    .bind(entity)
-    .bind(key)
+    .build()
     .fetch_all(&mut *c)
     .await?;
     for r in &rows {
-        let name: String = r.try_get(0)?;
-        state.fields.entry(name).or_default().winner = Some(field_state(r, 1)?);
+        let row = record_row(r)?;
+        let state = states.entry(row.key).or_default();
+        state.known = true;
+        state.local_id = row.local_id;
+        state.live = row.live;
+        state.tombstone = row.tombstone;
     }
-    let rows = sqlx::query(
-        "SELECT field, value, rank, hlc, system, 0 FROM shadows
-         WHERE entity = ? AND key = ? ORDER BY field, rank DESC",
+    let rows = select_keys(
+        "SELECT key, field, value, rank, hlc, system, pending FROM fields",
+        entity,
+        keys,
+        "",
     )
-    .bind(entity)
-    .bind(key)
+    .build()
     .fetch_all(&mut *c)
     .await?;
     for r in &rows {
-        let name: String = r.try_get(0)?;
+        let state = states.entry(r.try_get(0)?).or_default();
+        state.known = true;
+        let name: String = r.try_get(1)?;
+        state.fields.entry(name).or_default().winner = Some(field_state(r, 2)?);
+    }
+    let rows = select_keys(
+        "SELECT key, field, value, rank, hlc, system, 0 FROM shadows",
+        entity,
+        keys,
+        "ORDER BY key, field, rank DESC",
+    )
+    .build()
+    .fetch_all(&mut *c)
+    .await?;
+    for r in &rows {
+        let state = states.entry(r.try_get(0)?).or_default();
+        state.known = true;
+        let name: String = r.try_get(1)?;
         state
             .fields
             .entry(name)
             .or_default()
             .shadows
-            .push(field_state(r, 1)?);
+            .push(field_state(r, 2)?);
     }
-    state.known |= !state.fields.is_empty();
-    let rows = sqlx::query(
-        "SELECT field, value, at_ms, version FROM echoes WHERE entity = ? AND key = ? ORDER BY id",
+    let rows = select_keys(
+        "SELECT key, field, value, at_ms, version FROM echoes",
+        entity,
+        keys,
+        "ORDER BY key, id",
     )
-    .bind(entity)
-    .bind(key)
+    .build()
     .fetch_all(&mut *c)
     .await?;
     for r in &rows {
-        let field: Option<String> = r.try_get(0)?;
-        let value: Option<Vec<u8>> = r.try_get(1)?;
-        let at_ms = to_u64(r.try_get(2)?);
-        match (r.try_get::<Option<i64>, _>(3)?.map(to_u64), field) {
-            (None, Some(field)) => state.echoes.push(Echo::Value {
+        let key: String = r.try_get(0)?;
+        let field: Option<String> = r.try_get(1)?;
+        let value: Option<Vec<u8>> = r.try_get(2)?;
+        let at_ms = to_u64(r.try_get(3)?);
+        let version = r.try_get::<Option<i64>, _>(4)?.map(to_u64);
+        // Echoes alone do not make a record known (as before: only a record row or fields do).
+        let echoes = &mut states.entry(key).or_default().echoes;
+        match (version, field) {
+            (None, Some(field)) => echoes.push(Echo::Value {
                 field,
                 value,
                 at_ms,
             }),
             (None, None) => {}
             (Some(version), field) => {
-                let same = matches!(state.echoes.last(), Some(Echo::Version { version: v, .. }) if *v == version);
+                let same = matches!(echoes.last(), Some(Echo::Version { version: v, .. }) if *v == version);
                 if !same {
-                    state.echoes.push(Echo::Version {
+                    echoes.push(Echo::Version {
                         version,
                         fields: Vec::new(),
                         deleted: false,
@@ -798,7 +799,7 @@ pub(crate) async fn load_record(
                 }
                 if let Some(Echo::Version {
                     fields, deleted, ..
-                }) = state.echoes.last_mut()
+                }) = echoes.last_mut()
                 {
                     match field {
                         Some(f) => fields.push((f, value)),
@@ -808,7 +809,40 @@ pub(crate) async fn load_record(
             }
         }
     }
-    Ok(state)
+    Ok(())
+}
+
+/// The canonical keys and states of the records of `entity` the system knows by these local
+/// ids (a local id the store does not know is absent).
+pub(crate) async fn load_records_by_local(
+    c: &mut SqliteConnection,
+    entity: &str,
+    local_ids: &[&str],
+) -> Result<HashMap<String, (String, RecordState)>, StoreError> {
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for ids in local_ids.chunks(KEYS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "SELECT local_id, key FROM records WHERE entity = ",
+        );
+        q.push_bind(entity).push(" AND local_id IN (");
+        let mut list = q.separated(", ");
+        for id in ids {
+            list.push_bind(*id);
+        }
+        q.push(")");
+        for r in q.build().fetch_all(&mut *c).await? {
+            keys.push((r.try_get(0)?, r.try_get(1)?));
+        }
+    }
+    let key_refs: Vec<&str> = keys.iter().map(|(_, k)| k.as_str()).collect();
+    let mut states = load_records(c, entity, &key_refs).await?;
+    Ok(keys
+        .into_iter()
+        .map(|(local_id, key)| {
+            let state = states.remove(&key).unwrap_or_default();
+            (local_id, (key, state))
+        })
+        .collect())
 }
 
 /// The canonical key and state of the record the system knows as `local_id`, if any.
@@ -832,12 +866,118 @@ pub(crate) async fn save_record(
     before: &RecordState,
     after: &RecordState,
 ) -> Result<(), StoreError> {
-    let row = |s: &RecordState| (s.local_id.clone(), s.live, s.tombstone.clone());
-    let needs_row = after.local_id.is_some() || after.live || after.tombstone.is_some();
-    if row(before) != row(after) && needs_row {
-        if let Some(local_id) = &after.local_id {
-            // Another key mapped to the same local id loses the mapping (the system merged the
-            // records).
+    let mut w = Writes::default();
+    w.record(entity, key, before, after);
+    w.write(c).await
+}
+
+/// Rows written by one multi-row statement: at most 8 bound variables each stays well within
+/// SQLite's limit (32,766).
+const ROWS_PER_STATEMENT: usize = 1000;
+
+/// Store writes collected for several records (of one batch) and written with a few
+/// multi-row statements, instead of several statements per record: every statement is a
+/// round trip to sqlx's SQLite worker thread, which is what bounds an adapter's throughput.
+///
+/// Each record must be given at most once per flush (a batch holds at most one step per
+/// record); a later [`Writes::record`] of the same record replaces the earlier one's echoes.
+#[derive(Debug, Default)]
+pub(crate) struct Writes {
+    /// (entity, local id, key): other keys that held this local id lose it (the system merged
+    /// the records). Written first: `records_local` is unique.
+    unmap: Vec<(String, String, String)>,
+    /// (entity, key, local id, live, tombstone).
+    records: Vec<(String, String, Option<String>, bool, Option<(u64, String)>)>,
+    /// (entity, key, field, winner).
+    winners: Vec<(String, String, String, FieldState)>,
+    /// (entity, key, field) whose winner is gone.
+    no_winner: Vec<(String, String, String)>,
+    /// (entity, key, field, shadows), replacing the field's shadows.
+    shadows: Vec<(String, String, String, Vec<FieldState>)>,
+    /// (entity, key) → its echoes, replacing the record's.
+    echoes: HashMap<(String, String), Vec<Echo>>,
+    /// Events processed.
+    seen: Vec<(String, u64)>,
+    /// Entries appended to the outbox, in order.
+    outbox: Vec<OutboxEntry>,
+}
+
+impl Writes {
+    /// What changed from `before` (as loaded) to `after` of one record.
+    pub(crate) fn record(
+        &mut self,
+        entity: &str,
+        key: &str,
+        before: &RecordState,
+        after: &RecordState,
+    ) {
+        let row = |s: &RecordState| (s.local_id.clone(), s.live, s.tombstone.clone());
+        let needs_row = after.local_id.is_some() || after.live || after.tombstone.is_some();
+        if row(before) != row(after) && needs_row {
+            if let Some(local_id) = &after.local_id {
+                self.unmap
+                    .push((entity.to_owned(), local_id.clone(), key.to_owned()));
+            }
+            self.records.push((
+                entity.to_owned(),
+                key.to_owned(),
+                after.local_id.clone(),
+                after.live,
+                after.tombstone.clone(),
+            ));
+        }
+        let empty = Held::default();
+        let names: std::collections::BTreeSet<&String> =
+            before.fields.keys().chain(after.fields.keys()).collect();
+        for name in names {
+            let old = before.fields.get(name).unwrap_or(&empty);
+            let new = after.fields.get(name).unwrap_or(&empty);
+            if old.winner != new.winner {
+                let at = (entity.to_owned(), key.to_owned(), name.clone());
+                match &new.winner {
+                    Some(w) => self.winners.push((at.0, at.1, at.2, w.clone())),
+                    None => self.no_winner.push(at),
+                }
+            }
+            if old.shadows != new.shadows {
+                self.shadows.push((
+                    entity.to_owned(),
+                    key.to_owned(),
+                    name.clone(),
+                    new.shadows.clone(),
+                ));
+            }
+        }
+        if before.echoes != after.echoes {
+            self.echoes
+                .insert((entity.to_owned(), key.to_owned()), after.echoes.clone());
+        }
+    }
+
+    /// The event with dedup key `event_id` was processed at `now_ms`.
+    pub(crate) fn seen(&mut self, event_id: String, now_ms: u64) {
+        self.seen.push((event_id, now_ms));
+    }
+
+    /// An event to publish, after the outbox's entries so far.
+    pub(crate) fn publish(&mut self, ev: Outgoing) {
+        self.outbox.push(OutboxEntry::Publish(ev));
+    }
+
+    /// A local change that cannot be published, for the system's dead-letter queue, after the
+    /// outbox's entries so far.
+    pub(crate) fn park(&mut self, p: Parked) {
+        self.outbox.push(OutboxEntry::Park(p));
+    }
+
+    /// Writes everything collected (and forgets it), in the transaction `c`.
+    pub(crate) async fn flush(&mut self, c: &mut SqliteConnection) -> Result<(), StoreError> {
+        let w = std::mem::take(self);
+        w.write(c).await
+    }
+
+    async fn write(self, c: &mut SqliteConnection) -> Result<(), StoreError> {
+        for (entity, local_id, key) in &self.unmap {
             sqlx::query(
                 "UPDATE records SET local_id = NULL WHERE entity = ? AND local_id = ? AND key <> ?",
             )
@@ -847,49 +987,134 @@ pub(crate) async fn save_record(
             .execute(&mut *c)
             .await?;
         }
-        let (tomb_hlc, tomb_system) = match &after.tombstone {
-            Some((h, s)) => (Some(to_i64(*h)), Some(s.as_str())),
-            None => (None, None),
-        };
-        sqlx::query(
-            "INSERT INTO records (entity, key, local_id, live, tomb_hlc, tomb_system)
-             VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT(entity, key) DO UPDATE SET local_id = excluded.local_id,
-               live = excluded.live, tomb_hlc = excluded.tomb_hlc,
-               tomb_system = excluded.tomb_system",
-        )
-        .bind(entity)
-        .bind(key)
-        .bind(after.local_id.as_deref())
-        .bind(after.live)
-        .bind(tomb_hlc)
-        .bind(tomb_system)
-        .execute(&mut *c)
-        .await?;
-    }
-    let empty = Held::default();
-    for name in before.fields.keys().chain(after.fields.keys()) {
-        let old = before.fields.get(name).unwrap_or(&empty);
-        let new = after.fields.get(name).unwrap_or(&empty);
-        if old != new {
-            keep(c, entity, key, name, new, Some(old)).await?;
+        for rows in self.records.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO records (entity, key, local_id, live, tomb_hlc, tomb_system) ",
+            );
+            q.push_values(rows, |mut b, (entity, key, local_id, live, tomb)| {
+                b.push_bind(entity.as_str())
+                    .push_bind(key.as_str())
+                    .push_bind(local_id.as_deref())
+                    .push_bind(*live)
+                    .push_bind(tomb.as_ref().map(|(h, _)| to_i64(*h)))
+                    .push_bind(tomb.as_ref().map(|(_, s)| s.as_str()));
+            });
+            q.push(
+                " ON CONFLICT(entity, key) DO UPDATE SET local_id = excluded.local_id,
+                   live = excluded.live, tomb_hlc = excluded.tomb_hlc,
+                   tomb_system = excluded.tomb_system",
+            );
+            q.build().execute(&mut *c).await?;
         }
+        for (entity, key, field) in &self.no_winner {
+            delete_field(c, entity, key, field).await?;
+        }
+        for rows in self.winners.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO fields (entity, key, field, value, rank, hlc, system, pending) ",
+            );
+            q.push_values(rows, |mut b, (entity, key, field, state)| {
+                b.push_bind(entity.as_str())
+                    .push_bind(key.as_str())
+                    .push_bind(field.as_str())
+                    .push_bind(state.value.as_deref())
+                    .push_bind(i64::from(state.stamp.rank))
+                    .push_bind(to_i64(state.stamp.hlc))
+                    .push_bind(state.stamp.system.as_str())
+                    .push_bind(i64::from(state.pending));
+            });
+            q.push(
+                " ON CONFLICT(entity, key, field) DO UPDATE SET value = excluded.value,
+                   rank = excluded.rank, hlc = excluded.hlc, system = excluded.system,
+                   pending = excluded.pending",
+            );
+            q.build().execute(&mut *c).await?;
+        }
+        for (entity, key, field, shadows) in &self.shadows {
+            set_shadows(c, entity, key, field, shadows).await?;
+        }
+        if !self.echoes.is_empty() {
+            let records: Vec<&(String, String)> = self.echoes.keys().collect();
+            for records in records.chunks(ROWS_PER_STATEMENT) {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "DELETE FROM echoes WHERE (entity, key) IN (VALUES ",
+                );
+                let mut list = q.separated(", ");
+                for (entity, key) in records {
+                    list.push("(")
+                        .push_bind_unseparated(entity.as_str())
+                        .push_unseparated(", ")
+                        .push_bind_unseparated(key.as_str())
+                        .push_unseparated(")");
+                }
+                q.push(")");
+                q.build().execute(&mut *c).await?;
+            }
+            insert_echoes(c, &self.echoes).await?;
+        }
+        for rows in self.seen.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT OR IGNORE INTO seen (event_id, at_ms) ",
+            );
+            q.push_values(rows, |mut b, (event_id, at_ms)| {
+                b.push_bind(event_id.as_str()).push_bind(to_i64(*at_ms));
+            });
+            q.build().execute(&mut *c).await?;
+        }
+        for rows in self.outbox.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO outbox (event_id, routing_key, body, concord_key, user_id, reason, detail) ",
+            );
+            q.push_values(rows, |mut b, entry| match entry {
+                OutboxEntry::Publish(ev) => {
+                    b.push_bind(ev.event_id.as_str())
+                        .push_bind(ev.routing_key.as_str())
+                        .push_bind(ev.body.as_slice())
+                        .push_bind(ev.concord_key.as_str())
+                        .push_bind(ev.user_id.as_deref())
+                        .push_bind(None::<&str>)
+                        .push_bind(None::<&str>);
+                }
+                // Parked: no event, the change's description as the body.
+                OutboxEntry::Park(p) => {
+                    b.push_bind("")
+                        .push_bind("")
+                        .push_bind(p.body.as_slice())
+                        .push_bind("")
+                        .push_bind(None::<&str>)
+                        .push_bind(p.reason.as_str())
+                        .push_bind(p.detail.as_str());
+                }
+            });
+            q.build().execute(&mut *c).await?;
+        }
+        Ok(())
     }
-    if before.echoes != after.echoes {
-        sqlx::query("DELETE FROM echoes WHERE entity = ? AND key = ?")
-            .bind(entity)
-            .bind(key)
-            .execute(&mut *c)
-            .await?;
-        for echo in &after.echoes {
+}
+
+/// Inserts the echoes of several records (each record's in order: they are read back by id).
+async fn insert_echoes(
+    c: &mut SqliteConnection,
+    echoes: &HashMap<(String, String), Vec<Echo>>,
+) -> Result<(), StoreError> {
+    // (entity, key, field, value, at_ms, version) rows.
+    type Row<'a> = (
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        Option<&'a [u8]>,
+        u64,
+        Option<u64>,
+    );
+    let mut rows: Vec<Row<'_>> = Vec::new();
+    for ((entity, key), echoes) in echoes {
+        for echo in echoes {
             match echo {
                 Echo::Value {
                     field,
                     value,
                     at_ms,
-                } => {
-                    insert_echo(c, entity, key, Some(field), value.as_deref(), *at_ms, None).await?
-                }
+                } => rows.push((entity, key, Some(field), value.as_deref(), *at_ms, None)),
                 Echo::Version {
                     version,
                     fields,
@@ -897,47 +1122,39 @@ pub(crate) async fn save_record(
                     at_ms,
                 } => {
                     for (field, value) in fields {
-                        insert_echo(
-                            c,
+                        rows.push((
                             entity,
                             key,
                             Some(field),
                             value.as_deref(),
                             *at_ms,
                             Some(*version),
-                        )
-                        .await?;
+                        ));
                     }
                     if *deleted {
-                        insert_echo(c, entity, key, None, None, *at_ms, Some(*version)).await?;
+                        rows.push((entity, key, None, None, *at_ms, Some(*version)));
                     }
                 }
             }
         }
     }
-    Ok(())
-}
-
-async fn insert_echo(
-    c: &mut SqliteConnection,
-    entity: &str,
-    key: &str,
-    field: Option<&str>,
-    value: Option<&[u8]>,
-    at_ms: u64,
-    version: Option<u64>,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO echoes (entity, key, field, value, at_ms, version) VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(entity)
-    .bind(key)
-    .bind(field)
-    .bind(value)
-    .bind(to_i64(at_ms))
-    .bind(version.map(to_i64))
-    .execute(&mut *c)
-    .await?;
+    for rows in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO echoes (entity, key, field, value, at_ms, version) ",
+        );
+        q.push_values(
+            rows,
+            |mut b, (entity, key, field, value, at_ms, version)| {
+                b.push_bind(*entity)
+                    .push_bind(*key)
+                    .push_bind(*field)
+                    .push_bind(*value)
+                    .push_bind(to_i64(*at_ms))
+                    .push_bind(version.map(to_i64));
+            },
+        );
+        q.build().execute(&mut *c).await?;
+    }
     Ok(())
 }
 
@@ -989,11 +1206,96 @@ mod tests {
 
     async fn seen_ids(store: &Store, n: u64, at_ms: u64) {
         let mut tx = store.begin().await.unwrap();
+        let mut w = Writes::default();
         for i in 0..n {
-            mark_seen(&mut tx, &format!("e-{at_ms}-{i}"), at_ms)
-                .await
-                .unwrap();
+            w.seen(format!("e-{at_ms}-{i}"), at_ms);
         }
+        w.flush(&mut tx).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    fn state_of(n: u64) -> RecordState {
+        let field = |v: &str, hlc: u64, pending: bool| FieldState {
+            value: Some(v.as_bytes().to_vec()),
+            stamp: concord_policy::clock::Stamp {
+                rank: 1,
+                hlc,
+                system: "orders".into(),
+            },
+            pending,
+        };
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert(
+            "name".to_owned(),
+            Held {
+                winner: Some(field(&format!("n{n}"), n, false)),
+                shadows: vec![field("old", n - 1, false)],
+            },
+        );
+        fields.insert(
+            "phone".to_owned(),
+            Held {
+                winner: Some(field(&format!("p{n}"), n, true)),
+                shadows: Vec::new(),
+            },
+        );
+        RecordState {
+            known: true,
+            local_id: Some(format!("l{n}")),
+            live: true,
+            tombstone: None,
+            fields,
+            echoes: vec![
+                Echo::Value {
+                    field: "phone".into(),
+                    value: Some(b"v".to_vec()),
+                    at_ms: n,
+                },
+                Echo::Version {
+                    version: n,
+                    fields: vec![("name".into(), Some(b"x".to_vec()))],
+                    deleted: false,
+                    at_ms: n,
+                },
+                Echo::Version {
+                    version: n + 1,
+                    fields: Vec::new(),
+                    deleted: true,
+                    at_ms: n,
+                },
+            ],
+        }
+    }
+
+    /// What several records' writes flushed together hold is what loading them gives back,
+    /// by key and by local id; a second flush replaces what changed.
+    #[tokio::test]
+    async fn records_written_together_read_back_alike() {
+        let store = Store::in_memory().await.unwrap();
+        let mut tx = store.begin().await.unwrap();
+        let mut w = Writes::default();
+        for n in 2..5 {
+            w.record("e", &format!("k{n}"), &RecordState::default(), &state_of(n));
+        }
+        w.flush(&mut tx).await.unwrap();
+        let loaded = load_records(&mut tx, "e", &["k2", "k3", "k4", "k9"])
+            .await
+            .unwrap();
+        assert_eq!(loaded.len(), 3);
+        for n in 2..5 {
+            assert_eq!(loaded[&format!("k{n}")], state_of(n), "k{n}");
+        }
+        let by_local = load_records_by_local(&mut tx, "e", &["l3", "l8"])
+            .await
+            .unwrap();
+        assert_eq!(by_local.len(), 1);
+        assert_eq!(by_local["l3"], ("k3".to_owned(), state_of(3)));
+        // k3 becomes k3 with the state of 7 (new values, echoes and local id).
+        let mut w = Writes::default();
+        w.record("e", "k3", &state_of(3), &state_of(7));
+        w.flush(&mut tx).await.unwrap();
+        assert_eq!(load_record(&mut tx, "e", "k3").await.unwrap(), state_of(7));
+        assert_eq!(load_record(&mut tx, "e", "k2").await.unwrap(), state_of(2));
         tx.commit().await.unwrap();
     }
 
