@@ -3,6 +3,7 @@
 //! with the row it wrote, so a change applied before a crash (and redelivered) is recognised and
 //! not applied twice.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use concord_adapter::{AdapterError, Applied, Apply, ApplyOp};
@@ -251,6 +252,10 @@ async fn one_by_one(inner: &Inner, changes: &[Apply]) -> Vec<Result<Applied, Ada
     out
 }
 
+/// Rows per statement of the batch-wide statements (well within every database's limit of
+/// bound parameters).
+const ROWS_PER_STATEMENT: usize = 1000;
+
 /// Writes `planned` in one transaction marked with the origin marker. Fails with the index of
 /// the change whose write failed (0 for the transaction itself) and why; then nothing of it is
 /// written.
@@ -266,40 +271,17 @@ async fn transaction(
         .map_err(|err| (0, Failure::Unavailable(err)))?;
     let result = match conn.begin().await {
         Err(err) => Err((0, Failure::Db(err))),
-        Ok(mut tx) => {
-            let mut outcomes = Vec::with_capacity(planned.len());
-            let mut failed = None;
-            for (i, p) in planned.iter().enumerate() {
-                match write(
-                    &mut tx,
-                    inner,
-                    p.e,
-                    p.change,
-                    p.target.clone(),
-                    &p.values,
-                    &p.digest,
-                )
+        Ok(mut tx) => match writes(&mut tx, inner, planned).await {
+            Ok(outcomes) => tx
+                .commit()
                 .await
-                {
-                    Ok(o) => outcomes.push(o),
-                    Err(f) => {
-                        failed = Some((i, f));
-                        break;
-                    }
-                }
+                .map(|()| outcomes)
+                .map_err(|err| (0, Failure::Db(err))),
+            Err(f) => {
+                let _ = tx.rollback().await;
+                Err(f)
             }
-            match failed {
-                None => tx
-                    .commit()
-                    .await
-                    .map(|()| outcomes)
-                    .map_err(|err| (0, Failure::Db(err))),
-                Some(f) => {
-                    let _ = tx.rollback().await;
-                    Err(f)
-                }
-            }
-        }
+        },
     };
     if result.is_err()
         && matches!(inner.db, db::Db::MySql(..))
@@ -315,48 +297,104 @@ async fn transaction(
     result
 }
 
-/// The transaction's statements.
-async fn write(
+/// The transaction's statements: the origin mark, the events applied before (one statement
+/// for the batch), each change's write, the events applied (one statement), the mark cleared.
+async fn writes(
     tx: &mut Tx<'_>,
     inner: &Inner,
-    e: &EntityMap,
-    change: &Apply,
-    mut target: Option<Key>,
-    values: &[(usize, SqlValue)],
-    digest: &str,
-) -> Result<Outcome, Failure> {
+    planned: &[&Planned<'_>],
+) -> Result<Vec<Outcome>, (usize, Failure)> {
     let d = inner.db.dialect();
     let prefix = inner.prefix.as_str();
-    tx.simple(&d.origin_on(prefix)).await?;
+    let whole = |f: Failure| (0, f);
+    tx.simple(&d.origin_on(prefix))
+        .await
+        .map_err(|e| whole(e.into()))?;
     // Exactly once: an event applied before (and not recorded by the SDK, e.g. after a crash)
     // is recognised by its id.
-    let applied_key = format!("{}@{}", change.event_id, e.table);
-    let prior = tx
-        .fetch(
-            &d.applied_get(prefix, &applied_key),
-            &[Shape::Text, Shape::Text],
-        )
-        .await?;
-    if let Some(row) = prior.first()
-        && let (Some(Ok(SqlValue::Text(local_id))), Some(Ok(SqlValue::Text(seen)))) =
-            (row.first(), row.get(1))
-    {
-        if seen == digest {
-            finish(tx, inner).await?;
-            return Ok(Outcome {
+    let applied_keys: Vec<String> = planned
+        .iter()
+        .map(|p| format!("{}@{}", p.change.event_id, p.e.table))
+        .collect();
+    let mut prior: HashMap<String, (String, String)> = HashMap::new();
+    let ids: Vec<&str> = applied_keys.iter().map(String::as_str).collect();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let rows = tx
+            .fetch(
+                &d.applied_get(prefix, chunk),
+                &[Shape::Text, Shape::Text, Shape::Text],
+            )
+            .await
+            .map_err(|e| whole(e.into()))?;
+        for row in rows {
+            if let (
+                Some(Ok(SqlValue::Text(id))),
+                Some(Ok(SqlValue::Text(local_id))),
+                Some(Ok(SqlValue::Text(seen))),
+            ) = (row.first(), row.get(1), row.get(2))
+            {
+                prior.insert(id.clone(), (local_id.clone(), seen.clone()));
+            }
+        }
+    }
+    let mut outcomes = Vec::with_capacity(planned.len());
+    let mut record: Vec<(&str, String, &str)> = Vec::with_capacity(planned.len());
+    for (i, (p, applied_key)) in planned.iter().zip(&applied_keys).enumerate() {
+        let prior = prior.get(applied_key);
+        if let Some((local_id, seen)) = prior
+            && *seen == p.digest
+        {
+            // Applied already, exactly so.
+            outcomes.push(Outcome {
                 local_id: local_id.clone(),
                 touched: Vec::new(),
             });
+            continue;
         }
-        if target.is_none() {
-            target = Some(e.parse_local_id(local_id).map_err(Failure::Refused)?);
-        }
+        let o = write(tx, inner, p, prior.map(|(id, _)| id.as_str()))
+            .await
+            .map_err(|f| (i, f))?;
+        record.push((applied_key, o.local_id.clone(), &p.digest));
+        outcomes.push(o);
     }
-    let columns: Vec<(Column, SqlValue)> = values
+    let now = now_ms();
+    for chunk in record.chunks(ROWS_PER_STATEMENT) {
+        let rows: Vec<(&str, &str, &str)> = chunk
+            .iter()
+            .map(|(k, id, digest)| (*k, id.as_str(), *digest))
+            .collect();
+        tx.execute(&d.applied_put(prefix, &rows, now))
+            .await
+            .map_err(|e| whole(e.into()))?;
+    }
+    if let Some(off) = d.origin_off(prefix) {
+        tx.simple(&off).await.map_err(|e| whole(e.into()))?;
+    }
+    Ok(outcomes)
+}
+
+/// One change's write (`applied_before`: the local id an earlier, different apply of the same
+/// event wrote to).
+async fn write(
+    tx: &mut Tx<'_>,
+    inner: &Inner,
+    p: &Planned<'_>,
+    applied_before: Option<&str>,
+) -> Result<Outcome, Failure> {
+    let d = inner.db.dialect();
+    let (e, change) = (p.e, p.change);
+    let mut target = p.target.clone();
+    if target.is_none()
+        && let Some(local_id) = applied_before
+    {
+        target = Some(e.parse_local_id(local_id).map_err(Failure::Refused)?);
+    }
+    let columns: Vec<(Column, SqlValue)> = p
+        .values
         .iter()
         .filter_map(|(fi, v)| Some((e.fields.get(*fi)?.column.clone(), v.clone())))
         .collect();
-    let outcome = match change.op {
+    Ok(match change.op {
         ApplyOp::Delete => match target {
             Some(k) => {
                 tx.execute(&d.delete(&e.table, &e.key, &k)).await?;
@@ -381,19 +419,7 @@ async fn write(
                 None => insert(tx, inner, e, change, &columns).await?,
             }
         }
-    };
-    tx.execute(&d.applied_put(prefix, &applied_key, &outcome.local_id, digest, now_ms()))
-        .await?;
-    finish(tx, inner).await?;
-    Ok(outcome)
-}
-
-/// Clears the origin mark at the end of the transaction.
-async fn finish(tx: &mut Tx<'_>, inner: &Inner) -> Result<(), sqlx::Error> {
-    if let Some(off) = inner.db.dialect().origin_off(&inner.prefix) {
-        tx.simple(&off).await?;
-    }
-    Ok(())
+    })
 }
 
 /// The row the match fields link a record first seen from another system to.

@@ -393,33 +393,41 @@ impl Dialect {
     }
 
     /// The recorded apply of an event: `local_id, digest`.
-    pub fn applied_get(self, prefix: &str, event_id: &str) -> Stmt {
+    /// What the applied-events table holds of these event ids: rows (event_id, local_id, digest).
+    pub fn applied_get(self, prefix: &str, event_ids: &[&str]) -> Stmt {
         let mut b = Builder::new(self);
         b.push(&format!(
-            "SELECT local_id, digest FROM {} WHERE event_id = ",
+            "SELECT event_id, local_id, digest FROM {} WHERE event_id IN (",
             self.quote(&format!("{prefix}_applied"))
         ));
-        b.param(Bind::Text(event_id.to_owned()), None);
+        for (i, id) in event_ids.iter().enumerate() {
+            if i > 0 {
+                b.push(", ");
+            }
+            b.param(Bind::Text((*id).to_owned()), None);
+        }
+        b.push(")");
         b.done()
     }
 
-    pub fn applied_put(
-        self,
-        prefix: &str,
-        event_id: &str,
-        local_id: &str,
-        digest: &str,
-        at_ms: i64,
-    ) -> Stmt {
+    /// Records events applied: (event id, local id, digest), all at `at_ms`; each event id at
+    /// most once.
+    pub fn applied_put(self, prefix: &str, applied: &[(&str, &str, &str)], at_ms: i64) -> Stmt {
         let mut b = Builder::new(self);
         b.push(&format!(
-            "INSERT INTO {} (event_id, local_id, digest, at) VALUES (",
+            "INSERT INTO {} (event_id, local_id, digest, at) VALUES ",
             self.quote(&format!("{prefix}_applied"))
         ));
-        b.param(Bind::Text(event_id.to_owned()), None).push(", ");
-        b.param(Bind::Text(local_id.to_owned()), None).push(", ");
-        b.param(Bind::Text(digest.to_owned()), None).push(", ");
-        b.param(Bind::Int(at_ms), None).push(")");
+        for (i, (event_id, local_id, digest)) in applied.iter().enumerate() {
+            if i > 0 {
+                b.push(", ");
+            }
+            b.push("(");
+            b.param(Bind::Text((*event_id).to_owned()), None).push(", ");
+            b.param(Bind::Text((*local_id).to_owned()), None).push(", ");
+            b.param(Bind::Text((*digest).to_owned()), None).push(", ");
+            b.param(Bind::Int(at_ms), None).push(")");
+        }
         b.push(match self {
             Dialect::MySql { .. } => {
                 " ON DUPLICATE KEY UPDATE local_id = VALUES(local_id), digest = VALUES(digest), at = VALUES(at)"
