@@ -111,6 +111,7 @@ impl Transport for AmqpTransport {
             ingress: self.topology.ingress_exchange(),
             resync: self.topology.resync_exchange(),
             dlx: self.topology.dlx(),
+            inbox: inbox_name.clone(),
             system: self.system.clone(),
             acks: tokio::sync::Mutex::new(AckBatcher::for_prefetch(self.prefetch)),
             handles,
@@ -131,6 +132,7 @@ pub struct AmqpLink {
     ingress: String,
     resync: String,
     dlx: String,
+    inbox: String,
     system: String,
     acks: tokio::sync::Mutex<AckBatcher>,
     handles: Arc<Mutex<HashMap<u64, AckHandle>>>,
@@ -227,5 +229,17 @@ impl Link for AmqpLink {
         if let Err(e) = self.conn.close().await {
             debug!(error = %e, "closing the connection");
         }
+    }
+
+    async fn inbox_ready(&self) -> Result<Option<u64>, TransportError> {
+        // On a channel of its own: a failed passive declare closes its channel.
+        let channel = self.conn.open_channel().await.map_err(conn_err)?;
+        let ready = concord_amqp::queue_message_count(&channel, &self.inbox)
+            .await
+            .map_err(conn_err)?;
+        if let Err(e) = channel.close().await {
+            debug!(error = %e, "closing the inbox-check channel");
+        }
+        Ok(Some(u64::from(ready)))
     }
 }

@@ -27,6 +27,11 @@ pub struct RunnerConfig {
     /// Most unacknowledged incoming messages the broker hands out at once.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
+    /// How often, in seconds, an idle session checks its inbox consumer: when two checks in a
+    /// row find messages ready in the inbox and none was delivered between them, the consumer
+    /// has stalled (seen once after a broker node failure) and the session is reopened.
+    #[serde(default = "default_inbox_check_secs")]
+    pub inbox_check_secs: u64,
     /// Set the AMQP `user_id` property of published events to the broker user of `amqp_uri`
     /// (the broker checks it against the connection's user, and the router takes it as the
     /// source). On by default: a router with `require_user_id` refuses events without it.
@@ -136,6 +141,10 @@ fn default_max_message_bytes() -> usize {
 fn default_clock_skew_ms() -> u64 {
     concord_policy::replica::DEFAULT_CLOCK_SKEW_MS
 }
+fn default_inbox_check_secs() -> u64 {
+    15
+}
+
 fn default_echo_window_secs() -> u64 {
     3600
 }
@@ -168,6 +177,7 @@ impl RunnerConfig {
             dedup_retention_hours: default_dedup_retention_hours(),
             dedup_max_entries: default_dedup_max_entries(),
             echo_window_secs: default_echo_window_secs(),
+            inbox_check_secs: default_inbox_check_secs(),
             clock_skew_ms: default_clock_skew_ms(),
             max_message_bytes: default_max_message_bytes(),
             retry: RetryConfig::default(),
@@ -195,6 +205,9 @@ impl RunnerConfig {
         }
         if self.policy.as_os_str().is_empty() {
             return Err("no policy file configured".into());
+        }
+        if self.inbox_check_secs == 0 {
+            return Err("inbox_check_secs must be at least 1".into());
         }
         if self.prefetch == 0 {
             return Err("prefetch must be at least 1".into());

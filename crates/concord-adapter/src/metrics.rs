@@ -78,6 +78,8 @@ counters! {
     corrections,
     /// Connections opened to the broker.
     connections,
+    /// Sessions reopened because the inbox consumer stalled (messages ready, none delivered).
+    inbox_stalls,
     /// Resync requests received from the router (`concord resync`).
     resync_requests,
     /// Records to publish for the resyncs received (counted when each starts).

@@ -420,6 +420,7 @@ async fn session<A: SystemAdapter, L: Link>(
     // full, the next one follows shortly.
     let every = Duration::from_secs(config.echo_window_secs.clamp(60, 3600));
     let mut prune_at = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut inbox_check = InboxCheck::new(Duration::from_secs(config.inbox_check_secs));
     loop {
         let reopen = async {
             match *reopen_at {
@@ -434,7 +435,7 @@ async fn session<A: SystemAdapter, L: Link>(
                 }
                 return Stop::Shutdown;
             }
-            msg = inbox.next() => match msg {
+            msg = inbox.next() => match msg.inspect(|_| inbox_check.delivered = true) {
                 None => return Stop::Transport(TransportError::connection("inbox consumer ended")),
                 Some(Err(e)) => return Stop::Transport(e),
                 Some(Ok(m)) if m.control.is_some() => {
@@ -550,7 +551,60 @@ async fn session<A: SystemAdapter, L: Link>(
                     return Stop::Transport(e);
                 }
             }
+            _ = inbox_check.timer.tick() => {
+                if let Err(e) = inbox_check.check(link).await {
+                    Metrics::inc(&engine.metrics().inbox_stalls);
+                    engine.metrics().touch();
+                    warn!(system = %config.system, error = %e, "reopening the session");
+                    return Stop::Transport(e);
+                }
+            }
         }
+    }
+}
+
+/// The check that the inbox consumer still receives: the broker has been seen to keep a
+/// consumer registered that no longer gets deliveries (once, after a cluster node failure),
+/// which no connection-level signal reveals.
+struct InboxCheck {
+    timer: tokio::time::Interval,
+    /// A message was delivered since the last check.
+    delivered: bool,
+    /// The last check found messages ready, none delivered.
+    ready_before: bool,
+}
+
+impl InboxCheck {
+    fn new(every: Duration) -> InboxCheck {
+        let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        InboxCheck {
+            timer,
+            delivered: false,
+            ready_before: false,
+        }
+    }
+
+    /// Fails when two checks in a row found messages ready in the inbox and none was
+    /// delivered in between (acknowledgements are flushed every 50 ms, so none is held back:
+    /// the prefetch window was open all along).
+    async fn check<L: Link>(&mut self, link: &L) -> Result<(), TransportError> {
+        if std::mem::take(&mut self.delivered) {
+            self.ready_before = false;
+            return Ok(());
+        }
+        let ready = link.inbox_ready().await?.unwrap_or(0);
+        if ready == 0 {
+            self.ready_before = false;
+            return Ok(());
+        }
+        if std::mem::replace(&mut self.ready_before, true) {
+            return Err(TransportError::connection(format!(
+                "inbox consumer stalled: {ready} messages ready and none delivered for {:?}",
+                self.timer.period()
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -101,4 +101,9 @@ pub trait Link: Send + Sync + 'static {
     fn flush(&self) -> impl Future<Output = Result<(), TransportError>> + Send;
     /// Flushes acknowledgements and closes the connection gracefully.
     fn close(&self) -> impl Future<Output = ()> + Send;
+    /// Messages ready (not delivered) in the inbox, as the broker counts them; `None` when the
+    /// transport cannot tell (the runner's stalled-consumer check is then off).
+    fn inbox_ready(&self) -> impl Future<Output = Result<Option<u64>, TransportError>> + Send {
+        async { Ok(None) }
+    }
 }

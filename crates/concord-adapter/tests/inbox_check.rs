@@ -1,0 +1,125 @@
+//! The runner's check of its inbox consumer, over an in-memory transport: a consumer that
+//! stays registered but gets no deliveries while the broker holds messages ready for it (seen
+//! once after a cluster node failure) is found out and the session reopened; a consumer that is
+//! merely idle, or that receives, is left alone.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use concord_adapter::testkit::MemorySystem;
+use concord_adapter::transport::Inbox;
+use concord_adapter::{Link, Outgoing, RetryConfig, RunnerConfig, Transport, TransportError};
+use futures::StreamExt;
+use tokio::sync::watch;
+
+/// A broker whose inbox never delivers and which reports `ready` messages waiting in it.
+#[derive(Clone)]
+struct Stalled {
+    ready: Arc<AtomicU64>,
+    /// Checks made so far.
+    checks: Arc<watch::Sender<u64>>,
+}
+
+impl Stalled {
+    fn new(ready: u64) -> Stalled {
+        Stalled {
+            ready: Arc::new(AtomicU64::new(ready)),
+            checks: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    async fn wait_checks(&self, n: u64) {
+        let mut rx = self.checks.subscribe();
+        tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|c| *c >= n))
+            .await
+            .expect("timed out waiting for inbox checks")
+            .expect("broker gone");
+    }
+}
+
+struct StalledLink(Stalled);
+
+impl Link for StalledLink {
+    async fn publish(&self, _: &[Outgoing]) -> Result<(), TransportError> {
+        Ok(())
+    }
+    async fn dead_letter(&self, _: &[u8], _: &str, _: &str) -> Result<(), TransportError> {
+        Ok(())
+    }
+    async fn ack(&self, _: u64) -> Result<(), TransportError> {
+        Ok(())
+    }
+    async fn flush(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
+    async fn close(&self) {}
+    async fn inbox_ready(&self) -> Result<Option<u64>, TransportError> {
+        self.0.checks.send_modify(|c| *c += 1);
+        Ok(Some(self.0.ready.load(Ordering::SeqCst)))
+    }
+}
+
+impl Transport for Stalled {
+    type Link = StalledLink;
+    async fn connect(&self) -> Result<(StalledLink, Inbox), TransportError> {
+        Ok((
+            StalledLink(self.clone()),
+            futures::stream::pending().boxed(),
+        ))
+    }
+}
+
+fn config(state: &std::path::Path) -> RunnerConfig {
+    let policy = concord_seed_model::write_seed(state).unwrap();
+    let mut c = RunnerConfig::new(
+        "orders",
+        "amqp://unused",
+        state.join("orders.sqlite"),
+        policy,
+    );
+    c.inbox_check_secs = 1;
+    c.reconnect = RetryConfig {
+        min_delay_ms: 1,
+        max_delay_ms: 10,
+    };
+    c
+}
+
+#[tokio::test]
+async fn a_consumer_that_gets_nothing_while_messages_wait_is_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Stalled::new(3);
+    let runner = concord_adapter::start_with(
+        MemorySystem::new("orders"),
+        config(dir.path()),
+        broker.clone(),
+    );
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        runner.wait_until(|m| m.inbox_stalls >= 2 && m.connections >= 3),
+    )
+    .await
+    .expect("the stalled consumer was never reopened");
+    // Found out on the second check in a row of each session, then reopened.
+    assert!(*broker.checks.borrow() >= 4);
+    runner.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_idle_consumer_with_an_empty_inbox_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Stalled::new(0);
+    let runner = concord_adapter::start_with(
+        MemorySystem::new("orders"),
+        config(dir.path()),
+        broker.clone(),
+    );
+    // Three checks of an empty inbox: no stall, the one session goes on.
+    broker.wait_checks(3).await;
+    let m = runner.metrics();
+    assert_eq!(m.inbox_stalls, 0);
+    assert_eq!(m.connections, 1);
+    runner.shutdown().await.unwrap();
+}
