@@ -886,8 +886,8 @@ pub(crate) struct Writes {
     /// (entity, local id, key): other keys that held this local id lose it (the system merged
     /// the records). Written first: `records_local` is unique.
     unmap: Vec<(String, String, String)>,
-    /// (entity, key, local id, live, tombstone).
-    records: Vec<(String, String, Option<String>, bool, Option<(u64, String)>)>,
+    /// (entity, the record's row).
+    records: Vec<(String, RecordRow)>,
     /// (entity, key, field, winner).
     winners: Vec<(String, String, String, FieldState)>,
     /// (entity, key, field) whose winner is gone.
@@ -920,10 +920,12 @@ impl Writes {
             }
             self.records.push((
                 entity.to_owned(),
-                key.to_owned(),
-                after.local_id.clone(),
-                after.live,
-                after.tombstone.clone(),
+                RecordRow {
+                    key: key.to_owned(),
+                    local_id: after.local_id.clone(),
+                    live: after.live,
+                    tombstone: after.tombstone.clone(),
+                },
             ));
         }
         let empty = Held::default();
@@ -991,13 +993,13 @@ impl Writes {
             let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO records (entity, key, local_id, live, tomb_hlc, tomb_system) ",
             );
-            q.push_values(rows, |mut b, (entity, key, local_id, live, tomb)| {
+            q.push_values(rows, |mut b, (entity, r)| {
                 b.push_bind(entity.as_str())
-                    .push_bind(key.as_str())
-                    .push_bind(local_id.as_deref())
-                    .push_bind(*live)
-                    .push_bind(tomb.as_ref().map(|(h, _)| to_i64(*h)))
-                    .push_bind(tomb.as_ref().map(|(_, s)| s.as_str()));
+                    .push_bind(r.key.as_str())
+                    .push_bind(r.local_id.as_deref())
+                    .push_bind(r.live)
+                    .push_bind(r.tombstone.as_ref().map(|(h, _)| to_i64(*h)))
+                    .push_bind(r.tombstone.as_ref().map(|(_, s)| s.as_str()));
             });
             q.push(
                 " ON CONFLICT(entity, key) DO UPDATE SET local_id = excluded.local_id,
