@@ -284,6 +284,9 @@ pub struct QueueInfo {
     /// The consumer tag of the single active consumer (queues with
     /// `x-single-active-consumer`).
     pub single_active_consumer_tag: Option<String>,
+    /// The `timestamp` property (Unix seconds) of the message at the head of the queue, when
+    /// it has one (classic queues only).
+    pub head_message_timestamp: Option<u64>,
 }
 
 /// Message counters and rates of a queue (absent until something happened).

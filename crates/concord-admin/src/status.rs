@@ -32,6 +32,8 @@ pub struct Request {
     pub peek: usize,
     /// The router's `/metrics` URL.
     pub router_metrics: Option<String>,
+    /// An inbox whose oldest ready message waited longer (seconds) needs attention.
+    pub max_age: Option<u64>,
 }
 
 /// What the broker (and the router) said.
@@ -43,6 +45,8 @@ pub struct Observed {
     pub dead_reasons: BTreeMap<String, Vec<String>>,
     /// The router's metrics (Prometheus text), or why they could not be read.
     pub router_metrics: Option<Result<String, String>>,
+    /// When it was observed (Unix seconds).
+    pub now_unix_secs: u64,
 }
 
 /// One queue.
@@ -57,6 +61,9 @@ pub struct QueueStatus {
     pub publish_rate: Option<f64>,
     /// Messages delivered per second.
     pub deliver_rate: Option<f64>,
+    /// How long the oldest ready message has waited, in seconds (messages the router
+    /// published carry the time they were routed; classic queues only).
+    pub oldest_ready_secs: Option<u64>,
 }
 
 /// A dead-letter queue, its reasons counted over the messages peeked.
@@ -123,7 +130,7 @@ impl Status {
     }
 }
 
-fn queue_status(queues: &BTreeMap<&str, &QueueInfo>, name: &str) -> QueueStatus {
+fn queue_status(queues: &BTreeMap<&str, &QueueInfo>, name: &str, now: u64) -> QueueStatus {
     let q = queues.get(name);
     let stats = q.and_then(|q| q.message_stats.as_ref());
     QueueStatus {
@@ -134,6 +141,10 @@ fn queue_status(queues: &BTreeMap<&str, &QueueInfo>, name: &str) -> QueueStatus 
         consumers: q.map_or(0, |q| q.consumers),
         publish_rate: stats.and_then(|s| s.publish_details).map(|r| r.rate),
         deliver_rate: stats.and_then(|s| s.deliver_get_details).map(|r| r.rate),
+        oldest_ready_secs: q
+            .filter(|q| q.messages_ready > 0)
+            .and_then(|q| q.head_message_timestamp)
+            .map(|t| now.saturating_sub(t)),
     }
 }
 
@@ -142,7 +153,7 @@ fn dead_letters(
     reasons: &BTreeMap<String, Vec<String>>,
     name: &str,
 ) -> DeadLetters {
-    let q = queue_status(queues, name);
+    let q = queue_status(queues, name, 0);
     let peeked = reasons.get(name).map(Vec::as_slice).unwrap_or_default();
     let mut by_reason = BTreeMap::new();
     for r in peeked {
@@ -214,7 +225,11 @@ pub fn evaluate(request: &Request, observed: &Observed) -> Status {
     };
     let mut system_status = Vec::new();
     for system in &systems {
-        let inbox = queue_status(&queues, &format!("{ns}.inbox.{system}"));
+        let inbox = queue_status(
+            &queues,
+            &format!("{ns}.inbox.{system}"),
+            observed.now_unix_secs,
+        );
         let dead = dead_letters(
             &queues,
             &observed.dead_reasons,
@@ -229,6 +244,13 @@ pub fn evaluate(request: &Request, observed: &Observed) -> Status {
             attention.push(format!(
                 "system {system}: no consumer on its inbox ({} ready): its adapter is down or paused",
                 inbox.ready
+            ));
+        }
+        if let (Some(age), Some(max)) = (inbox.oldest_ready_secs, request.max_age)
+            && age > max
+        {
+            attention.push(format!(
+                "system {system}: its oldest ready message waited {age} s (more than --max-age {max})"
             ));
         }
         if too_deep(&inbox) {
@@ -251,7 +273,7 @@ pub fn evaluate(request: &Request, observed: &Observed) -> Status {
         .iter()
         .filter(|q| is_router_queue(ns, &q.name))
     {
-        let status = queue_status(&queues, &q.name);
+        let status = queue_status(&queues, &q.name, observed.now_unix_secs);
         let consumers: Vec<&ConsumerInfo> = observed
             .consumers
             .iter()
@@ -430,14 +452,14 @@ pub fn render(status: &Status) -> String {
         .max("SYSTEM".len());
     let _ = writeln!(
         out,
-        "{:<width$}  {:>7}  {:>7}  {:>9}  {:>6}  {:>6}  DEAD LETTERS",
-        "SYSTEM", "READY", "UNACKED", "CONSUMERS", "IN/S", "OUT/S"
+        "{:<width$}  {:>7}  {:>7}  {:>9}  {:>6}  {:>6}  {:>6}  DEAD LETTERS",
+        "SYSTEM", "READY", "UNACKED", "CONSUMERS", "IN/S", "OUT/S", "OLDEST"
     );
     for s in &status.systems {
         let i = &s.inbox;
         let _ = writeln!(
             out,
-            "{:<width$}  {:>7}  {:>7}  {:>9}  {:>6}  {:>6}  {}",
+            "{:<width$}  {:>7}  {:>7}  {:>9}  {:>6}  {:>6}  {:>6}  {}",
             s.system,
             i.ready,
             i.unacked,
@@ -448,6 +470,8 @@ pub fn render(status: &Status) -> String {
             },
             rate(i.publish_rate),
             rate(i.deliver_rate),
+            i.oldest_ready_secs
+                .map_or_else(|| "-".to_owned(), |s| format!("{s}s")),
             reasons(&s.dead_letters)
         );
     }
@@ -544,6 +568,9 @@ pub fn gather(m: &Management, request: &Request) -> Result<Observed, ManagementE
         consumers,
         dead_reasons,
         router_metrics,
+        now_unix_secs: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     })
 }
 
@@ -581,6 +608,7 @@ mod tests {
             namespace: "ns".into(),
             systems: None,
             max_depth: Some(100),
+            max_age: Some(60),
             peek: 10,
             router_metrics: None,
         }
@@ -662,6 +690,7 @@ mod tests {
             )]
             .into(),
             router_metrics: None,
+            now_unix_secs: 0,
         };
         let mut r = request();
         r.systems = Some(vec!["crm".into(), "erp".into()]);
@@ -686,6 +715,36 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("router-0"), "{table}");
+    }
+
+    /// How long an inbox's oldest ready message waited comes from its head message's
+    /// timestamp (the time the router routed it); past `--max-age` its system is behind.
+    #[test]
+    fn an_inbox_whose_oldest_message_waited_too_long_is_behind() {
+        let mut slow = queue("ns.inbox.crm", 40, 1);
+        slow.head_message_timestamp = Some(1_000);
+        let mut quick = queue("ns.inbox.erp", 2, 1);
+        quick.head_message_timestamp = Some(1_095);
+        // A timestamp left at the head of an empty queue means nothing.
+        let mut empty = queue("ns.inbox.wms", 0, 1);
+        empty.head_message_timestamp = Some(10);
+        let observed = Observed {
+            queues: vec![slow, quick, empty],
+            now_unix_secs: 1_100,
+            ..Observed::default()
+        };
+        let s = evaluate(&request(), &observed);
+        let ages: Vec<Option<u64>> = s.systems.iter().map(|s| s.inbox.oldest_ready_secs).collect();
+        assert_eq!(ages, [Some(100), Some(5), None]);
+        assert_eq!(s.attention.len(), 1, "{:#?}", s.attention);
+        assert!(
+            s.attention[0].contains("crm: its oldest ready message waited 100 s (more than --max-age 60)"),
+            "{:?}",
+            s.attention
+        );
+        let table = render(&s);
+        assert!(table.contains("OLDEST"), "{table}");
+        assert!(table.contains("100s"), "{table}");
     }
 
     #[test]

@@ -619,6 +619,7 @@ async fn handle(
             );
             confirms.reserve(routed.deliveries.len() + usize::from(routed.dead_letter.is_some()));
             let record = format!("{}/{}", routed.entity, routed.key);
+            let now_secs = concord_amqp::now_ms() / 1000;
             for d in &routed.deliveries {
                 // Published as the router's own broker user: adapters apply only what the
                 // router published.
@@ -626,7 +627,10 @@ async fn handle(
                     .header(HEADER_ORIGIN, routed.source.as_str())
                     .header(HEADER_KEY, record.as_str())
                     .message_id(routed.event_id.as_str())
-                    .user_id(&shared.login);
+                    .user_id(&shared.login)
+                    // When it was routed: `concord status` shows how long an inbox's oldest
+                    // message has waited.
+                    .timestamp(now_secs);
                 let confirm = publisher
                     .publish(routed_exchange, &d.system, &d.body, props)
                     .await?;
@@ -666,7 +670,8 @@ pub(crate) async fn dead_letter(
     let props = MessageProps::new()
         .header(HEADER_REASON, dead.reason.as_str())
         .header(HEADER_DETAIL, dead.detail.as_str())
-        .header(HEADER_ROUTING_KEY, delivery.routing_key.as_str());
+        .header(HEADER_ROUTING_KEY, delivery.routing_key.as_str())
+        .timestamp_now();
     let confirm = publisher
         .publish(dlx, DEAD_LETTER_KEY, &delivery.body, props)
         .await?;

@@ -201,6 +201,10 @@ enum Command {
         /// More ready messages than this in an inbox or router queue needs attention.
         #[arg(long)]
         max_depth: Option<u64>,
+        /// An inbox whose oldest ready message has waited longer than this (seconds) needs
+        /// attention: its system is behind.
+        #[arg(long)]
+        max_age: Option<u64>,
         /// The router's metrics endpoint (e.g. http://router:8080/metrics) for the end-to-end
         /// lag.
         #[arg(long, env = "CONCORD_ROUTER_METRICS_URL")]
@@ -492,13 +496,14 @@ fn main() -> ExitCode {
             broker,
             policy,
             max_depth,
+            max_age,
             router_metrics,
             peek,
             json,
         } => match ops::status(
             &broker,
             policy.as_deref(),
-            max_depth,
+            (max_depth, max_age),
             router_metrics,
             peek,
             json,

@@ -53,7 +53,7 @@ impl Broker {
 pub(crate) fn status(
     broker: &Broker,
     policy: Option<&Path>,
-    max_depth: Option<u64>,
+    (max_depth, max_age): (Option<u64>, Option<u64>),
     router_metrics: Option<String>,
     peek: usize,
     json: bool,
@@ -67,6 +67,7 @@ pub(crate) fn status(
         namespace: broker.namespace.clone(),
         systems,
         max_depth,
+        max_age,
         peek,
         router_metrics,
     };

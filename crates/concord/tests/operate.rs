@@ -498,13 +498,22 @@ async fn a_paused_system_accumulates_its_inbox_and_catches_up_when_resumed() -> 
     assert_eq!(depth(&env, &inbox).await?, N as u32);
     assert_eq!(support.metrics().incoming_applied, applied_before);
     assert!(!support.runner.is_ready());
-    // status says so: no consumer on support's inbox.
+    // status says so: no consumer on support's inbox, whose oldest message has waited since
+    // the router routed it (its timestamp).
     let s = until(
         &op(&env, &["status", "--json"]),
         "status sees the paused inbox",
-        |code, s| code == 1 && sys(s, "support")["inbox"]["consumers"] == 0,
+        |code, s| {
+            let inbox = &sys(s, "support")["inbox"];
+            code == 1 && inbox["consumers"] == 0 && inbox["oldest_ready_secs"].is_u64()
+        },
     )
     .await?;
+    let waited = sys(&s, "support")["inbox"]["oldest_ready_secs"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(waited < 600, "{s:#}");
+    assert!(sys(&s, "delivery")["inbox"]["oldest_ready_secs"].is_null(), "{s:#}");
     assert!(
         s["attention"][0]
             .as_str()
