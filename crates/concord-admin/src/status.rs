@@ -729,16 +729,21 @@ mod tests {
         let mut empty = queue("ns.inbox.wms", 0, 1);
         empty.head_message_timestamp = Some(10);
         let observed = Observed {
-            queues: vec![slow, quick, empty],
+            queues: vec![slow, quick, empty, queue("ns.router", 0, 1)],
             now_unix_secs: 1_100,
             ..Observed::default()
         };
         let s = evaluate(&request(), &observed);
-        let ages: Vec<Option<u64>> = s.systems.iter().map(|s| s.inbox.oldest_ready_secs).collect();
+        let ages: Vec<Option<u64>> = s
+            .systems
+            .iter()
+            .map(|s| s.inbox.oldest_ready_secs)
+            .collect();
         assert_eq!(ages, [Some(100), Some(5), None]);
         assert_eq!(s.attention.len(), 1, "{:#?}", s.attention);
         assert!(
-            s.attention[0].contains("crm: its oldest ready message waited 100 s (more than --max-age 60)"),
+            s.attention[0]
+                .contains("crm: its oldest ready message waited 100 s (more than --max-age 60)"),
             "{:?}",
             s.attention
         );

@@ -513,7 +513,10 @@ async fn a_paused_system_accumulates_its_inbox_and_catches_up_when_resumed() -> 
         .as_u64()
         .unwrap_or(u64::MAX);
     assert!(waited < 600, "{s:#}");
-    assert!(sys(&s, "delivery")["inbox"]["oldest_ready_secs"].is_null(), "{s:#}");
+    assert!(
+        sys(&s, "delivery")["inbox"]["oldest_ready_secs"].is_null(),
+        "{s:#}"
+    );
     assert!(
         s["attention"][0]
             .as_str()
