@@ -117,8 +117,11 @@ impl RetryConfig {
 fn default_namespace() -> String {
     "concord".to_owned()
 }
+/// The SDK's `prefetch` (an adapter may have its own: [`crate::Adapter::PREFETCH`]).
+pub const DEFAULT_PREFETCH: u16 = 64;
+
 fn default_prefetch() -> u16 {
-    64
+    DEFAULT_PREFETCH
 }
 fn default_publish_batch() -> usize {
     256

@@ -67,6 +67,12 @@ pub trait Adapter: SystemAdapter + Sized {
     /// The adapter's own settings: the `[adapter]` table of the config file.
     type Config: DeserializeOwned + Send;
 
+    /// The `prefetch` when the config file sets none: the most incoming messages handed to
+    /// [`SystemAdapter::apply_batch`] at once. An adapter that writes a batch in one
+    /// transaction gains from a larger one; memory grows with it (up to `prefetch` ×
+    /// `max_message_bytes` of message bodies).
+    const PREFETCH: u16 = crate::config::DEFAULT_PREFETCH;
+
     /// Builds the adapter from its settings (e.g. connects to the system). An error stops the
     /// process before it touches the broker.
     fn build(
@@ -129,8 +135,21 @@ pub struct ProcessConfig<C> {
 impl<C: DeserializeOwned> ProcessConfig<C> {
     /// Parses a config file's text (`file` names it in errors); `amqp_uri` overrides the file's.
     pub fn parse(text: &str, file: &str, amqp_uri: Option<String>) -> anyhow::Result<Self> {
+        Self::parse_with(text, file, amqp_uri, &toml::Table::new())
+    }
+
+    /// [`ProcessConfig::parse`], with `defaults` for the runner settings the file does not set.
+    pub fn parse_with(
+        text: &str,
+        file: &str,
+        amqp_uri: Option<String>,
+        defaults: &toml::Table,
+    ) -> anyhow::Result<Self> {
         let mut table: toml::Table =
             toml::from_str(text).with_context(|| format!("{file}: not valid TOML"))?;
+        for (k, v) in defaults {
+            table.entry(k.clone()).or_insert_with(|| v.clone());
+        }
         let adapter = table
             .remove("adapter")
             .unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
@@ -165,9 +184,18 @@ impl<C: DeserializeOwned> ProcessConfig<C> {
 
     /// Reads and parses a config file.
     pub fn load(path: &Path, amqp_uri: Option<String>) -> anyhow::Result<Self> {
+        Self::load_with(path, amqp_uri, &toml::Table::new())
+    }
+
+    /// [`ProcessConfig::load`], with `defaults` for the runner settings the file does not set.
+    pub fn load_with(
+        path: &Path,
+        amqp_uri: Option<String>,
+        defaults: &toml::Table,
+    ) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
-        Self::parse(&text, &path.display().to_string(), amqp_uri)
+        Self::parse_with(&text, &path.display().to_string(), amqp_uri, defaults)
     }
 }
 
@@ -205,6 +233,16 @@ pub fn main_with<A: Adapter>(args: Args) -> ExitCode {
     }
 }
 
+/// The runner settings adapter `A` changes when the config file does not set them.
+pub fn defaults<A: Adapter>() -> toml::Table {
+    let mut t = toml::Table::new();
+    t.insert(
+        "prefetch".into(),
+        toml::Value::Integer(i64::from(A::PREFETCH)),
+    );
+    t
+}
+
 /// A bad config file (exit status 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0:#}")]
@@ -215,8 +253,9 @@ pub async fn run_process<A: Adapter>(
     args: Args,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let config = ProcessConfig::<A::Config>::load(&args.config, args.amqp_uri)
-        .map_err(|e| anyhow::Error::new(ConfigProblem(e)))?;
+    let config =
+        ProcessConfig::<A::Config>::load_with(&args.config, args.amqp_uri, &defaults::<A>())
+            .map_err(|e| anyhow::Error::new(ConfigProblem(e)))?;
     let system = config.runner.system.clone();
     // A deployment that does not load is a configuration problem too.
     let deployment = crate::runner::load_deployment(&config.runner)

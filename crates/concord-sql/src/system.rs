@@ -272,6 +272,10 @@ pub async fn check(
 impl Adapter for SqlSystem {
     type Config = SqlConfig;
 
+    /// A batch is applied in one database transaction: 256 changes per batch took a bulk load
+    /// PostgreSQL → MariaDB from about 1,900 to 2,400 rows/s (`concord-bench sql`).
+    const PREFETCH: u16 = 256;
+
     async fn build(config: SqlConfig, context: &Context) -> Result<SqlSystem, AdapterError> {
         let mut delays = concord_adapter::RetryConfig {
             min_delay_ms: 500,

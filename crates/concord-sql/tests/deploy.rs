@@ -66,12 +66,24 @@ async fn system(
     entities: &BTreeMap<String, MessageDescriptor>,
 ) -> anyhow::Result<System> {
     let path = deploy(&format!("{name}.toml"));
-    let config = ProcessConfig::<SqlConfig>::parse(
-        &std::fs::read_to_string(&path)?,
+    let text = std::fs::read_to_string(&path)?;
+    // As `concord-sql run` reads it: with concord-sql's own defaults.
+    let config = ProcessConfig::<SqlConfig>::parse_with(
+        &text,
         &path.display().to_string(),
         None,
+        &concord_adapter::process::defaults::<SqlSystem>(),
     )?;
     assert_eq!(config.runner.system, name);
+    // concord-sql applies a batch in one transaction: it takes 256 at a time unless told.
+    assert_eq!(config.runner.prefetch, 256);
+    let told = ProcessConfig::<SqlConfig>::parse_with(
+        &format!("prefetch = 32\n{text}"),
+        &path.display().to_string(),
+        None,
+        &concord_adapter::process::defaults::<SqlSystem>(),
+    )?;
+    assert_eq!(told.runner.prefetch, 32);
     let url = config.adapter.url.clone().expect("a database URL");
     let family = Family::of(&url).expect("a database family");
     let db = TestDb::new(family, &format!("deploy_{name}")).await?;
