@@ -245,11 +245,10 @@ async fn a_system_added_at_runtime_is_backfilled_without_restarting_anything() -
             m.incoming >= incoming_before + 46
         })
         .await?;
-    // Running it again changes nothing: billing holds the same values afterwards. (Known
-    // imperfection: a share of the copies that carry exactly the stamps billing already holds is
-    // counted as applied — the same values written again — instead of stale; the values never
-    // change.)
-    let incoming = billing.metrics().incoming;
+    // Running it again changes nothing: every copy carries exactly the stamps billing already
+    // holds, so each one is stale and nothing is written to billing's system.
+    let before_again = billing.metrics();
+    let incoming = before_again.incoming;
     let values = billing.memory.applied().len();
     let mut again = concord_router::control::request_resync(
         &env.operator_uri(),
@@ -297,6 +296,17 @@ async fn a_system_added_at_runtime_is_backfilled_without_restarting_anything() -
         }
     }
     assert_eq!(holdings(&billing), expected);
+    let after_again = billing.metrics();
+    assert_eq!(
+        billing.memory.applied().len(),
+        values,
+        "the second resync wrote to billing's system"
+    );
+    assert_eq!(after_again.incoming_applied, before_again.incoming_applied);
+    assert!(
+        after_again.incoming_stale >= before_again.incoming_stale + 45,
+        "{before_again:?} then {after_again:?}"
+    );
 
     billing.runner.shutdown().await?;
     for n in nodes {

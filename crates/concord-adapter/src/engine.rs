@@ -276,11 +276,15 @@ impl<A: SystemAdapter> Engine<A> {
         body: &[u8],
         user_id: Option<&str>,
     ) -> Result<Processed, IncomingError> {
-        Metrics::inc(&self.metrics.incoming);
         let r = match self.trusted(user_id) {
             Ok(()) => self.incoming(body).await,
             Err(e) => Err(e),
         };
+        // Counted once it is done with (not at each transient failure): `incoming` then tells
+        // how many messages were processed, as the batch path counts them.
+        if !matches!(r, Err(IncomingError::Transient(_))) {
+            Metrics::inc(&self.metrics.incoming);
+        }
         self.counted(&r);
         r
     }

@@ -62,7 +62,7 @@ counters! {
     local_overruled,
     /// Local changes that could not be published (unknown entity or field, wrong value type).
     local_invalid,
-    /// Incoming events received.
+    /// Incoming events processed (applied, recorded, duplicate, stale or dead-lettered).
     incoming,
     /// Incoming events applied to the system.
     incoming_applied,
