@@ -1,7 +1,7 @@
 //! Loading the deployment (the policy file and the schema it names) and watching its files for
 //! changes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,9 +23,16 @@ pub(crate) fn load(path: &Path) -> Result<Deployment, LoadError> {
 
 /// What a change must touch to count: a file (by its directory and name), or anything under a
 /// directory.
+///
+/// A file may be a symbolic link whose target is swapped rather than written: Kubernetes
+/// mounts a ConfigMap's keys as `policy.toml -> ..data/policy.toml` and updates them by pointing
+/// `..data` at a new directory (one rename), which touches neither the file's name nor its
+/// content in place. So a change in a file's directory also counts when the file now resolves
+/// to another path than when it was last seen.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Targets {
-    files: BTreeSet<PathBuf>,
+    /// Each file, with what it resolved to (its canonical path) when last seen.
+    files: BTreeMap<PathBuf, Option<PathBuf>>,
     dirs: BTreeSet<PathBuf>,
 }
 
@@ -38,7 +45,8 @@ impl Targets {
             if abs.is_dir() {
                 t.dirs.insert(abs);
             } else {
-                t.files.insert(abs);
+                let resolved = std::fs::canonicalize(&abs).ok();
+                t.files.insert(abs, resolved);
             }
         }
         t
@@ -50,15 +58,30 @@ impl Targets {
     fn watches(&self) -> BTreeSet<(PathBuf, bool)> {
         let mut w: BTreeSet<(PathBuf, bool)> = self
             .files
-            .iter()
+            .keys()
             .filter_map(|f| f.parent().map(|d| (d.to_owned(), false)))
             .collect();
         w.extend(self.dirs.iter().map(|d| (d.clone(), true)));
         w
     }
 
-    fn touched_by(&self, path: &Path) -> bool {
-        self.files.contains(path) || self.dirs.iter().any(|d| path.starts_with(d))
+    /// Whether a change of `path` concerns the deployment (a file resolving elsewhere now is
+    /// remembered as seen).
+    fn touched_by(&mut self, path: &Path) -> bool {
+        if self.files.contains_key(path) || self.dirs.iter().any(|d| path.starts_with(d)) {
+            return true;
+        }
+        let mut swapped = false;
+        for (file, resolved) in &mut self.files {
+            if file.parent() == path.parent() {
+                let now = std::fs::canonicalize(file).ok();
+                if now != *resolved {
+                    *resolved = now;
+                    swapped = true;
+                }
+            }
+        }
+        swapped
     }
 }
 
@@ -94,7 +117,11 @@ impl DeploymentWatcher {
                 return;
             }
             let ours = match seen.lock() {
-                Ok(t) => event.paths.iter().any(|p| t.touched_by(p)),
+                // Every path is looked at (no short cut): each swapped link is remembered.
+                Ok(mut t) => event
+                    .paths
+                    .iter()
+                    .fold(false, |ours, p| t.touched_by(p) | ours),
                 Err(_) => true,
             };
             if ours {
@@ -166,13 +193,38 @@ mod tests {
         );
     }
 
+    /// A Kubernetes ConfigMap update: `policy.toml -> ..data/policy.toml`, and `..data` is
+    /// pointed at a new directory by renaming a new link over it.
+    #[cfg(unix)]
+    #[test]
+    fn a_swapped_link_counts_as_a_change_of_the_file() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("..v1")).unwrap();
+        std::fs::write(d.join("..v1/policy.toml"), "v1").unwrap();
+        symlink("..v1", d.join("..data")).unwrap();
+        symlink("..data/policy.toml", d.join("policy.toml")).unwrap();
+        let mut t = Targets::of(&[d.join("policy.toml")]);
+        // Something else in the directory changes: not ours.
+        assert!(!t.touched_by(&d.join("unrelated")));
+        std::fs::create_dir(d.join("..v2")).unwrap();
+        std::fs::write(d.join("..v2/policy.toml"), "v2").unwrap();
+        symlink("..v2", d.join("..data_tmp")).unwrap();
+        std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+        // The rename's event names `..data`, not the file: the file resolves elsewhere now.
+        assert!(t.touched_by(&d.join("..data")));
+        // Seen once: the next event in the directory is not a change of the file.
+        assert!(!t.touched_by(&d.join("..v1")));
+    }
+
     #[test]
     fn targets_are_files_by_name_and_directories_by_prefix() {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("model");
         std::fs::create_dir(&model).unwrap();
         let policy = dir.path().join("policy.toml");
-        let t = Targets::of(&[policy.clone(), model.clone()]);
+        let mut t = Targets::of(&[policy.clone(), model.clone()]);
         assert!(t.touched_by(&policy));
         assert!(t.touched_by(&model.join("sub/order.proto")));
         assert!(!t.touched_by(&dir.path().join("other.toml")));

@@ -434,6 +434,54 @@ async fn a_changed_policy_file_is_reloaded_by_itself() {
     .await;
 }
 
+/// The policy and schema mounted as Kubernetes mounts a ConfigMap: each file a link through
+/// `..data`, a link to the directory of the current version; an update writes a new version's
+/// directory and renames a new `..data` link over the old one. The router's watch follows it.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_policy_mounted_from_a_config_map_is_reloaded_when_the_map_changes() {
+    use std::os::unix::fs::symlink;
+    with_world("configmap", |w| async move {
+        let mount = tempfile::tempdir().unwrap();
+        let m = mount.path();
+        let version = |name: &str, policy: &str| {
+            std::fs::create_dir(m.join(name)).unwrap();
+            concord_seed_model::write_deployment(&m.join(name), policy).unwrap();
+        };
+        version("..2026_12_01_v1", &seed_policy());
+        symlink("..2026_12_01_v1", m.join("..data")).unwrap();
+        for file in ["policy.toml", "customer.proto"] {
+            symlink(format!("..data/{file}"), m.join(file)).unwrap();
+        }
+        let router = concord_router::Router::start(
+            RouterConfig {
+                watch_policy: true,
+                ..w.config()
+            },
+            m.join("policy.toml"),
+        )
+        .await
+        .unwrap();
+        within("router ready", router.wait_ready()).await.unwrap();
+        assert!(!router.systems().contains(&"billing".to_owned()));
+        // The kubelet's update.
+        version("..2026_12_01_v2", &policy_with_billing());
+        symlink("..2026_12_01_v2", m.join("..data_tmp")).unwrap();
+        std::fs::rename(m.join("..data_tmp"), m.join("..data")).unwrap();
+        // (The kubelet removes the old version's directory afterwards: the swap alone must do.)
+        within(
+            "policy reloaded after the ConfigMap update",
+            router.wait_reloads_applied(1),
+        )
+        .await;
+        std::fs::remove_dir_all(m.join("..2026_12_01_v1")).unwrap();
+        assert!(router.systems().contains(&"billing".to_owned()));
+        assert_eq!(w.count(&w.topology.inbox("billing")).await, Some(0));
+        router.shutdown().await.unwrap();
+    })
+    .await;
+}
+
 /// The seed schema with `loyalty_id` (number 13) added to the Customer.
 fn schema_with_loyalty() -> String {
     let end = "  optional string language = 12;\n}";

@@ -1857,8 +1857,8 @@ fn check_k8s_build(ws: &Workspace, b: &Build, overlay: bool) -> BTreeSet<String>
                     );
                     assert!(config.require_user_id);
                     assert!(
-                        !config.watch_policy,
-                        "a ConfigMap update is not seen by the file watch"
+                        config.watch_policy,
+                        "{what}: a ConfigMap update of the policy is reloaded in place"
                     );
                     let (user, password, host) = amqp.clone().expect("CONCORD_AMQP_URI");
                     assert_eq!((user.as_str(), host.as_str()), ("router", cluster.as_str()));
@@ -2813,4 +2813,25 @@ fn prometheus_scrapes_the_pods_the_manifests_label() {
             assert!(targets.contains(l), "{name}: no {l} label");
         }
     }
+}
+
+/// The deployment's ConfigMap keeps its name, so the kubelet updates the router's mounted
+/// policy in place (which its `watch_policy` follows: `concord-router`'s
+/// `a_policy_mounted_from_a_config_map_is_reloaded_when_the_map_changes`); a hashed name would
+/// make every policy change a new ConfigMap, mounted only by restarted pods.
+#[test]
+fn the_policy_config_map_is_updated_in_place() {
+    let path = root().join("deploy/k8s/base/kustomization.yaml");
+    let k = yaml_docs(&path).remove(0);
+    let generators = seq(&k["configMapGenerator"]);
+    let deployment = generators
+        .iter()
+        .find(|g| text(&g["name"]) == "concord-deployment")
+        .expect("the concord-deployment ConfigMap");
+    assert_eq!(
+        deployment["options"]["disableNameSuffixHash"].as_bool(),
+        Some(true),
+        "{}",
+        rel(&path)
+    );
 }
