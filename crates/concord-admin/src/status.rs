@@ -110,6 +110,8 @@ pub struct RouterStatus {
     pub queues: Vec<RouterQueue>,
     pub dead_letters: DeadLetters,
     pub lag: Option<Lag>,
+    /// The lag per source system (of the events each published).
+    pub lag_by_source: BTreeMap<String, Lag>,
     /// Why the metrics could not be read.
     pub metrics_error: Option<String>,
 }
@@ -318,12 +320,15 @@ pub fn evaluate(request: &Request, observed: &Observed) -> Status {
     }
     let router_dead = dead_letters(&queues, &observed.dead_reasons, &format!("{ns}.dlq.router"));
     note_dead(&mut attention, &router_dead, "router");
-    let (lag, metrics_error) = match &observed.router_metrics {
-        None => (None, None),
-        Some(Ok(text)) => (lag(&prometheus(text)), None),
+    let (lag, lag_by_source, metrics_error) = match &observed.router_metrics {
+        None => (None, BTreeMap::new(), None),
+        Some(Ok(text)) => {
+            let samples = prometheus(text);
+            (lag(&samples), lag_by_source(&samples), None)
+        }
         Some(Err(e)) => {
             attention.push(format!("router: metrics unreadable: {e}"));
-            (None, Some(e.clone()))
+            (None, BTreeMap::new(), Some(e.clone()))
         }
     };
     Status {
@@ -333,6 +338,7 @@ pub fn evaluate(request: &Request, observed: &Observed) -> Status {
             queues: router_queues,
             dead_letters: router_dead,
             lag,
+            lag_by_source,
             metrics_error,
         },
         attention,
@@ -381,33 +387,65 @@ fn sample(line: &str) -> Option<Sample> {
     })
 }
 
-/// The router's end-to-end lag from its metrics (`None` before the first event).
+/// The router's end-to-end lag from its metrics, over every source (`None` before the first
+/// event).
 pub fn lag(samples: &[Sample]) -> Option<Lag> {
-    const NAME: &str = "concord_router_end_to_end_lag_seconds";
-    let get = |suffix: &str| {
+    lag_where(samples, |_| true)
+}
+
+/// The router's end-to-end lag per source system (`concord_router_end_to_end_lag_seconds`,
+/// label `source`), for the sources with events.
+pub fn lag_by_source(samples: &[Sample]) -> BTreeMap<String, Lag> {
+    let sources: std::collections::BTreeSet<&str> = samples
+        .iter()
+        .filter(|s| s.name.starts_with(LAG))
+        .filter_map(|s| s.labels.get("source").map(String::as_str))
+        .collect();
+    sources
+        .into_iter()
+        .filter_map(|source| {
+            let l = lag_where(samples, |s| {
+                s.labels.get("source").map(String::as_str) == Some(source)
+            })?;
+            Some((source.to_owned(), l))
+        })
+        .collect()
+}
+
+const LAG: &str = "concord_router_end_to_end_lag_seconds";
+
+/// The lag over the samples `pick` takes (their counts, sums and buckets added up).
+fn lag_where(samples: &[Sample], pick: impl Fn(&Sample) -> bool) -> Option<Lag> {
+    let total = |suffix: &str| -> Option<f64> {
+        let name = format!("{LAG}_{suffix}");
         samples
             .iter()
-            .find(|s| s.name == format!("{NAME}_{suffix}"))
+            .filter(|s| s.name == name && pick(s))
             .map(|s| s.value)
+            .reduce(|a, b| a + b)
     };
-    let count = get("count")?;
+    let count = total("count")?;
     if count < 1.0 {
         return None;
     }
-    let sum = get("sum").unwrap_or(0.0);
-    let mut buckets: Vec<(f64, f64)> = samples
-        .iter()
-        .filter(|s| s.name == format!("{NAME}_bucket"))
-        .filter_map(|s| {
-            let le = s.labels.get("le")?;
-            let bound = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((bound, s.value))
-        })
-        .collect();
+    let sum = total("sum").unwrap_or(0.0);
+    let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+    let bucket = format!("{LAG}_bucket");
+    for s in samples.iter().filter(|s| s.name == bucket && pick(s)) {
+        let Some(le) = s.labels.get("le") else {
+            continue;
+        };
+        let bound = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            let Ok(b) = le.parse::<f64>() else { continue };
+            b
+        };
+        // Keyed by the bound's bits (the same bound in every source's series).
+        let entry = buckets.entry(bound.to_bits()).or_insert((bound, 0.0));
+        entry.1 += s.value;
+    }
+    let mut buckets: Vec<(f64, f64)> = buckets.into_values().collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     let p99 = buckets
         .iter()
@@ -520,6 +558,17 @@ pub fn render(status: &Status) -> String {
                     .unwrap_or_default(),
                 l.events
             );
+            for (source, l) in &status.router.lag_by_source {
+                let _ = writeln!(
+                    out,
+                    "  from {source}: mean {:.3} s{} over {} events",
+                    l.mean_seconds,
+                    l.p99_at_most_seconds
+                        .map(|p| format!(", p99 <= {p} s"))
+                        .unwrap_or_default(),
+                    l.events
+                );
+            }
         }
         None if status.router.metrics_error.is_none() => {}
         None => {
@@ -775,5 +824,31 @@ mod tests {
             )),
             None
         );
+    }
+
+    /// With a series per source system, the lag is over all of them, and per source.
+    #[test]
+    fn lag_is_added_up_over_sources_and_told_per_source() {
+        let text = "concord_router_end_to_end_lag_seconds_sum{source=\"orders\"} 1.0\n\
+            concord_router_end_to_end_lag_seconds_count{source=\"orders\"} 100\n\
+            concord_router_end_to_end_lag_seconds_bucket{le=\"0.01\",source=\"orders\"} 100\n\
+            concord_router_end_to_end_lag_seconds_bucket{le=\"1\",source=\"orders\"} 100\n\
+            concord_router_end_to_end_lag_seconds_bucket{le=\"+Inf\",source=\"orders\"} 100\n\
+            concord_router_end_to_end_lag_seconds_sum{source=\"support\"} 50.0\n\
+            concord_router_end_to_end_lag_seconds_count{source=\"support\"} 100\n\
+            concord_router_end_to_end_lag_seconds_bucket{le=\"0.01\",source=\"support\"} 0\n\
+            concord_router_end_to_end_lag_seconds_bucket{le=\"1\",source=\"support\"} 100\n\
+            concord_router_end_to_end_lag_seconds_bucket{le=\"+Inf\",source=\"support\"} 100\n\
+            concord_router_end_to_end_lag_seconds_sum{source=\"delivery\"} 0\n\
+            concord_router_end_to_end_lag_seconds_count{source=\"delivery\"} 0\n";
+        let samples = prometheus(text);
+        let all = lag(&samples).unwrap();
+        assert_eq!(all.events, 200);
+        assert!((all.mean_seconds - 0.255).abs() < 1e-9);
+        assert_eq!(all.p99_at_most_seconds, Some(1.0));
+        let by = lag_by_source(&samples);
+        assert_eq!(by.keys().collect::<Vec<_>>(), ["orders", "support"]);
+        assert_eq!(by["orders"].p99_at_most_seconds, Some(0.01));
+        assert!((by["support"].mean_seconds - 0.5).abs() < 1e-9);
     }
 }

@@ -22,6 +22,16 @@ struct SourceEntity {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Source {
+    source: String,
+}
+
+/// The buckets of the end-to-end lag: 1 ms to about 9 minutes.
+fn lag_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 20))
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Decision {
     decision: &'static str,
     reason: &'static str,
@@ -86,7 +96,7 @@ pub struct Metrics {
     deliveries: Family<Target, Counter>,
     dead_lettered: Family<Reason, Counter>,
     publish_confirm: Histogram,
-    lag: Histogram,
+    lag: Family<Source, Histogram, fn() -> Histogram>,
     reloads: Family<ReloadResult, Counter>,
     connected: Gauge,
     partition_events: Family<Partition, Counter>,
@@ -116,7 +126,7 @@ impl Metrics {
             deliveries: Family::default(),
             dead_lettered: Family::default(),
             publish_confirm: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
-            lag: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
+            lag: Family::new_with_constructor(lag_histogram),
             reloads: Family::default(),
             connected: Gauge::default(),
             partition_events: Family::default(),
@@ -151,7 +161,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "end_to_end_lag",
-            "Time from the source system observing a change until the router processed it",
+            "Time from the source system observing a change until the router processed it, by source system",
             Unit::Seconds,
             m.lag.clone(),
         );
@@ -241,8 +251,22 @@ impl Metrics {
                 )
             })
             .collect();
+        let lag = policy
+            .systems()
+            .iter()
+            .map(|s| {
+                (
+                    s.clone(),
+                    self.lag.get_or_create_owned(&Source { source: s.clone() }),
+                )
+            })
+            .collect();
         Handles {
             events_in,
+            lag,
+            lag_unknown: self.lag.get_or_create_owned(&Source {
+                source: UNKNOWN.to_owned(),
+            }),
             events_in_unknown: self.events_in.get_or_create_owned(&SourceEntity {
                 source: UNKNOWN.to_owned(),
                 entity: UNKNOWN.to_owned(),
@@ -277,10 +301,6 @@ impl Metrics {
 
     pub(crate) fn observe_confirm(&self, seconds: f64) {
         self.publish_confirm.observe(seconds);
-    }
-
-    pub(crate) fn observe_lag(&self, seconds: f64) {
-        self.lag.observe(seconds);
     }
 
     pub(crate) fn reload(&self, result: ReloadResultLabel) {
@@ -392,6 +412,9 @@ impl Metrics {
 #[derive(Debug, Clone)]
 pub(crate) struct Handles {
     events_in: HashMap<String, HashMap<String, Counter>>,
+    /// The end-to-end lag by source system.
+    lag: HashMap<String, Histogram>,
+    lag_unknown: Histogram,
     events_in_unknown: Counter,
     deliveries: HashMap<String, Counter>,
     deliveries_unknown: Counter,
@@ -421,6 +444,14 @@ impl Handles {
 
     pub(crate) fn accepted(&self, n: usize) {
         self.accepted.inc_by(n as u64);
+    }
+
+    /// Observes the end-to-end lag of an event from `source`.
+    pub(crate) fn observe_lag(&self, source: &str, seconds: f64) {
+        self.lag
+            .get(source)
+            .unwrap_or(&self.lag_unknown)
+            .observe(seconds);
     }
 }
 

@@ -605,7 +605,9 @@ async fn handle(
             }
             if routed.observed_at_ms > 0 {
                 let lag_ms = now.saturating_sub(routed.observed_at_ms);
-                shared.metrics.observe_lag(lag_ms as f64 / 1000.0);
+                state
+                    .handles
+                    .observe_lag(&routed.source, lag_ms as f64 / 1000.0);
             }
             debug!(
                 event_id = %routed.event_id,

@@ -647,7 +647,7 @@ async fn http_endpoints_report_health_readiness_and_metrics() {
             "concord_router_deliveries_total{target=\"orders\"} 1",
             "concord_router_policy_reloads_total{result=\"invalid\"} 0",
             "concord_router_publish_confirm_seconds_count",
-            "concord_router_end_to_end_lag_seconds_count 1",
+            "concord_router_end_to_end_lag_seconds_count{source=\"delivery\"} 1",
         ] {
             assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
         }
