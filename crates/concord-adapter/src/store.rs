@@ -728,40 +728,34 @@ async fn load_some(
         state.live = row.live;
         state.tombstone = row.tombstone;
     }
-    let rows = select_keys(
-        "SELECT key, field, value, rank, hlc, system, pending FROM fields",
-        entity,
-        keys,
-        "",
-    )
-    .build()
-    .fetch_all(&mut *c)
-    .await?;
-    for r in &rows {
-        let state = states.entry(r.try_get(0)?).or_default();
-        state.known = true;
-        let name: String = r.try_get(1)?;
-        state.fields.entry(name).or_default().winner = Some(field_state(r, 2)?);
-    }
-    let rows = select_keys(
-        "SELECT key, field, value, rank, hlc, system, 0 FROM shadows",
-        entity,
-        keys,
-        "ORDER BY key, field, rank DESC",
-    )
-    .build()
-    .fetch_all(&mut *c)
-    .await?;
-    for r in &rows {
-        let state = states.entry(r.try_get(0)?).or_default();
-        state.known = true;
-        let name: String = r.try_get(1)?;
-        state
-            .fields
-            .entry(name)
-            .or_default()
-            .shadows
-            .push(field_state(r, 2)?);
+    // The winners, then the shadows (highest rank first).
+    for (sql, order, shadow) in [
+        (
+            "SELECT key, field, value, rank, hlc, system, pending FROM fields",
+            "",
+            false,
+        ),
+        (
+            "SELECT key, field, value, rank, hlc, system, 0 FROM shadows",
+            "ORDER BY key, field, rank DESC",
+            true,
+        ),
+    ] {
+        let rows = select_keys(sql, entity, keys, order)
+            .build()
+            .fetch_all(&mut *c)
+            .await?;
+        for r in &rows {
+            let state = states.entry(r.try_get(0)?).or_default();
+            state.known = true;
+            let held = state.fields.entry(r.try_get(1)?).or_default();
+            let f = field_state(r, 2)?;
+            if shadow {
+                held.shadows.push(f);
+            } else {
+                held.winner = Some(f);
+            }
+        }
     }
     let rows = select_keys(
         "SELECT key, field, value, at_ms, version FROM echoes",

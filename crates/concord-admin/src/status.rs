@@ -547,27 +547,21 @@ pub fn render(status: &Status) -> String {
         "router dead letters: {}",
         reasons(&status.router.dead_letters)
     );
+    let said = |l: &Lag| {
+        format!(
+            "mean {:.3} s{} over {} events",
+            l.mean_seconds,
+            l.p99_at_most_seconds
+                .map(|p| format!(", p99 <= {p} s"))
+                .unwrap_or_default(),
+            l.events
+        )
+    };
     match &status.router.lag {
         Some(l) => {
-            let _ = writeln!(
-                out,
-                "end-to-end lag: mean {:.3} s{} over {} events",
-                l.mean_seconds,
-                l.p99_at_most_seconds
-                    .map(|p| format!(", p99 <= {p} s"))
-                    .unwrap_or_default(),
-                l.events
-            );
+            let _ = writeln!(out, "end-to-end lag: {}", said(l));
             for (source, l) in &status.router.lag_by_source {
-                let _ = writeln!(
-                    out,
-                    "  from {source}: mean {:.3} s{} over {} events",
-                    l.mean_seconds,
-                    l.p99_at_most_seconds
-                        .map(|p| format!(", p99 <= {p} s"))
-                        .unwrap_or_default(),
-                    l.events
-                );
+                let _ = writeln!(out, "  from {source}: {}", said(l));
             }
         }
         None if status.router.metrics_error.is_none() => {}
@@ -850,5 +844,15 @@ mod tests {
         assert_eq!(by.keys().collect::<Vec<_>>(), ["orders", "support"]);
         assert_eq!(by["orders"].p99_at_most_seconds, Some(0.01));
         assert!((by["support"].mean_seconds - 0.5).abs() < 1e-9);
+        let observed = Observed {
+            queues: vec![queue("ns.router", 0, 1)],
+            router_metrics: Some(Ok(text.to_owned())),
+            ..Observed::default()
+        };
+        let table = render(&evaluate(&request(), &observed));
+        assert!(
+            table.contains("end-to-end lag: mean 0.255 s, p99 <= 1 s over 200 events\n  from orders: mean 0.010 s, p99 <= 0.01 s over 100 events\n  from support: mean 0.500 s, p99 <= 1 s over 100 events"),
+            "{table}"
+        );
     }
 }
