@@ -4,13 +4,15 @@
 //! merely idle, or that receives, is left alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use concord_adapter::testkit::MemorySystem;
 use concord_adapter::transport::Inbox;
-use concord_adapter::{Link, Outgoing, RetryConfig, RunnerConfig, Transport, TransportError};
+use concord_adapter::{Link, Outgoing, RunnerConfig, Transport, TransportError};
 use futures::StreamExt;
 use tokio::sync::watch;
 
@@ -72,18 +74,8 @@ impl Transport for Stalled {
 }
 
 fn config(state: &std::path::Path) -> RunnerConfig {
-    let policy = concord_seed_model::write_seed(state).unwrap();
-    let mut c = RunnerConfig::new(
-        "orders",
-        "amqp://unused",
-        state.join("orders.sqlite"),
-        policy,
-    );
+    let mut c = common::orders_config(state);
     c.inbox_check_secs = 1;
-    c.reconnect = RetryConfig {
-        min_delay_ms: 1,
-        max_delay_ms: 10,
-    };
     c
 }
 

@@ -4,15 +4,15 @@
 //! a restart, and count them as published once only.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use concord_adapter::testkit::{MemorySystem, text};
 use concord_adapter::transport::Inbox;
-use concord_adapter::{
-    Link, Outgoing, RetryConfig, RunnerConfig, RunnerHandle, Transport, TransportError,
-};
+use concord_adapter::{Link, Outgoing, RunnerConfig, RunnerHandle, Transport, TransportError};
 use concord_proto::v1::ChangeEvent;
 use futures::StreamExt;
 use prost::Message;
@@ -85,18 +85,7 @@ impl Transport for Broker {
 }
 
 fn config(state: &std::path::Path) -> RunnerConfig {
-    let policy = concord_seed_model::write_seed(state).unwrap();
-    let mut c = RunnerConfig::new(
-        "orders",
-        "amqp://unused",
-        state.join("orders.sqlite"),
-        policy,
-    );
-    c.reconnect = RetryConfig {
-        min_delay_ms: 1,
-        max_delay_ms: 10,
-    };
-    c
+    common::orders_config(state)
 }
 
 async fn wait_published(runner: &RunnerHandle, n: u64) {
