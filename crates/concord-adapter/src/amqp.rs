@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use concord_amqp::{
     AckBatcher, AckHandle, Connection, MessageProps, Publisher, PublisherOptions, Topology,
@@ -138,6 +139,25 @@ pub struct AmqpLink {
     handles: Arc<Mutex<HashMap<u64, AckHandle>>>,
 }
 
+/// How long the broker may take to take an acknowledgement or to answer the inbox check. A
+/// connection whose peer died without the socket telling (seen once after a cluster node was
+/// killed: the session waited forever) is then given up and reopened.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `op`, failing as a lost connection when it takes longer than [`ANSWER_TIMEOUT`].
+async fn answered<T>(
+    what: &str,
+    op: impl Future<Output = Result<T, TransportError>>,
+) -> Result<T, TransportError> {
+    tokio::time::timeout(ANSWER_TIMEOUT, op)
+        .await
+        .unwrap_or_else(|_| {
+            Err(TransportError::connection(format!(
+                "no answer from the broker to {what} within {ANSWER_TIMEOUT:?}"
+            )))
+        })
+}
+
 fn publish_err(e: concord_amqp::PublishError) -> TransportError {
     match e {
         concord_amqp::PublishError::Connection(e) => conn_err(e),
@@ -212,11 +232,17 @@ impl Link for AmqpLink {
             warn!(tag, "ack of an unknown delivery tag");
             return Ok(());
         };
-        self.acks.lock().await.ack(handle).await.map_err(conn_err)
+        answered("an acknowledgement", async {
+            self.acks.lock().await.ack(handle).await.map_err(conn_err)
+        })
+        .await
     }
 
     async fn flush(&self) -> Result<(), TransportError> {
-        self.acks.lock().await.flush().await.map_err(conn_err)
+        answered("acknowledgements", async {
+            self.acks.lock().await.flush().await.map_err(conn_err)
+        })
+        .await
     }
 
     async fn close(&self) {
@@ -232,14 +258,17 @@ impl Link for AmqpLink {
     }
 
     async fn inbox_ready(&self) -> Result<Option<u64>, TransportError> {
-        // On a channel of its own: a failed passive declare closes its channel.
-        let channel = self.conn.open_channel().await.map_err(conn_err)?;
-        let ready = concord_amqp::queue_message_count(&channel, &self.inbox)
-            .await
-            .map_err(conn_err)?;
-        if let Err(e) = channel.close().await {
-            debug!(error = %e, "closing the inbox-check channel");
-        }
-        Ok(Some(u64::from(ready)))
+        answered("the inbox check", async {
+            // On a channel of its own: a failed passive declare closes its channel.
+            let channel = self.conn.open_channel().await.map_err(conn_err)?;
+            let ready = concord_amqp::queue_message_count(&channel, &self.inbox)
+                .await
+                .map_err(conn_err)?;
+            if let Err(e) = channel.close().await {
+                debug!(error = %e, "closing the inbox-check channel");
+            }
+            Ok(Some(u64::from(ready)))
+        })
+        .await
     }
 }
