@@ -593,7 +593,17 @@ impl InboxCheck {
             self.ready_before = false;
             return Ok(());
         }
-        let ready = link.inbox_ready().await?.unwrap_or(0);
+        // A connection whose peer died unnoticed never answers: within the period (at most
+        // 10 s), or the session is reopened.
+        let within = self.timer.period().min(Duration::from_secs(10));
+        let ready = tokio::time::timeout(within, link.inbox_ready())
+            .await
+            .map_err(|_| {
+                TransportError::connection(format!(
+                    "the inbox check got no answer within {within:?}"
+                ))
+            })??
+            .unwrap_or(0);
         if ready == 0 {
             self.ready_before = false;
             return Ok(());

@@ -20,6 +20,8 @@ use tokio::sync::watch;
 #[derive(Clone)]
 struct Stalled {
     ready: Arc<AtomicU64>,
+    /// The inbox check never gets an answer (a connection whose peer died unnoticed).
+    mute: bool,
     /// Checks made so far.
     checks: Arc<watch::Sender<u64>>,
 }
@@ -28,6 +30,7 @@ impl Stalled {
     fn new(ready: u64) -> Stalled {
         Stalled {
             ready: Arc::new(AtomicU64::new(ready)),
+            mute: false,
             checks: Arc::new(watch::channel(0).0),
         }
     }
@@ -59,6 +62,9 @@ impl Link for StalledLink {
     async fn close(&self) {}
     async fn inbox_ready(&self) -> Result<Option<u64>, TransportError> {
         self.0.checks.send_modify(|c| *c += 1);
+        if self.0.mute {
+            std::future::pending::<()>().await;
+        }
         Ok(Some(self.0.ready.load(Ordering::SeqCst)))
     }
 }
@@ -113,5 +119,26 @@ async fn an_idle_consumer_with_an_empty_inbox_is_left_alone() {
     let m = runner.metrics();
     assert_eq!(m.inbox_stalls, 0);
     assert_eq!(m.connections, 1);
+    runner.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_connection_that_never_answers_the_check_is_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Stalled {
+        mute: true,
+        ..Stalled::new(0)
+    };
+    let runner = concord_adapter::start_with(
+        MemorySystem::new("orders"),
+        config(dir.path()),
+        broker.clone(),
+    );
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        runner.wait_until(|m| m.inbox_stalls >= 1 && m.connections >= 2),
+    )
+    .await
+    .expect("the session waiting on a mute connection was never reopened");
     runner.shutdown().await.unwrap();
 }
