@@ -735,6 +735,10 @@ impl<A: SystemAdapter> Engine<A> {
                 Metrics::inc(&self.metrics.clock_resets);
             }
             self.count(&step);
+            // A second change of a record in this batch: the first one's writes go first.
+            if writes.has(&ch.entity, &key) {
+                writes.flush(&mut tx).await?;
+            }
             writes.record(&ch.entity, &key, &before, &state);
             if let Some(publish) = &step.publish {
                 let event_id = uuid::Uuid::now_v7().to_string();

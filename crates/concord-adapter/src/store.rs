@@ -873,10 +873,13 @@ const ROWS_PER_STATEMENT: usize = 1000;
 /// multi-row statements, instead of several statements per record: every statement is a
 /// round trip to sqlx's SQLite worker thread, which is what bounds an adapter's throughput.
 ///
-/// Each record must be given at most once per flush (a batch holds at most one step per
-/// record); a later [`Writes::record`] of the same record replaces the earlier one's echoes.
+/// Each record must be given at most once per flush: the writes of two steps of one record
+/// would not be applied in order (deletions go before insertions). A caller that may meet a
+/// record again flushes first ([`Writes::has`]).
 #[derive(Debug, Default)]
 pub(crate) struct Writes {
+    /// The records given since the last flush.
+    given: HashSet<(String, String)>,
     /// (entity, local id, key): other keys that held this local id lose it (the system merged
     /// the records). Written first: `records_local` is unique.
     unmap: Vec<(String, String, String)>,
@@ -905,6 +908,7 @@ impl Writes {
         before: &RecordState,
         after: &RecordState,
     ) {
+        self.given.insert((entity.to_owned(), key.to_owned()));
         let row = |s: &RecordState| (s.local_id.clone(), s.live, s.tombstone.clone());
         let needs_row = after.local_id.is_some() || after.live || after.tombstone.is_some();
         if row(before) != row(after) && needs_row {
@@ -948,6 +952,11 @@ impl Writes {
             self.echoes
                 .insert((entity.to_owned(), key.to_owned()), after.echoes.clone());
         }
+    }
+
+    /// Whether the record was given since the last flush.
+    pub(crate) fn has(&self, entity: &str, key: &str) -> bool {
+        self.given.contains(&(entity.to_owned(), key.to_owned()))
     }
 
     /// The event with dedup key `event_id` was processed at `now_ms`.

@@ -910,3 +910,27 @@ async fn a_delete_brings_back_a_later_lower_priority_value_whatever_arrives_firs
         )]]
     );
 }
+
+/// A change and then a delete of one record read by the feed together (one batch): the state
+/// store ends as after the delete — no field left behind — and the delete propagates.
+#[tokio::test]
+async fn an_edit_and_a_delete_in_one_batch_leave_no_field_behind() {
+    let mut t = seed().await;
+    let key = t.sign_up().await;
+    let sup = t.local("support", &key).await;
+    // (The sign-up made the tier gold: a new value, so the edit writes it.)
+    t.orders.edit(CUSTOMER, "o-1", [("tier", text("silver"))]);
+    t.orders.delete(CUSTOMER, "o-1");
+    t.bus.run_until_quiet().await.unwrap();
+    let store = t.bus.state("orders").unwrap();
+    for field in ["tier", "name", "amount_paid"] {
+        assert_eq!(
+            store.field(CUSTOMER, &key, field).await.unwrap(),
+            None,
+            "{field} left in the store after the delete"
+        );
+    }
+    let row = store.record(CUSTOMER, &key).await.unwrap().unwrap();
+    assert!(!row.live && row.tombstone.is_some(), "{row:?}");
+    assert!(t.support.get(CUSTOMER, &sup).is_none());
+}
