@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use concord_adapter::testkit::MemorySystem;
 use concord_adapter::transport::Inbox;
-use concord_adapter::{Link, Outgoing, RunnerConfig, Transport, TransportError};
+use concord_adapter::{
+    Link, MetricsSnapshot, Outgoing, RunnerConfig, RunnerHandle, Transport, TransportError,
+};
 use futures::StreamExt;
 use tokio::sync::watch;
 
@@ -85,21 +87,32 @@ fn config(state: &std::path::Path) -> RunnerConfig {
     c
 }
 
-#[tokio::test]
-async fn a_consumer_that_gets_nothing_while_messages_wait_is_reopened() {
+/// A runner of the seed's orders over `broker` (its state in a directory of its own).
+fn start(broker: &Stalled) -> (tempfile::TempDir, RunnerHandle) {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Stalled::new(3);
     let runner = concord_adapter::start_with(
         MemorySystem::new("orders"),
         config(dir.path()),
         broker.clone(),
     );
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        runner.wait_until(|m| m.inbox_stalls >= 2 && m.connections >= 3),
-    )
-    .await
-    .expect("the stalled consumer was never reopened");
+    (dir, runner)
+}
+
+/// Waits until the runner's counters say `done`.
+async fn until(runner: &RunnerHandle, what: &str, done: impl Fn(&MetricsSnapshot) -> bool) {
+    tokio::time::timeout(Duration::from_secs(20), runner.wait_until(done))
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"));
+}
+
+#[tokio::test]
+async fn a_consumer_that_gets_nothing_while_messages_wait_is_reopened() {
+    let broker = Stalled::new(3);
+    let (_dir, runner) = start(&broker);
+    until(&runner, "the stalled consumer reopened", |m| {
+        m.inbox_stalls >= 2 && m.connections >= 3
+    })
+    .await;
     // Found out on the second check in a row of each session, then reopened.
     assert!(*broker.checks.borrow() >= 4);
     runner.shutdown().await.unwrap();
@@ -107,13 +120,8 @@ async fn a_consumer_that_gets_nothing_while_messages_wait_is_reopened() {
 
 #[tokio::test]
 async fn an_idle_consumer_with_an_empty_inbox_is_left_alone() {
-    let dir = tempfile::tempdir().unwrap();
     let broker = Stalled::new(0);
-    let runner = concord_adapter::start_with(
-        MemorySystem::new("orders"),
-        config(dir.path()),
-        broker.clone(),
-    );
+    let (_dir, runner) = start(&broker);
     // Three checks of an empty inbox: no stall, the one session goes on.
     broker.wait_checks(3).await;
     let m = runner.metrics();
@@ -124,21 +132,14 @@ async fn an_idle_consumer_with_an_empty_inbox_is_left_alone() {
 
 #[tokio::test]
 async fn a_connection_that_never_answers_the_check_is_reopened() {
-    let dir = tempfile::tempdir().unwrap();
     let broker = Stalled {
         mute: true,
         ..Stalled::new(0)
     };
-    let runner = concord_adapter::start_with(
-        MemorySystem::new("orders"),
-        config(dir.path()),
-        broker.clone(),
-    );
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        runner.wait_until(|m| m.inbox_stalls >= 1 && m.connections >= 2),
-    )
-    .await
-    .expect("the session waiting on a mute connection was never reopened");
+    let (_dir, runner) = start(&broker);
+    until(&runner, "the session on a mute connection reopened", |m| {
+        m.inbox_stalls >= 1 && m.connections >= 2
+    })
+    .await;
     runner.shutdown().await.unwrap();
 }
