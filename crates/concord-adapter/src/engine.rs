@@ -315,15 +315,15 @@ impl<A: SystemAdapter> Engine<A> {
                 return Vec::new();
             }
         };
-        for (body, user_id) in messages {
+        for (i, (body, user_id)) in messages.iter().enumerate() {
             if let Err(e) = self.trusted(*user_id) {
                 results.push(Some(Err(e)));
                 continue;
             }
             // At most one apply per record in a batch: each apply is planned on the state the
             // one before it recorded.
-            if let Ok(ev) = ChangeEvent::decode(*body)
-                && !records.insert((ev.entity, ev.key))
+            if let Some(record) = loaded.record_of(i)
+                && !records.insert(record.clone())
             {
                 break;
             }
@@ -968,6 +968,8 @@ struct Preloaded {
     seen: HashMap<String, bool>,
     /// (entity, key) looked up → the record's state (default when the store has none).
     records: HashMap<(String, String), RecordState>,
+    /// The (entity, key) of each message of the batch, in order (`None`: it does not decode).
+    record_of: Vec<Option<(String, String)>>,
 }
 
 impl Preloaded {
@@ -976,11 +978,16 @@ impl Preloaded {
         c: &mut SqliteConnection,
         messages: &[(&[u8], Option<&str>)],
     ) -> Result<Preloaded, StoreError> {
-        let events: Vec<ChangeEvent> = messages
+        let decoded: Vec<Option<ChangeEvent>> = messages
             .iter()
-            .filter_map(|(body, _)| ChangeEvent::decode(*body).ok())
+            .map(|(body, _)| ChangeEvent::decode(*body).ok())
             .collect();
-        let dedup: Vec<String> = events.iter().map(dedup_key).collect();
+        let record_of = decoded
+            .iter()
+            .map(|ev| ev.as_ref().map(|ev| (ev.entity.clone(), ev.key.clone())))
+            .collect();
+        let events: Vec<&ChangeEvent> = decoded.iter().flatten().collect();
+        let dedup: Vec<String> = events.iter().map(|ev| dedup_key(ev)).collect();
         let ids: Vec<&str> = dedup.iter().map(String::as_str).collect();
         let seen = store::seen_among(c, &ids).await?;
         let mut loaded = Preloaded {
@@ -989,6 +996,7 @@ impl Preloaded {
                 .map(|k| (k.clone(), seen.contains(k)))
                 .collect(),
             records: HashMap::new(),
+            record_of,
         };
         let mut by_entity: HashMap<&str, Vec<&str>> = HashMap::new();
         for ev in &events {
@@ -1011,6 +1019,11 @@ impl Preloaded {
             }
         }
         Ok(loaded)
+    }
+
+    /// The (entity, key) of the batch's message `i`, if it decodes.
+    fn record_of(&self, i: usize) -> Option<&(String, String)> {
+        self.record_of.get(i).and_then(Option::as_ref)
     }
 
     /// Whether the event with dedup key `key` was seen, if looked up (once, like

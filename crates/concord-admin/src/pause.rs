@@ -156,20 +156,9 @@ fn set_read(m: &Management, t: &Target<'_>, user: &str, read: String) -> Result<
 
 /// Pauses the system (idempotent: pausing a paused system closes its connections again).
 pub fn pause(m: &Management, t: &Target<'_>) -> Result<Outcome, PauseError> {
-    let user = find_user(m, t)?;
-    let (before, read) = current(m, t, &user)?;
-    match before {
-        State::Other => {
-            return Err(PauseError::Unexpected {
-                user,
-                vhost: t.vhost.to_owned(),
-                system: t.system.to_owned(),
-                read,
-            });
-        }
-        State::Running => set_read(m, t, &user, paused_system_read(t.namespace, t.system))?,
-        State::Paused => {}
-    }
+    let (user, before) = switch(m, t, State::Paused, || {
+        paused_system_read(t.namespace, t.system)
+    })?;
     let closed = close_until_idle(m, t, &user)?;
     Ok(Outcome {
         system: t.system.to_owned(),
@@ -178,6 +167,32 @@ pub fn pause(m: &Management, t: &Target<'_>) -> Result<Outcome, PauseError> {
         after: State::Paused,
         closed_connections: closed,
     })
+}
+
+/// Gives the system's user the read permission of state `to` (`read`), unless it has it
+/// already; a permission that is neither a running nor a paused system's is refused. Returns
+/// the user and the state before.
+fn switch(
+    m: &Management,
+    t: &Target<'_>,
+    to: State,
+    read: impl FnOnce() -> String,
+) -> Result<(String, State), PauseError> {
+    let user = find_user(m, t)?;
+    let (before, current_read) = current(m, t, &user)?;
+    match before {
+        State::Other => {
+            return Err(PauseError::Unexpected {
+                user,
+                vhost: t.vhost.to_owned(),
+                system: t.system.to_owned(),
+                read: current_read,
+            });
+        }
+        s if s == to => {}
+        _ => set_read(m, t, &user, read())?,
+    }
+    Ok((user, before))
 }
 
 /// Closes `user`'s connections until its inbox has no consumer of it, as the management API
@@ -217,20 +232,7 @@ fn close_until_idle(m: &Management, t: &Target<'_>, user: &str) -> Result<usize,
 
 /// Resumes the system (idempotent).
 pub fn resume(m: &Management, t: &Target<'_>) -> Result<Outcome, PauseError> {
-    let user = find_user(m, t)?;
-    let (before, read) = current(m, t, &user)?;
-    match before {
-        State::Other => {
-            return Err(PauseError::Unexpected {
-                user,
-                vhost: t.vhost.to_owned(),
-                system: t.system.to_owned(),
-                read,
-            });
-        }
-        State::Paused => set_read(m, t, &user, system_read(t.namespace, t.system))?,
-        State::Running => {}
-    }
+    let (user, before) = switch(m, t, State::Running, || system_read(t.namespace, t.system))?;
     Ok(Outcome {
         system: t.system.to_owned(),
         user,

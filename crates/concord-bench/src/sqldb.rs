@@ -111,22 +111,7 @@ impl BenchDb {
                     .await
                     .with_context(|| format!("creating PostgreSQL database {name}"))?;
                 let _ = c.close().await;
-                let url = with_database(admin, name);
-                let owner = Owner::Server {
-                    admin: admin.to_owned(),
-                    name: name.to_owned(),
-                };
-                let pool = match sqlx::pool::PoolOptions::new()
-                    .max_connections(POOL)
-                    .connect(&url)
-                    .await
-                {
-                    Ok(p) => p,
-                    Err(e) => {
-                        drop_server_db(family, &owner).await;
-                        return Err(e).with_context(|| format!("connecting to {url}"));
-                    }
-                };
+                let (url, owner, pool) = server_pool(family, admin, name).await?;
                 Ok(BenchDb {
                     family,
                     url,
@@ -147,22 +132,7 @@ impl BenchDb {
                 .await
                 .with_context(|| format!("creating MariaDB database {name}"))?;
                 let _ = c.close().await;
-                let url = with_database(admin, name);
-                let owner = Owner::Server {
-                    admin: admin.to_owned(),
-                    name: name.to_owned(),
-                };
-                let pool = match sqlx::pool::PoolOptions::new()
-                    .max_connections(POOL)
-                    .connect(&url)
-                    .await
-                {
-                    Ok(p) => p,
-                    Err(e) => {
-                        drop_server_db(family, &owner).await;
-                        return Err(e).with_context(|| format!("connecting to {url}"));
-                    }
-                };
+                let (url, owner, pool) = server_pool(family, admin, name).await?;
                 Ok(BenchDb {
                     family,
                     url,
@@ -215,6 +185,31 @@ impl BenchDb {
                     eprintln!("cleanup: cannot remove the SQLite directory: {e}");
                 }
             }
+        }
+    }
+}
+
+/// A pool on the database `name` just created on the server of `admin` (dropped again when
+/// no connection can be had).
+async fn server_pool<DB: sqlx::Database>(
+    family: Family,
+    admin: &str,
+    name: &str,
+) -> anyhow::Result<(String, Owner, sqlx::Pool<DB>)> {
+    let url = with_database(admin, name);
+    let owner = Owner::Server {
+        admin: admin.to_owned(),
+        name: name.to_owned(),
+    };
+    match sqlx::pool::PoolOptions::<DB>::new()
+        .max_connections(POOL)
+        .connect(&url)
+        .await
+    {
+        Ok(pool) => Ok((url, owner, pool)),
+        Err(e) => {
+            drop_server_db(family, &owner).await;
+            Err(e).with_context(|| format!("connecting to {url}"))
         }
     }
 }
