@@ -6,7 +6,8 @@
 #   rabbit-cluster.sh restart DIR I      start node I again over its data (it rejoins)
 #   rabbit-cluster.sh await DIR N        wait until N nodes of the cluster are running
 #   rabbit-cluster.sh import DIR FILE    load a definitions file (`concord broker-defs`) via c1
-#   rabbit-cluster.sh stop DIR           stop every node and remove DIR
+#   rabbit-cluster.sh stop DIR           stop every node and remove DIR (with CONCORD_CLUSTER_LOGS
+#                                        set, each node's logs are first copied under that directory)
 #
 # Node I is concord-cI@localhost, AMQP on 127.0.0.1:568I, Erlang distribution on 2568I, data
 # and logs under DIR/cI (DIR absolute), with the consistent-hash exchange plugin (the router's
@@ -96,6 +97,12 @@ stop)
   for pid in "${pids[@]}"; do
     wait "$pid" || true
   done
+  if [ -n "${CONCORD_CLUSTER_LOGS:-}" ]; then
+    for i in 1 2 3; do
+      mkdir -p "$CONCORD_CLUSTER_LOGS/c$i"
+      cp -r "$dir/c$i/log" "$dir/c$i/out.log" "$CONCORD_CLUSTER_LOGS/c$i/" 2>/dev/null || true
+    done
+  fi
   rm -rf "$dir"
   ;;
 *)

@@ -618,3 +618,15 @@ pub async fn eventually(
     .await
     .with_context(|| format!("timed out waiting for {what}"))
 }
+
+/// Logs of the in-process services to the test's output, filtered by `CONCORD_TEST_LOG` (a
+/// `RUST_LOG`-style filter, e.g. `concord_adapter=debug`); nothing when it is unset. For
+/// diagnosing a failing run: `CONCORD_TEST_LOG=info cargo test --test cluster -- --nocapture`.
+pub fn test_log() {
+    if let Ok(filter) = std::env::var("CONCORD_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}

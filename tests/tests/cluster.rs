@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use concord_adapter::testkit::MemorySystem;
@@ -151,6 +151,32 @@ impl Cluster {
             .collect())
     }
 
+    /// What the live nodes say of `vhost`'s queues and connections: printed when a wait fails,
+    /// so a failed run shows the broker's side of it.
+    async fn diagnose(&self, vhost: &str) -> String {
+        let mut out = String::new();
+        for i in 1..=3 {
+            let args = [
+                "list_queues",
+                "-p",
+                vhost,
+                "name",
+                "type",
+                "leader",
+                "online",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers",
+            ];
+            match tokio::time::timeout(Duration::from_secs(20), self.ctl(i, &args)).await {
+                Ok(Ok(text)) => out.push_str(&format!("queues as {} lists them:\n{text}", node(i))),
+                Ok(Err(e)) => out.push_str(&format!("{}: {e:#}\n", node(i))),
+                Err(_) => out.push_str(&format!("{}: no answer in 20 s\n", node(i))),
+            }
+        }
+        out
+    }
+
     /// The server ports of `vhost`'s client connections (which node each is on).
     async fn connection_ports(&self, i: usize, vhost: &str) -> anyhow::Result<Vec<u16>> {
         let text = self
@@ -263,6 +289,7 @@ fn assert_once_in_order(node: &Node) -> anyhow::Result<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_cluster_keeps_syncing_while_a_majority_is_up() -> anyhow::Result<()> {
+    test_log();
     let t0 = Instant::now();
     let cluster = Cluster::start().await?;
     assert_eq!(cluster.running(1).await?, [node(1), node(2), node(3)]);
@@ -397,7 +424,10 @@ async fn a_three_node_cluster_keeps_syncing_while_a_majority_is_up() -> anyhow::
     for round in R_KILL + 1..=R_DOWN {
         stream.round(orders, round);
     }
-    let took = stream.await_names([support, delivery], R_DOWN, 120).await?;
+    let took = match stream.await_names([support, delivery], R_DOWN, 120).await {
+        Ok(took) => took,
+        Err(e) => anyhow::bail!("{e:#}\n{}", cluster.diagnose(&namespace).await),
+    };
     assert_eq!(cluster.running(2).await?, [node(2), node(3)]);
     let on = cluster.connection_ports(2, &namespace).await?;
     assert!(
@@ -423,7 +453,10 @@ async fn a_three_node_cluster_keeps_syncing_while_a_majority_is_up() -> anyhow::
     for round in R_CLOSE + 1..=R_LAST {
         stream.round(orders, round);
     }
-    let took = stream.await_names([support, delivery], R_LAST, 120).await?;
+    let took = match stream.await_names([support, delivery], R_LAST, 120).await {
+        Ok(took) => took,
+        Err(e) => anyhow::bail!("{e:#}\n{}", cluster.diagnose(&namespace).await),
+    };
     for n in [delivery, orders, support] {
         // Connected to node 1, then (after the kill and the close) twice more at least.
         assert!(

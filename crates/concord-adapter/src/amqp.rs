@@ -249,7 +249,10 @@ impl Link for AmqpLink {
         if let Err(e) = self.flush().await {
             debug!(error = %e, "flushing acks at close");
         }
-        if let Err(e) = self.publisher.wait_idle().await {
+        // Confirms can only come on an open channel (the runner bounds the whole close).
+        if self.publisher.is_open()
+            && let Err(e) = self.publisher.wait_idle().await
+        {
             debug!(error = %e, "waiting for confirms at close");
         }
         if let Err(e) = self.conn.close().await {

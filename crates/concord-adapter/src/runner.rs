@@ -74,6 +74,21 @@ const PRUNE_BATCH: u32 = 2_000;
 /// in between.
 const PRUNE_PAUSE: Duration = Duration::from_millis(20);
 
+/// How long closing a session's link may take. Closing is best effort (what it leaves, the
+/// broker redelivers and the outbox publishes again), and a connection whose peer died unnoticed
+/// never answers: waiting on it would keep the runner from ever reconnecting.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes `link`, giving up after [`CLOSE_TIMEOUT`] (the link is then dropped).
+async fn close_link<L: Link>(system: &str, link: &L) {
+    if tokio::time::timeout(CLOSE_TIMEOUT, link.close())
+        .await
+        .is_err()
+    {
+        warn!(%system, timeout = ?CLOSE_TIMEOUT, "the connection did not close in time; dropping it");
+    }
+}
+
 /// A stop signal.
 type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -309,11 +324,11 @@ async fn serve<A: SystemAdapter, T: Transport>(
         ready.send_replace(false);
         match stop {
             Stop::Shutdown => {
-                link.close().await;
+                close_link(&config.system, &link).await;
                 break;
             }
             Stop::Fatal(e) => {
-                link.close().await;
+                close_link(&config.system, &link).await;
                 error!(system = %config.system, error = %e, "runner stopped");
                 store.close().await;
                 return Err(e);
@@ -321,7 +336,7 @@ async fn serve<A: SystemAdapter, T: Transport>(
             Stop::Transport(e) => {
                 warn!(system = %config.system, error = %e, "connection lost; reconnecting");
                 drop(inbox);
-                link.close().await;
+                close_link(&config.system, &link).await;
                 if since.elapsed() > Duration::from_secs(30) {
                     reconnect_delays = config.reconnect.delays();
                 }

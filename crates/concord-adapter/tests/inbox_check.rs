@@ -22,7 +22,8 @@ use tokio::sync::watch;
 #[derive(Clone)]
 struct Stalled {
     ready: Arc<AtomicU64>,
-    /// The inbox check never gets an answer (a connection whose peer died unnoticed).
+    /// The inbox check and the close never get an answer (a connection whose peer died
+    /// unnoticed).
     mute: bool,
     /// Checks made so far.
     checks: Arc<watch::Sender<u64>>,
@@ -61,7 +62,12 @@ impl Link for StalledLink {
     async fn flush(&self) -> Result<(), TransportError> {
         Ok(())
     }
-    async fn close(&self) {}
+    async fn close(&self) {
+        if self.0.mute {
+            // Nor does it answer the close.
+            std::future::pending::<()>().await;
+        }
+    }
     async fn inbox_ready(&self) -> Result<Option<u64>, TransportError> {
         self.0.checks.send_modify(|c| *c += 1);
         if self.0.mute {
@@ -131,7 +137,7 @@ async fn an_idle_consumer_with_an_empty_inbox_is_left_alone() {
 }
 
 #[tokio::test]
-async fn a_connection_that_never_answers_the_check_is_reopened() {
+async fn a_connection_that_never_answers_is_reopened_and_shut_down() {
     let broker = Stalled {
         mute: true,
         ..Stalled::new(0)

@@ -397,8 +397,12 @@ impl Publisher {
         &self.channel
     }
 
-    /// Wait for in-flight confirms, then close the channel.
+    /// Wait for in-flight confirms, then close the channel. A channel already closed (its
+    /// connection lost) is left as it is: no confirm can come on it any more.
     pub async fn close(self) -> Result<(), AmqpError> {
+        if !self.channel.is_connected() {
+            return Ok(());
+        }
         self.wait_idle().await?;
         if self.channel.is_connected() {
             self.channel.close().await?;
