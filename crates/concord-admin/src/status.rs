@@ -64,6 +64,10 @@ pub struct QueueStatus {
     /// How long the oldest ready message has waited, in seconds (messages the router
     /// published carry the time they were routed; classic queues only).
     pub oldest_ready_secs: Option<u64>,
+    /// How long the ready messages would take to drain at the current delivery rate, in
+    /// seconds (an estimate for every queue type, quorum queues included, which report no
+    /// head-message timestamp); none when the inbox is empty or nothing is being delivered.
+    pub drain_secs: Option<u64>,
 }
 
 /// A dead-letter queue, its reasons counted over the messages peeked.
@@ -147,7 +151,18 @@ fn queue_status(queues: &BTreeMap<&str, &QueueInfo>, name: &str, now: u64) -> Qu
             .filter(|q| q.messages_ready > 0)
             .and_then(|q| q.head_message_timestamp)
             .map(|t| now.saturating_sub(t)),
+        drain_secs: q
+            .filter(|q| q.messages_ready > 0)
+            .zip(stats.and_then(|s| s.deliver_get_details))
+            .filter(|(_, rate)| rate.rate > 0.0)
+            .map(|(q, rate)| drain(q.messages_ready, rate.rate)),
     }
+}
+
+/// Seconds to deliver `ready` messages at `rate` per second, rounded up.
+fn drain(ready: u64, rate: f64) -> u64 {
+    // Depths and rates of a queue are far inside f64's exact range.
+    (ready as f64 / rate).ceil() as u64
 }
 
 fn dead_letters(
@@ -459,6 +474,10 @@ fn lag_where(samples: &[Sample], pick: impl Fn(&Sample) -> bool) -> Option<Lag> 
     })
 }
 
+fn secs(s: Option<u64>) -> String {
+    s.map_or_else(|| "-".to_owned(), |s| format!("{s}s"))
+}
+
 fn rate(r: Option<f64>) -> String {
     r.map_or_else(|| "-".to_owned(), |r| format!("{r:.1}"))
 }
@@ -490,14 +509,14 @@ pub fn render(status: &Status) -> String {
         .max("SYSTEM".len());
     let _ = writeln!(
         out,
-        "{:<width$}  {:>7}  {:>7}  {:>9}  {:>6}  {:>6}  {:>6}  DEAD LETTERS",
-        "SYSTEM", "READY", "UNACKED", "CONSUMERS", "IN/S", "OUT/S", "OLDEST"
+        "{:<width$}  {:>7}  {:>7}  {:>9}  {:>6}  {:>6}  {:>6}  {:>6}  DEAD LETTERS",
+        "SYSTEM", "READY", "UNACKED", "CONSUMERS", "IN/S", "OUT/S", "OLDEST", "DRAIN"
     );
     for s in &status.systems {
         let i = &s.inbox;
         let _ = writeln!(
             out,
-            "{:<width$}  {:>7}  {:>7}  {:>9}  {:>6}  {:>6}  {:>6}  {}",
+            "{:<width$}  {:>7}  {:>7}  {:>9}  {:>6}  {:>6}  {:>6}  {:>6}  {}",
             s.system,
             i.ready,
             i.unacked,
@@ -508,8 +527,14 @@ pub fn render(status: &Status) -> String {
             },
             rate(i.publish_rate),
             rate(i.deliver_rate),
-            i.oldest_ready_secs
-                .map_or_else(|| "-".to_owned(), |s| format!("{s}s")),
+            secs(i.oldest_ready_secs),
+            match (i.ready, i.drain_secs, i.deliver_rate) {
+                (0, _, _) => "-".to_owned(),
+                (_, Some(d), _) => format!("~{d}s"),
+                // Messages wait and none is being delivered.
+                (_, None, Some(_)) => "never".to_owned(),
+                (_, None, None) => "?".to_owned(),
+            },
             reasons(&s.dead_letters)
         );
     }
@@ -793,6 +818,51 @@ mod tests {
         let table = render(&s);
         assert!(table.contains("OLDEST"), "{table}");
         assert!(table.contains("100s"), "{table}");
+    }
+
+    /// Every queue type gets an estimate of how long its ready messages take to drain at the
+    /// current delivery rate (quorum queues have no head-message timestamp, so no OLDEST).
+    #[test]
+    fn an_inbox_tells_how_long_its_backlog_takes_to_drain() {
+        let with_rate = |name: &str, ready: u64, rate: Option<f64>| {
+            let mut q = queue(name, ready, 1);
+            q.message_stats = Some(MessageStats {
+                publish_details: None,
+                deliver_get_details: rate.map(|rate| Rate { rate }),
+            });
+            q
+        };
+        let observed = Observed {
+            queues: vec![
+                with_rate("ns.inbox.crm", 1_000, Some(40.0)),
+                with_rate("ns.inbox.erp", 7, Some(0.0)),
+                with_rate("ns.inbox.wms", 0, Some(5.0)),
+                with_rate("ns.inbox.pos", 3, None),
+                queue("ns.router", 0, 1),
+            ],
+            ..Observed::default()
+        };
+        let mut r = request();
+        r.systems = Some(vec!["crm".into(), "erp".into(), "wms".into(), "pos".into()]);
+        let s = evaluate(&r, &observed);
+        let drains: Vec<Option<u64>> = s.systems.iter().map(|s| s.inbox.drain_secs).collect();
+        assert_eq!(drains, [Some(25), None, None, None]);
+        let table = render(&s);
+        let line = |system: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(system))
+                .unwrap_or_default()
+                .split_whitespace()
+                .nth(7)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(
+            [line("crm"), line("erp"), line("wms"), line("pos")],
+            ["~25s", "never", "-", "?"],
+            "{table}"
+        );
     }
 
     #[test]
