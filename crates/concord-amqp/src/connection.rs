@@ -15,6 +15,9 @@ use tracing::{debug, info, warn};
 
 use crate::{channel::Channel, error::AmqpError};
 
+/// How long [`Connection::close`] waits for the broker's answer.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Options for [`connect_with`]. `Default` gives sensible production values.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -471,15 +474,17 @@ impl Connection {
     }
 
     /// Close the connection gracefully (200 OK). Closing an already closed connection is
-    /// not an error.
+    /// not an error. Gives up after [`CLOSE_TIMEOUT`] ([`AmqpError::Timeout`]): a connection
+    /// whose socket was just reset may never answer (seen after a cluster node was killed).
     pub async fn close(&self) -> Result<(), AmqpError> {
         if !self.is_connected() {
             return Ok(());
         }
-        match self.inner.close(200, "OK".into()).await {
-            Ok(()) => Ok(()),
-            Err(_) if !self.is_connected() => Ok(()),
-            Err(e) => Err(e.into()),
+        match tokio::time::timeout(CLOSE_TIMEOUT, self.inner.close(200, "OK".into())).await {
+            Err(_) => Err(AmqpError::Timeout(CLOSE_TIMEOUT)),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) if !self.is_connected() => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
         }
     }
 }

@@ -75,6 +75,18 @@ pub enum AmqpError {
     /// A function that needs a Tokio runtime was called outside of one.
     #[error("no Tokio runtime available")]
     NoRuntime,
+
+    /// The broker kept refusing publishes (nacks or returns) although every queue was
+    /// re-declared between attempts: the session is given up, so that its channels are opened
+    /// anew (a channel opened while a quorum queue elected its leader was seen nacking that
+    /// queue's messages for good).
+    #[error("the broker refused {count} publishes in a row (last: {last})")]
+    PublishesRefused {
+        /// Refusals in a row.
+        count: u32,
+        /// The last refusal.
+        last: String,
+    },
 }
 
 impl AmqpError {

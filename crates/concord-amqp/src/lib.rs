@@ -49,8 +49,8 @@ mod broker_tests;
 pub use ack::{AckBatcher, AckHandle};
 pub use channel::{Channel, QueueDeleteOptions};
 pub use connection::{
-    ClientCertificate, ConnectOptions, Connection, ConnectionEvent, Tls, TlsFiles, backoff,
-    connect, connect_with, connection_name, login_of, split_uris,
+    CLOSE_TIMEOUT, ClientCertificate, ConnectOptions, Connection, ConnectionEvent, Tls, TlsFiles,
+    backoff, connect, connect_with, connection_name, login_of, split_uris,
 };
 pub use consumer::{Consumer, Delivery, Properties, consume};
 pub use error::{AmqpError, ClientError, PublishError};

@@ -57,6 +57,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const FAILURE_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Largest such delay.
 const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Publishes refused in a row (each retried after re-declaring the topology) after which the
+/// session is given up and reopened on fresh connections and channels.
+const REFUSALS_BEFORE_REOPEN: u32 = 8;
 
 type Events = Pin<Box<dyn Stream<Item = ConnectionEvent> + Send>>;
 
@@ -350,6 +353,14 @@ impl Session {
                         }
                         Err(e) => {
                             failures = failures.saturating_add(1);
+                            if failures >= REFUSALS_BEFORE_REOPEN {
+                                // The input stays unacknowledged: the broker requeues it (in
+                                // order) when this session's channels close.
+                                return Err(AmqpError::PublishesRefused {
+                                    count: failures,
+                                    last: e.to_string(),
+                                });
+                            }
                             let delay = FAILURE_BACKOFF_MIN
                                 .saturating_mul(1 << failures.min(6))
                                 .min(FAILURE_BACKOFF_MAX);

@@ -907,3 +907,53 @@ async fn an_inbox_deleted_under_the_router_is_declared_again_and_nothing_is_lost
     })
     .await;
 }
+
+/// An inbox that keeps refusing the router's publishes (here a broker policy makes it full:
+/// `max-length` 0 with `reject-publish`; in a cluster, a channel opened while a quorum queue
+/// elected its leader was seen nacking for good) makes the router give up its session after a
+/// run of refusals and reopen it on fresh channels; the input is requeued, never lost, and
+/// delivered once the inbox takes it.
+#[tokio::test]
+async fn an_inbox_that_keeps_refusing_publishes_makes_the_router_reopen_its_session() {
+    with_world("refused", |w| async move {
+        let router = w.start(w.config()).await;
+        let vhost = w.topology.namespace();
+        let inbox = w.topology.inbox("orders");
+        let rabbitmqctl = async |args: &[&str]| {
+            let out = tokio::process::Command::new("rabbitmqctl")
+                .arg("-q")
+                .args(args)
+                .output()
+                .await
+                .unwrap();
+            assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+        };
+        rabbitmqctl(&[
+            "set_policy",
+            "-p",
+            vhost,
+            "--apply-to",
+            "queues",
+            "refuse",
+            &format!("^{}$", inbox.replace('.', "\\.")),
+            r#"{"max-length":0,"overflow":"reject-publish"}"#,
+        ])
+        .await;
+        let ev = delivery_status_event("c-1");
+        w.publish(&ev).await;
+        within("the session reopened", router.wait_sessions(2)).await;
+        rabbitmqctl(&["clear_policy", "-p", vhost, "refuse"]).await;
+
+        let mut orders = w.consumer(&inbox).await;
+        let (got, _) = decode(&next(&mut orders, "orders inbox, once it takes messages").await);
+        assert_eq!(got.event_id, ev.event_id);
+        let router_queue = w.topology.router_queue();
+        eventually("input acked", async || {
+            unacked(vhost, &router_queue).await == 0
+        })
+        .await;
+        assert_eq!(w.count(&router_queue).await, Some(0));
+        router.shutdown().await.unwrap();
+    })
+    .await;
+}
