@@ -151,8 +151,8 @@ impl Cluster {
             .collect())
     }
 
-    /// What the live nodes say of `vhost`'s queues and connections: printed when a wait fails,
-    /// so a failed run shows the broker's side of it.
+    /// What the nodes say of `vhost`'s queues: printed when a wait fails, so a failed run
+    /// shows the broker's side of it.
     async fn diagnose(&self, vhost: &str) -> String {
         let mut out = String::new();
         for i in 1..=3 {
@@ -175,6 +175,14 @@ impl Cluster {
             }
         }
         out
+    }
+
+    /// `result`, with the nodes' view of `vhost`'s queues added to its error.
+    async fn explained<T>(&self, vhost: &str, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        match result {
+            Ok(t) => Ok(t),
+            Err(e) => anyhow::bail!("{e:#}\n{}", self.diagnose(vhost).await),
+        }
     }
 
     /// The server ports of `vhost`'s client connections (which node each is on).
@@ -424,10 +432,8 @@ async fn a_three_node_cluster_keeps_syncing_while_a_majority_is_up() -> anyhow::
     for round in R_KILL + 1..=R_DOWN {
         stream.round(orders, round);
     }
-    let took = match stream.await_names([support, delivery], R_DOWN, 120).await {
-        Ok(took) => took,
-        Err(e) => anyhow::bail!("{e:#}\n{}", cluster.diagnose(&namespace).await),
-    };
+    let waited = stream.await_names([support, delivery], R_DOWN, 120).await;
+    let took = cluster.explained(&namespace, waited).await?;
     assert_eq!(cluster.running(2).await?, [node(2), node(3)]);
     let on = cluster.connection_ports(2, &namespace).await?;
     assert!(
@@ -453,10 +459,8 @@ async fn a_three_node_cluster_keeps_syncing_while_a_majority_is_up() -> anyhow::
     for round in R_CLOSE + 1..=R_LAST {
         stream.round(orders, round);
     }
-    let took = match stream.await_names([support, delivery], R_LAST, 120).await {
-        Ok(took) => took,
-        Err(e) => anyhow::bail!("{e:#}\n{}", cluster.diagnose(&namespace).await),
-    };
+    let waited = stream.await_names([support, delivery], R_LAST, 120).await;
+    let took = cluster.explained(&namespace, waited).await?;
     for n in [delivery, orders, support] {
         // Connected to node 1, then (after the kill and the close) twice more at least.
         assert!(

@@ -734,10 +734,9 @@ fn connection_event(
     }
 }
 
+/// Closes `conn` (bounded by [`CLOSE_TIMEOUT`] in `Connection::close`).
 async fn close_connection(conn: &Connection) {
-    match tokio::time::timeout(CLOSE_TIMEOUT, conn.close()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!(connection = conn.name(), error = %e, "closing the connection failed"),
-        Err(_) => debug!(connection = conn.name(), "closing the connection timed out"),
+    if let Err(e) = conn.close().await {
+        debug!(connection = conn.name(), error = %e, "closing the connection failed");
     }
 }

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use concord_amqp::{AmqpError, Connection, Topology};
@@ -20,8 +19,9 @@ use crate::policy_file::DeploymentWatcher;
 /// The router's only read of the wall clock: milliseconds since the Unix epoch.
 pub(crate) use concord_amqp::now_ms;
 
-/// Bound of closing a connection or channel during teardown.
-pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound of closing a connection or channel during teardown (the one
+/// [`concord_amqp::Connection::close`] applies by itself).
+pub(crate) use concord_amqp::CLOSE_TIMEOUT;
 
 /// The policy in force and its schema, with the metric handles of its label values.
 #[derive(Debug)]

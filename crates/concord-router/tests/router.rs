@@ -186,6 +186,17 @@ fn decode(d: &Delivery) -> (ChangeEvent, Customer) {
     (ev, record)
 }
 
+/// Runs `rabbitmqctl -q ARGS...`, which must succeed.
+async fn rabbitmqctl(args: &[&str]) {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .await
+        .expect("rabbitmqctl");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+}
+
 /// Messages of `queue` not acknowledged yet, from `rabbitmqctl` (the AMQP protocol only tells
 /// the ready ones).
 async fn unacked(vhost: &str, queue: &str) -> u64 {
@@ -881,12 +892,7 @@ async fn an_inbox_deleted_under_the_router_is_declared_again_and_nothing_is_lost
     with_world("redeclare", |w| async move {
         let router = w.start(w.config()).await;
         let inbox = w.topology.inbox("orders");
-        let status = tokio::process::Command::new("rabbitmqctl")
-            .args(["-q", "delete_queue", "-p", w.topology.namespace(), &inbox])
-            .output()
-            .await
-            .unwrap();
-        assert!(status.status.success(), "rabbitmqctl delete_queue failed");
+        rabbitmqctl(&["delete_queue", "-p", w.topology.namespace(), &inbox]).await;
         assert_eq!(w.count(&inbox).await, None, "inbox deleted");
 
         // The projection for orders is returned as unroutable: the input is requeued (never
@@ -919,15 +925,6 @@ async fn an_inbox_that_keeps_refusing_publishes_makes_the_router_reopen_its_sess
         let router = w.start(w.config()).await;
         let vhost = w.topology.namespace();
         let inbox = w.topology.inbox("orders");
-        let rabbitmqctl = async |args: &[&str]| {
-            let out = tokio::process::Command::new("rabbitmqctl")
-                .arg("-q")
-                .args(args)
-                .output()
-                .await
-                .unwrap();
-            assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
-        };
         rabbitmqctl(&[
             "set_policy",
             "-p",
